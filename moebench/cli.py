@@ -1,0 +1,166 @@
+"""Typer CLI: each command parses its options and calls one library function.
+Tables go to stdout; progress and messages go to stderr."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from moebench.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="moebench: MoE-Mamba and baselines: models, training, ablations, benchmarks.")
+out = Console()
+err = Console(stderr=True)
+
+
+def _human(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{unit}" if n / div < 100 else f"{n / div:.0f}{unit}"
+    return f"{n:.0f}"
+
+
+@app.command("list")
+def list_cmd(
+    ablation: Annotated[Optional[str], typer.Option(help="only the variants of this ablation")] = None,
+    tiny: Annotated[bool, typer.Option("--tiny", help="show the CPU twins")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
+):
+    """Variants with total / active non-embedding parameters and training FLOPs per token."""
+    from moebench.registry import VARIANTS, get
+    from moebench.models.lm import describe
+
+    names = list(VARIANTS)
+    if ablation:
+        from moebench.experiments import get_ablation
+        names = list(get_ablation(ablation).variants)
+    rows = [describe(get(n + ("@tiny" if tiny else ""))) for n in names]
+    if fmt == "json":
+        print(json.dumps(rows, indent=1))
+        return
+    if fmt != "table":
+        raise UserError(f"unknown format '{fmt}': use table or json")
+    table = Table(title="moebench variants (non-embedding parameters; FLOPs/token = training, ctx 1024)")
+    for col in ("variant", "mixer", "ffn", "layers", "d", "experts", "params", "active", "FLOPs/tok", "paper"):
+        table.add_column(col, justify="right" if col in ("layers", "d", "experts", "params", "active", "FLOPs/tok") else "left")
+    for r in rows:
+        ffn = r["ffn"] + (" (par)" if r["layout"] == "parallel" else "")
+        table.add_row(r["name"], r["mixer"], ffn, str(r["n_layer"]), str(r["d_model"]),
+                      str(r["n_expert"] or "-"), _human(r["total_params"]), _human(r["active_params"]),
+                      _human(r["flops_per_token"]), r["paper_ref"])
+    out.print(table)
+
+
+@app.command("env")
+def env_cmd():
+    """Print exactly what goes into the "env" of every result row."""
+    from moebench import env
+    print(json.dumps(env.collect(), indent=1))
+
+
+def parse_tokens(text: str) -> int:
+    """'50M', '1B', '2.5e6', '20000' -> int tokens."""
+    t = text.strip().upper().replace("_", "")
+    mult = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if mult != 1 else t) * mult
+    except ValueError:
+        raise UserError(f"bad token count '{text}': use e.g. 20000, 50M or 1B") from None
+    if value <= 0 or value != value:
+        raise UserError(f"token count must be positive, got '{text}'")
+    return int(value)
+
+
+def progress_bar(description: str):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                    TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=err,
+                    transient=False)
+
+
+@app.command("train")
+def train_cmd(
+    variant: Annotated[str, typer.Argument(help="registry name, e.g. MoE-Mamba_25M or Mamba_25M@tiny")],
+    tokens: Annotated[str, typer.Option(help="token budget: 20000, 50M, 1B")] = "50M",
+    batch: Annotated[int, typer.Option(help="global batch (sequences)")] = 64,
+    micro_batch: Annotated[Optional[int], typer.Option(help="sequences per forward (gradient accumulation)")] = None,
+    ctx: Annotated[int, typer.Option(help="context length")] = 1024,
+    lr: Annotated[Optional[float], typer.Option(help="peak learning rate (default: the paper's for the family)")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    impl: Annotated[str, typer.Option(help="auto | fast | ref")] = "auto",
+    data: Annotated[Optional[str], typer.Option(help="prepared data dir (default: data/prose)")] = None,
+    ema_alpha: Annotated[float, typer.Option(help="smoothing of the training loss per step")] = 0.001,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run from its checkpoint")] = False,
+    out: Annotated[str, typer.Option(help="results folder (runs.jsonl and runs/)")] = "results",
+):
+    """Train one variant for a token budget; appends one row to OUT/runs.jsonl."""
+    from moebench.config import TrainConfig
+    from moebench.registry import get
+
+    cfg = get(variant)
+    if impl not in ("auto", "fast", "ref"):
+        raise UserError(f"unknown impl '{impl}': use auto, fast or ref")
+    tcfg = TrainConfig(tokens=parse_tokens(tokens), batch=batch, micro_batch=micro_batch, ctx=ctx,
+                       lr=lr, lr_source="user" if lr is not None else "default", seed=seed, impl=impl,
+                       data_dir=data or "", ema_alpha=ema_alpha)
+    row = run_with_progress(cfg, tcfg, out=out, resume=resume, device=device)
+    m = row["metrics"]
+    out_console = Console()
+    out_console.print(f"{cfg.name}: {m['tokens']:,} tokens, smoothed loss {m['final_smoothed_loss']:.4f}, "
+                      f"val loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.1f}), "
+                      f"{(m['tokens_per_s'] or 0):,.0f} tok/s; row appended to {out}/runs.jsonl")
+
+
+def run_with_progress(cfg, tcfg, **kwargs) -> dict:
+    from moebench.train import TrainingFailed, train
+
+    with progress_bar(cfg.name) as bar:
+        task = bar.add_task(cfg.name, total=tcfg.tokens, stats="")
+
+        def on_progress(p):
+            val = f" val {p.val_loss:.3f}" if p.val_loss is not None else ""
+            bar.update(task, completed=p.tokens, total=p.total_tokens,
+                       stats=f"{p.tokens / 1e6:.2f}M tok  loss {p.loss:.3f}  smoothed {p.smoothed:.3f}"
+                             f"{val}  {p.tok_s:,.0f} tok/s")
+        try:
+            return train(cfg, tcfg, on_progress=on_progress, **kwargs)
+        except TrainingFailed as e:
+            err.print(f"[red]failed:[/red] {e}", highlight=False)
+            raise typer.Exit(1)
+        except KeyboardInterrupt as e:
+            err.print(f"[yellow]{e or 'interrupted'}[/yellow]; continue with --resume", highlight=False)
+            raise typer.Exit(130)
+
+
+def _mount_subcommands():
+    # ablations/reports and benchmarks live in their own modules (Typer's "one file per command")
+    import importlib
+    for mod in ("moebench.cli_ablation", "moebench.cli_bench"):
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        module.register(app)
+
+
+_mount_subcommands()
+
+
+def main():
+    try:
+        app()
+    except UserError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

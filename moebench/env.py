@@ -1,0 +1,77 @@
+"""What goes into every result row's "env": versions, device, git sha + dirty flag."""
+from __future__ import annotations
+
+import platform
+import socket
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+# dense bf16 tensor-core peak, FLOP/s, from the vendors' datasheets (no sparsity)
+PEAK_BF16_FLOPS = {
+    "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+    "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12,
+}
+
+
+def peak_flops(device_name: str | None) -> float | None:
+    """Peak bf16 FLOP/s of a known GPU; None when unknown (MFU is then null, never a guess)."""
+    if not device_name:
+        return None
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+        if key in device_name:
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+def device_name(device: torch.device | str | None = None) -> str:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _git(*args: str) -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@lru_cache(maxsize=1)
+def git_info() -> dict:
+    sha = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"git_sha": sha, "git_dirty": bool(status) if status is not None else None}
+
+
+def mamba_ssm_version() -> str | None:
+    try:
+        from importlib.metadata import version
+        return version("mamba-ssm")
+    except Exception:
+        return None
+
+
+def collect(device: torch.device | str | None = None) -> dict:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = device_name(device)
+    return {
+        **git_info(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "mamba_ssm": mamba_ssm_version(),
+        "device": device.type,
+        "gpu": name if device.type == "cuda" else None,
+        "device_name": name,
+        "n_gpu": torch.cuda.device_count() if device.type == "cuda" else 0,
+        "peak_bf16_flops": peak_flops(name) if device.type == "cuda" else None,
+        "host": socket.gethostname(),
+    }

@@ -1,0 +1,77 @@
+"""Pre-norm residual blocks: the only place where layers are composed.
+
+sequential: x = x + mixer(norm1(x)); x = x + ffn(norm2(x))       (MoE-Mamba, Transformer[-MoE])
+mixer only: x = x + mixer(norm1(x))                              (Mamba, inner-MoE Mamba)
+parallel:   x = x + mixer(norm1(x)) + ffn(norm1(x))              (paper 4.4, one norm, one residual)
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moebench.config import ModelConfig
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    return nn.LayerNorm(cfg.d_model) if cfg.norm == "layernorm" else nn.RMSNorm(cfg.d_model)
+
+
+def make_mixer(cfg: ModelConfig, layer: int, impl: str) -> nn.Module:
+    if cfg.mixer == "attention":
+        from moebench.models.attention import Attention
+        return Attention(cfg.d_model, cfg.n_head, cfg.rope_base)
+    from moebench.models.mamba import Mamba
+    return Mamba.from_config(cfg, layer, impl)
+
+
+def make_ffn(cfg: ModelConfig, moe_impl: str) -> nn.Module | None:
+    if cfg.ffn == "none":
+        return None
+    if cfg.ffn == "dense":
+        from moebench.models.ffn import FFN
+        return FFN(cfg.d_model, cfg.d_ff, cfg.d_model, cfg.activation)
+    from moebench.models.moe import MoE
+    return MoE(cfg.d_model, cfg.d_ff, cfg.d_model, cfg.n_expert, top_k=cfg.top_k,
+               capacity_factor=cfg.capacity_factor, aux_loss_coef=cfg.aux_loss_coef,
+               activation=cfg.activation, impl=moe_impl)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, impl: str = "auto", moe_impl: str = "auto"):
+        super().__init__()
+        self.layout = cfg.layout
+        self.norm1 = make_norm(cfg)
+        self.mixer = make_mixer(cfg, layer, impl)
+        self.ffn = make_ffn(cfg, moe_impl)
+        self.norm2 = make_norm(cfg) if self.ffn is not None and cfg.layout == "sequential" else None
+
+    def _ffn(self, h_BLD: torch.Tensor, valid_BL: torch.Tensor | None, aux: list):
+        if not hasattr(self.ffn, "router_DE"):
+            return self.ffn(h_BLD)
+        B, L, D = h_BLD.shape
+        valid_T = None if valid_BL is None else valid_BL.reshape(-1)
+        y_TD, moe_aux = self.ffn(h_BLD.reshape(B * L, D), valid_T)
+        aux.append(moe_aux)
+        return y_TD.view(B, L, D)
+
+    def forward(self, x_BLD: torch.Tensor, valid_BL: torch.Tensor | None = None):
+        h = self.norm1(x_BLD)
+        y, aux = self.mixer(h, valid_BL)
+        aux = list(aux)
+        if self.ffn is None:
+            return x_BLD + y, aux
+        if self.layout == "parallel":
+            return x_BLD + y + self._ffn(h, valid_BL, aux), aux
+        x_BLD = x_BLD + y
+        return x_BLD + self._ffn(self.norm2(x_BLD), valid_BL, aux), aux
+
+    # --- recurrent / cached decoding: one token per call --------------------------------------
+    def step(self, x_BD: torch.Tensor, state):
+        h = self.norm1(x_BD)
+        y, state = self.mixer.step(h, state)
+        if self.ffn is None:
+            return x_BD + y, state
+        if self.layout == "parallel":
+            return x_BD + y + self._ffn(h[:, None], None, [])[:, 0], state
+        x_BD = x_BD + y
+        return x_BD + self._ffn(self.norm2(x_BD)[:, None], None, [])[:, 0], state

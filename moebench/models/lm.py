@@ -1,0 +1,137 @@
+"""LM = embed -> blocks -> norm -> head, plus the parameter and FLOP accounting of the paper.
+
+Parameter counts follow the paper's appendix E: trainable, non-embedding (the embedding and the
+unembedding head are excluded). Active parameters count, in each MoE, the router and top_k experts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moebench.config import ModelConfig
+from moebench.models.block import Block, make_norm
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor | None        # (B, L, V) when asked for
+    loss: torch.Tensor | None          # mean next-token cross-entropy (nats)
+    aux_loss: torch.Tensor             # sum of the MoE load-balancing losses (already weighted)
+    moe_aux: list                      # one MoEAux per MoE layer, in order
+
+
+class LM(nn.Module):
+    def __init__(self, cfg: ModelConfig, impl: str = "auto", moe_impl: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i, impl, moe_impl) for i in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self._init_weights()
+
+    def _init_weights(self):
+        nn.init.normal_(self.embed.weight, std=0.02)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.head.weight, std=0.02)
+        # GPT-2 / mamba-ssm: scale the projections that write into the residual stream by
+        # 1/sqrt(number of residual additions) so the stream's variance does not grow with depth
+        n_res = self.cfg.n_layer * (2 if self.cfg.ffn != "none" and self.cfg.layout == "sequential" else 1)
+        for name, p in self.named_parameters():
+            if name.endswith(("out_proj.weight", "mixer.proj.weight", "ffn.w2.weight", "ffn.w2_EFD")):
+                with torch.no_grad():
+                    p.div_(math.sqrt(n_res))
+
+    @property
+    def impl(self) -> str:
+        mixer = self.blocks[0].mixer
+        return getattr(mixer, "impl", "sdpa")
+
+    def hidden(self, idx_BL: torch.Tensor, valid_BL: torch.Tensor | None = None):
+        x = self.embed(idx_BL)
+        moe_aux = []
+        for block in self.blocks:
+            x, aux = block(x, valid_BL)
+            moe_aux.extend(aux)
+        return self.norm_f(x), moe_aux
+
+    def forward(self, idx_BL: torch.Tensor, targets_BL: torch.Tensor | None = None,
+                valid_BL: torch.Tensor | None = None, return_logits: bool | None = None,
+                loss_chunk: int = 0) -> LMOutput:
+        """`loss_chunk` > 0 computes the head and cross-entropy over that many tokens at a time
+        (with recomputation) so the (tokens x vocab) logits never exist whole during training."""
+        h_BLD, moe_aux = self.hidden(idx_BL, valid_BL)
+        aux_loss = sum((a.lb_loss for a in moe_aux), h_BLD.new_zeros((), dtype=torch.float32))
+        want_logits = targets_BL is None if return_logits is None else return_logits
+        logits = loss = None
+        if targets_BL is not None and loss_chunk and not want_logits:
+            loss = chunked_cross_entropy(h_BLD.flatten(0, 1), self.head.weight, targets_BL.flatten(), loss_chunk)
+        else:
+            logits = self.head(h_BLD)
+            if targets_BL is not None:
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets_BL.flatten())
+        return LMOutput(logits if want_logits else None, loss, aux_loss, moe_aux)
+
+    # --- accounting ---------------------------------------------------------------------------
+    def n_params(self) -> int:
+        """Trainable non-embedding parameters (paper, appendix E)."""
+        skip = {id(self.embed.weight), id(self.head.weight)}
+        return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+
+    def n_active_params(self) -> int:
+        inactive = 0
+        for m in self.modules():
+            if hasattr(m, "n_active_params") and hasattr(m, "router_DE"):
+                inactive += m.n_params() - m.n_active_params()
+        return self.n_params() - inactive
+
+    def n_embedding_params(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in (self.embed.weight, self.head.weight)}.values())
+
+
+def _ce_chunk(h_ND, w_VD, t_N):
+    return F.cross_entropy((h_ND @ w_VD.t()).float(), t_N, reduction="sum")
+
+
+def chunked_cross_entropy(h_TD: torch.Tensor, w_VD: torch.Tensor, targets_T: torch.Tensor, chunk: int):
+    from torch.utils.checkpoint import checkpoint
+    total = h_TD.new_zeros((), dtype=torch.float32)
+    for s in range(0, h_TD.shape[0], chunk):
+        total = total + checkpoint(_ce_chunk, h_TD[s:s + chunk], w_VD, targets_T[s:s + chunk],
+                                   use_reentrant=False)
+    return total / h_TD.shape[0]
+
+
+def build_model(cfg: ModelConfig, impl: str = "auto", moe_impl: str = "auto", device=None) -> LM:
+    with torch.device(device or "cpu"):
+        return LM(cfg, impl=impl, moe_impl=moe_impl)
+
+
+def flops_per_token(cfg: ModelConfig, n_active: int, ctx: int = 1024) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward) on active weights:
+    6 x (active non-embedding matmul parameters + head), plus causal attention scores
+    (6 x n_layer x d_model x ctx: QK^T and AV over ctx/2 keys on average), plus the selective
+    scan (about 9 x d_inner x d_state per Mamba layer forward, Gu & Dao)."""
+    flops = 6.0 * (n_active + cfg.vocab_size * cfg.d_model)
+    if cfg.mixer == "attention":
+        flops += 6.0 * cfg.n_layer * cfg.d_model * ctx
+    else:
+        flops += 3.0 * 9 * cfg.n_layer * cfg.d_inner * cfg.d_state
+    return flops
+
+
+def describe(cfg: ModelConfig, ctx: int = 1024) -> dict:
+    """Parameter counts and FLOPs of a variant, computed on the meta device (no memory used)."""
+    model = build_model(cfg, impl="ref", moe_impl="loop", device="meta")
+    active = model.n_active_params()
+    return {"name": cfg.name, "family": cfg.family, "mixer": cfg.mixer, "ffn": cfg.ffn,
+            "layout": cfg.layout, "n_layer": cfg.n_layer, "d_model": cfg.d_model,
+            "n_expert": cfg.n_expert or cfg.inner_n_expert, "total_params": model.n_params(),
+            "active_params": active, "embedding_params": model.n_embedding_params(),
+            "flops_per_token": flops_per_token(cfg, active, ctx), "paper_ref": cfg.paper_ref}

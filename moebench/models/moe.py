@@ -1,0 +1,256 @@
+"""Switch MoE (Fedus et al. 2021), the MoE layer of MoE-Mamba (Pióro et al. 2024): a softmax router
+picks top_k experts per token, each expert a 2-layer MLP; experts over capacity drop assignments.
+
+Shape suffixes (as in torchtitan's moe.py):
+  T  tokens (batch × length, flattened)   E  experts      K  top-k choices per token
+  D  input width d_in (w1) / output width d_out (w2)      F  expert hidden width (d_hidden)
+  N  the T·K assignments in priority order n = k·T + t (all first choices, then second choices, ...)
+  S  rows of the expert-sorted buffer (S = N): kept rows grouped by expert, dropped rows after them
+
+Two implementations with identical semantics (tests/test_moe.py proves it):
+  "grouped": counting sort of assignments by expert, one gather, two grouped GEMMs, one scatter-add;
+             no host synchronisation and only static shapes when valid_T is None.
+  "loop":    a per-expert Python loop that decides capacity its own way; the reference.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moebench.ops.experts import Impl, experts_grouped, experts_loop_ref, resolve_impl
+
+
+class MoEAux(NamedTuple):
+    lb_loss: torch.Tensor            # () fp32, load-balancing loss already multiplied by aux_loss_coef
+    dropped_frac: torch.Tensor       # () fp32, fraction of the (valid) T·K assignments dropped by capacity
+    tokens_per_expert: torch.Tensor  # (E,) fp32, assignments per expert before dropping
+
+
+class MoE(nn.Module):
+    def __init__(self, d_in: int, d_hidden: int, d_out: int, n_expert: int, top_k: int = 1,
+                 capacity_factor: float | None = 1.0, aux_loss_coef: float = 0.01, activation: str = "relu",
+                 impl: Impl = "auto"):
+        super().__init__()
+        assert 1 <= top_k <= n_expert, f"need 1 <= top_k <= n_expert, got {top_k=} {n_expert=}"
+        assert capacity_factor is None or capacity_factor > 0, "capacity_factor must be > 0 or None (dropless)"
+        self.d_in, self.d_hidden, self.d_out = d_in, d_hidden, d_out
+        self.n_expert, self.top_k = n_expert, top_k
+        self.capacity_factor, self.aux_loss_coef, self.activation = capacity_factor, aux_loss_coef, activation
+        self.router_DE = nn.Parameter(torch.empty(d_in, n_expert))
+        self.w1_EDF = nn.Parameter(torch.empty(n_expert, d_in, d_hidden))
+        self.w2_EFD = nn.Parameter(torch.empty(n_expert, d_hidden, d_out))
+        self.impl = impl                       # resolved by the setter below
+        self.reset_parameters()
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: Impl) -> None:
+        # settable after build so that tests can run both paths on the same weights
+        self._impl = resolve_impl(value, (self.d_in, self.d_hidden, self.d_out))
+
+    def reset_parameters(self) -> None:
+        # each expert as nn.Linear's default init: U(±1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5))
+        nn.init.uniform_(self.w1_EDF, -1 / math.sqrt(self.d_in), 1 / math.sqrt(self.d_in))
+        nn.init.uniform_(self.w2_EFD, -1 / math.sqrt(self.d_hidden), 1 / math.sqrt(self.d_hidden))
+        # the router as an nn.Linear(d_in, E) without bias would be: U(±1/sqrt(d_in))
+        nn.init.uniform_(self.router_DE, -1 / math.sqrt(self.d_in), 1 / math.sqrt(self.d_in))
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def n_active_params(self) -> int:
+        """Parameters touched per token: the router plus top_k experts."""
+        per_expert = self.d_in * self.d_hidden + self.d_hidden * self.d_out
+        return self.router_DE.numel() + self.top_k * per_expert
+
+    def extra_repr(self) -> str:
+        return (f"d_in={self.d_in}, d_hidden={self.d_hidden}, d_out={self.d_out}, n_expert={self.n_expert}, "
+                f"top_k={self.top_k}, capacity_factor={self.capacity_factor}, impl={self.impl!r}")
+
+    def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
+        """y_t = Σ_k p_{t,k} · expert_{i_k}(x_t) over kept assignments; invalid tokens (valid_T False) get 0.
+
+        x_TD is 2-D: callers flatten batch × length. Returns y_TD in the compute dtype (the autocast
+        dtype when autocast is on, else x's dtype) and the MoEAux statistics as tensors (no sync).
+        """
+        assert x_TD.dim() == 2 and x_TD.shape[1] == self.d_in, f"expected (T, {self.d_in}), got {tuple(x_TD.shape)}"
+        assert valid_T is None or (valid_T.dtype == torch.bool and valid_T.shape == x_TD.shape[:1]), \
+            "valid_T must be a bool tensor of shape (T,)"
+        # grouped_mm is not on autocast's list (pytorch#174763), so cast explicitly, the same in both paths
+        dev = x_TD.device.type
+        autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+        dtype = torch.get_autocast_dtype(dev) if autocast else x_TD.dtype
+        x_TD = x_TD.to(dtype)
+        w1_EDF, w2_EFD = self.w1_EDF.to(dtype), self.w2_EFD.to(dtype)
+
+        # router: logits in the compute dtype, softmax in fp32
+        probs_TE = F.softmax(x_TD @ self.router_DE.to(dtype), dim=-1, dtype=torch.float32)
+        top_p_TK, top_i_TK = probs_TE.topk(self.top_k, dim=-1)  # raw probabilities: no renormalisation
+        T, K, E = x_TD.shape[0], self.top_k, self.n_expert
+
+        # n_valid and capacity stay on the device when valid_T is given (capacity's float64 arithmetic
+        # repeats Python's int(cf * T * K / E) operation for operation, so both paths agree exactly)
+        n_valid = T if valid_T is None else valid_T.sum()
+        if self.capacity_factor is None:
+            capacity = None
+        elif valid_T is None:
+            capacity = int(self.capacity_factor * T * K / E)
+        else:
+            capacity = torch.floor(self.capacity_factor * n_valid.double() * K / E).long()
+
+        if self.impl == "grouped":
+            y_TD, counts_E, n_kept = _forward_grouped(x_TD, valid_T, top_p_TK, top_i_TK, w1_EDF, w2_EFD,
+                                                      capacity, self.activation)
+        else:
+            y_TD, counts_E, n_kept = _forward_loop(x_TD, valid_T, top_p_TK, top_i_TK, w1_EDF, w2_EFD,
+                                                   capacity, self.activation)
+
+        # load-balancing loss of Switch Transformer (Fedus et al. eq. 4): coef · E · Σ_i f_i · P_i, with
+        # f_i the fraction of assignments routed to i before dropping (no gradient) and P_i the mean
+        # router probability of i over valid tokens. Equals coef at perfectly uniform routing.
+        n_assign = (n_valid * K) if valid_T is None else (n_valid * K).clamp(min=1).float()
+        f_E = counts_E.float() / n_assign
+        if valid_T is None:
+            P_E = probs_TE.mean(0)
+        else:
+            # masked by selection: an invalid token's probabilities must not reach P (or its gradient)
+            P_E = probs_TE.masked_fill(~valid_T[:, None], 0).sum(0) / n_valid.clamp(min=1)
+        lb_loss = self.aux_loss_coef * E * (f_E * P_E).sum()
+        dropped_frac = (1 - n_kept / n_assign).float()
+        return y_TD, MoEAux(lb_loss, dropped_frac, counts_E.float())
+
+
+# ---- grouped path ------------------------------------------------------------------------------
+
+
+class _Plan(NamedTuple):
+    offs_E: torch.Tensor    # (E,) int32 cumulative ends of the kept rows of each expert
+    counts_E: torch.Tensor  # (E,) int32 assignments per expert before dropping (valid tokens only)
+    n_S: torch.Tensor       # (S,) int64 the assignment n = k·T + t held by buffer row s
+    keep_S: torch.Tensor    # (S,) bool row s is kept (s < offs_E[-1])
+
+
+def plan_grouped(top_i_TK: torch.Tensor, valid_T: torch.Tensor | None, n_expert: int,
+                 capacity: int | torch.Tensor | None) -> _Plan:
+    """Counting sort of the T·K assignments by expert, built from one_hot/cumsum: static shapes, no sync.
+
+    Within an expert the kept assignments stay in priority order n = k·T + t, so capacity keeps the
+    first `capacity` of them; dropped (and invalid) assignments go after offs_E[-1] in n order.
+    """
+    T, K = top_i_TK.shape
+    N, dev = T * K, top_i_TK.device
+    expert_N = top_i_TK.t().reshape(N)                   # n = k·T + t: choice rank first, then position
+    hit_NE = expert_N[:, None] == torch.arange(n_expert, device=dev)
+    valid_N = None if valid_T is None else valid_T.repeat(K)
+    if valid_N is not None:
+        hit_NE &= valid_N[:, None]                       # invalid tokens are not routed
+    cum_NE = hit_NE.cumsum(0, dtype=torch.int32)         # running count per expert, in priority order
+    counts_E = cum_NE[-1]
+    rank_N = cum_NE.gather(1, expert_N[:, None]).squeeze(1)   # 1-based rank within its expert
+    if capacity is None:
+        keep_N, kept_E = valid_N, counts_E
+    else:
+        keep_N = rank_N <= capacity
+        if valid_N is not None:
+            keep_N &= valid_N
+        kept_E = counts_E.clamp(max=capacity) if isinstance(capacity, int) else torch.minimum(counts_E, capacity.int())
+    offs_E = kept_E.cumsum(0, dtype=torch.int32)
+    arange_N = torch.arange(N, device=dev)
+    if keep_N is None:                                   # dropless, all valid: nothing goes to the end
+        row_N = ((offs_E - kept_E)[expert_N] + rank_N - 1).long()
+        keep_N = torch.ones(N, dtype=torch.bool, device=dev)
+    else:
+        drop_rank_N = (~keep_N).cumsum(0) - 1             # 0-based rank among the dropped, in n order
+        row_N = torch.where(keep_N, (offs_E - kept_E)[expert_N] + rank_N - 1, offs_E[-1] + drop_rank_N)
+    n_S = torch.empty_like(arange_N).scatter_(0, row_N, arange_N)   # invert the permutation n -> row
+    return _Plan(offs_E, counts_E, n_S, keep_N[n_S])
+
+
+class _GatherRows(torch.autograd.Function):
+    """x_SD = x_TD[tok_S]. The backward scatter-adds the rows with dst_S == T into a dummy row that is
+    thrown away: those rows lie after offs[-1], where grouped_mm's input gradient is uninitialised."""
+
+    @staticmethod
+    def forward(ctx, x_TD, tok_S, dst_S):
+        ctx.save_for_backward(dst_S)
+        ctx.T = x_TD.shape[0]
+        return x_TD.index_select(0, tok_S)
+
+    @staticmethod
+    def backward(ctx, g_SD):
+        (dst_S,) = ctx.saved_tensors
+        g_TD = g_SD.new_zeros(ctx.T + 1, g_SD.shape[1]).index_add_(0, dst_S, g_SD)
+        return g_TD[: ctx.T], None, None
+
+
+class _Combine(torch.autograd.Function):
+    """y_TD[t] = Σ p_S[s] · out_SD[s] over the kept rows s of token t (index_add_).
+
+    Dropped rows hold grouped_mm's uninitialised memory (possibly inf/NaN), so they are excluded by
+    selection, never by multiplying with 0: in the forward they land in a dummy row T, in the
+    backward their probability gradient is replaced by 0.
+    """
+
+    @staticmethod
+    def forward(ctx, out_SD, p_S, tok_S, dst_S, keep_S, T: int):
+        w_S = p_S.to(out_SD.dtype)
+        y_TD = out_SD.new_zeros(T + 1, out_SD.shape[1]).index_add_(0, dst_S, out_SD * w_S[:, None])
+        ctx.save_for_backward(out_SD, w_S, tok_S, keep_S)
+        # drop the dummy row in place rather than slicing: a view returned from a custom Function
+        # could not be modified in place by the caller
+        return y_TD.resize_(T, out_SD.shape[1])
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        out_SD, w_S, tok_S, keep_S = ctx.saved_tensors
+        g_SD = g_TD.index_select(0, tok_S)
+        g_out = g_SD * w_S[:, None] if ctx.needs_input_grad[0] else None   # dropped rows: ignored downstream
+        g_p = None
+        if ctx.needs_input_grad[1]:
+            g_p = torch.where(keep_S, (g_SD * out_SD).sum(-1), 0).float()
+        return g_out, g_p, None, None, None, None
+
+
+def _forward_grouped(x_TD, valid_T, top_p_TK, top_i_TK, w1_EDF, w2_EFD, capacity, activation):
+    T, K = top_i_TK.shape
+    plan = plan_grouped(top_i_TK, valid_T, w1_EDF.shape[0], capacity)
+    tok_S = plan.n_S % T
+    dst_S = torch.where(plan.keep_S, tok_S, T)           # dropped rows -> dummy row T
+    p_S = top_p_TK.t().reshape(-1)[plan.n_S]
+    x_SD = _GatherRows.apply(x_TD, tok_S, dst_S)
+    out_SD = experts_grouped(x_SD, w1_EDF, w2_EFD, plan.offs_E, activation)
+    y_TD = _Combine.apply(out_SD, p_S, tok_S, dst_S, plan.keep_S, T)
+    return y_TD, plan.counts_E, plan.offs_E[-1]
+
+
+# ---- loop path (reference) ---------------------------------------------------------------------
+
+
+def _forward_loop(x_TD, valid_T, top_p_TK, top_i_TK, w1_EDF, w2_EFD, capacity, activation):
+    T, K = top_i_TK.shape
+    E = w1_EDF.shape[0]
+    if isinstance(capacity, torch.Tensor):
+        capacity = int(capacity)
+    ok_KT = torch.ones(K, T, dtype=torch.bool, device=x_TD.device) if valid_T is None else valid_T.expand(K, T)
+    keep_TK = torch.zeros(T, K, dtype=torch.bool, device=x_TD.device)
+    counts_E = torch.zeros(E, dtype=torch.int32, device=x_TD.device)
+    for e in range(E):
+        # nonzero of a (K, T) mask lists assignments by choice rank, then token position: the priority
+        k_idx, t_idx = ((top_i_TK.t() == e) & ok_KT).nonzero(as_tuple=True)
+        counts_E[e] = k_idx.numel()
+        if capacity is not None:
+            k_idx, t_idx = k_idx[:capacity], t_idx[:capacity]
+        keep_TK[t_idx, k_idx] = True
+    y_TD = x_TD.new_zeros(T, w2_EFD.shape[2])
+    for k in range(K):
+        expert_T = torch.where(keep_TK[:, k], top_i_TK[:, k], -1)      # -1: dropped, output 0
+        out_TD = experts_loop_ref(x_TD, expert_T, w1_EDF, w2_EFD, activation)
+        y_TD = y_TD + out_TD * top_p_TK[:, k, None].to(out_TD.dtype)
+    return y_TD, counts_E, keep_TK.sum()

@@ -1,0 +1,319 @@
+"""Train one variant for a fixed token budget with the paper's recipe. No CLI, no plots.
+
+Each run lives in <out>/runs/<run_id>/ (checkpoint, curve.csv, config.json); a finished or failed
+run appends one self-describing row to <out>/runs.jsonl.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from moebench import checkpoint, env
+from moebench.config import ModelConfig, TrainConfig, stable_hash
+from moebench.errors import UserError
+from moebench.metrics import EMA
+from moebench.models.lm import build_model, flops_per_token
+from moebench.optim import default_lr, lr_at, make_optimizer
+from moebench.results import SCHEMA, append_record
+
+
+class TrainingFailed(Exception):
+    """The loss went NaN/inf: the run is recorded as failed; the last good checkpoint is kept."""
+
+
+@dataclass
+class Progress:
+    step: int
+    steps: int
+    tokens: int
+    total_tokens: int
+    loss: float
+    smoothed: float
+    tok_s: float
+    val_loss: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def run_id_for(cfg: ModelConfig, tcfg: TrainConfig, tag: str = "") -> str:
+    """Deterministic, so that `--resume` finds the run: variant, seed and a hash of both configs."""
+    h = stable_hash({"model": cfg.config_hash(), "train": tcfg.to_dict(), "tag": tag})[:8]
+    return f"{cfg.name.replace('@', '-')}_s{tcfg.seed}_{h}"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device '{device}': use auto, cpu or cuda") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' requested but CUDA is not available here")
+    return d
+
+
+def _moe_stats(moe_aux: list) -> list[tuple]:
+    return [(a.lb_loss.detach(), a.dropped_frac.detach(), a.tokens_per_expert.detach()) for a in moe_aux]
+
+
+def _entropy(counts_E: torch.Tensor) -> float:
+    p = counts_E.float() / counts_E.sum().clamp_min(1)
+    return float(-(p * p.clamp_min(1e-12).log()).sum() / math.log(max(2, counts_E.numel())))
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, amp) -> float:
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for x, y in batches:
+        with amp():
+            total += model(x.to(device), y.to(device), return_logits=False, loss_chunk=4096).loss.item()
+    model.train(was_training)
+    return total / max(1, len(batches))
+
+
+def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = "results", *, resume: bool = False,
+          device: str = "auto", run_tag: str = "", extra: dict | None = None,
+          on_progress: Callable[[Progress], None] | None = None, ckpt_every_steps: int = 0) -> dict:
+    """Train and return the result row (also appended to <out>/runs.jsonl)."""
+    from moebench.data import BatchSampler, TokenData, default_data_dir, val_batches
+
+    out = Path(out)
+    dev = resolve_device(device)
+    micro = tcfg.micro_batch or tcfg.batch
+    if tcfg.batch % micro:
+        raise UserError(f"batch {tcfg.batch} is not a multiple of micro_batch {micro}")
+    accum = tcfg.batch // micro
+    steps = tcfg.tokens // (tcfg.batch * tcfg.ctx)
+    if steps < 1:
+        raise UserError(f"token budget {tcfg.tokens} is smaller than one step "
+                        f"(batch {tcfg.batch} x ctx {tcfg.ctx} = {tcfg.batch * tcfg.ctx} tokens)")
+    data = TokenData(Path(tcfg.data_dir) if tcfg.data_dir else default_data_dir("prose"))
+    lr = tcfg.lr if tcfg.lr is not None else default_lr(cfg)
+    run_id = run_id_for(cfg, tcfg, run_tag)
+    run_dir = out / "runs" / run_id
+    ckpt_path = run_dir / "ckpt.pt"
+    if ckpt_path.exists() and not resume:
+        raise UserError(f"run {run_id} already has a checkpoint in {run_dir}: pass --resume to continue "
+                        f"it, or choose another --out")
+    if resume and not ckpt_path.exists():
+        raise UserError(f"nothing to resume: no checkpoint at {ckpt_path}")
+
+    torch.manual_seed(tcfg.seed)
+    use_bf16 = tcfg.dtype == "bf16" or (tcfg.dtype == "auto" and dev.type == "cuda")
+    amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    model = build_model(cfg, impl=tcfg.impl if tcfg.impl != "fast" else "fast").to(dev)
+    opt = make_optimizer(model, tcfg, lr, dev)
+    sampler = BatchSampler(data, micro, tcfg.ctx, seed=tcfg.seed)
+    val = val_batches(data, tcfg.eval_batches, micro, tcfg.ctx)
+    eval_every = tcfg.eval_every_tokens or max(tcfg.batch * tcfg.ctx, tcfg.tokens // 10)
+    eval_every_steps = max(1, eval_every // (tcfg.batch * tcfg.ctx))
+    ema = EMA(tcfg.ema_alpha)
+    curve: list[dict] = []
+    start_step, wall_before, train_time_before = 0, 0.0, 0.0
+    if resume:
+        st = checkpoint.load(ckpt_path, map_location=dev)
+        if st.get("run_id") != run_id:
+            raise UserError(f"checkpoint {ckpt_path} belongs to run {st.get('run_id')}, not {run_id}")
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sampler.load_state_dict(st["sampler"])
+        ema = EMA(**st["ema"])
+        curve = st["curve"]
+        start_step, wall_before, train_time_before = st["step"], st["wall_s"], st["train_s"]
+        checkpoint.set_rng_state(st["rng"])
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    n_active = model.n_active_params()
+    fpt = flops_per_token(cfg, n_active, tcfg.ctx)
+    envd = env.collect(dev)
+    peak = envd["peak_bf16_flops"] if use_bf16 else None
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+    def save_ckpt(step: int, wall: float, train_s: float):
+        checkpoint.save(ckpt_path, {
+            "run_id": run_id, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "sampler": sampler.state_dict(), "ema": ema.state_dict(), "curve": curve,
+            "wall_s": wall, "train_s": train_s, "rng": checkpoint.rng_state(),
+            "model_config": cfg.to_dict(), "train_config": tcfg.to_dict()})
+        _write_curve(run_dir / "curve.csv", curve)
+
+    def record(status: str, step: int, wall: float, train_s: float, reason: str = "") -> dict:
+        tokens = step * tcfg.batch * tcfg.ctx
+        last_val = next((r["val_loss"] for r in reversed(curve) if r.get("val_loss") is not None), None)
+        tok_s = (tokens - curve_tokens0) / train_s if train_s > 0 and tokens > curve_tokens0 else None
+        row = {
+            "schema": SCHEMA, "kind": "train", "run_id": run_id, "status": status, "reason": reason,
+            "variant": cfg.name, "variant_hash": cfg.config_hash(), "seed": tcfg.seed,
+            "model": cfg.to_dict(), "train": {**tcfg.to_dict(), "lr": lr, "steps": steps, "accum": accum},
+            "params": {"total": model.n_params(), "active": n_active},
+            "flops_per_token": fpt, "impl": {"mixer": model.impl, "moe": _moe_impl(model)},
+            "metrics": {
+                "tokens": tokens, "steps": step,
+                "final_smoothed_loss": ema.get() if ema.n else None,
+                "final_train_loss": curve[-1]["loss"] if curve else None,
+                "val_loss": last_val, "val_ppl": math.exp(last_val) if last_val is not None else None,
+                "tokens_per_s": tok_s,
+                "mfu": tok_s * fpt / peak if tok_s and peak else None,
+                "peak_mem_gib": (torch.cuda.max_memory_allocated(dev) / 2**30) if dev.type == "cuda" else None,
+                "wall_s": wall, "epochs": tokens / max(1, data.n_train_tokens),
+            },
+            "data": {"dir": str(data.dir), "train_tokens": data.n_train_tokens},
+            "curve": str(run_dir / "curve.csv"), "env": envd, "started": started,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(extra or {}),
+        }
+        append_record(out / "runs.jsonl", row)
+        (run_dir / "result.json").write_text(__import__("json").dumps(row, indent=1, default=str))
+        return row
+
+    curve_tokens0 = start_step * tcfg.batch * tcfg.ctx
+    stop = {"sig": None}
+
+    def on_signal(signum, frame):
+        # first Ctrl-C / SIGTERM: finish the step, save, stop; a second one stops at once
+        if stop["sig"] is not None:
+            raise KeyboardInterrupt
+        stop["sig"] = signum
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} \
+        if _main_thread() else {}
+
+    model.train()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    train_s = train_time_before
+    last_ckpt = time.perf_counter()
+    acc = _Interval()
+    step = start_step
+    try:
+        while step < steps:
+            ts = time.perf_counter()
+            cur_lr = lr_at(step, steps, lr, tcfg.warmup_frac, tcfg.min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = cur_lr
+            loss_sum = torch.zeros((), device=dev)
+            for _ in range(accum):
+                x, y = sampler.next()
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                with amp():
+                    o = model(x, y, return_logits=False, loss_chunk=8192 if dev.type == "cuda" else 0)
+                    total = (o.loss + o.aux_loss) / accum
+                total.backward()
+                loss_sum += o.loss.detach() / accum
+                acc.add_moe(_moe_stats(o.moe_aux), o.aux_loss.detach() / accum)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss = loss_sum.item()   # one sync per step: the NaN check and the EMA need it
+            if not math.isfinite(loss):
+                wall = wall_before + time.perf_counter() - t0
+                record("failed", step, wall, train_s, f"non-finite loss {loss} at step {step}")
+                raise TrainingFailed(f"{cfg.name}: loss became {loss} at step {step}; the last good "
+                                     f"checkpoint is kept in {run_dir}")
+            ema.update(loss)
+            acc.add_loss(loss)
+            step += 1
+            train_s += time.perf_counter() - ts
+            is_eval = step % eval_every_steps == 0 or step == steps
+            if step % tcfg.log_every == 0 or is_eval:
+                row = acc.flush(step, step * tcfg.batch * tcfg.ctx, ema.get(), cur_lr)
+                row["tok_s"] = (step * tcfg.batch * tcfg.ctx - curve_tokens0) / max(train_s - train_time_before, 1e-9)
+                if is_eval:
+                    row["val_loss"] = evaluate(model, val, dev, amp)
+                if dev.type == "cuda":
+                    row["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+                curve.append(row)
+                if on_progress:
+                    on_progress(Progress(step, steps, row["tokens"], steps * tcfg.batch * tcfg.ctx,
+                                         row["loss"], row["smoothed"], row["tok_s"], row.get("val_loss")))
+            # checkpoints fall on curve points, so no half-accumulated interval is lost on resume
+            due = (ckpt_every_steps and step % ckpt_every_steps == 0) or \
+                (time.perf_counter() - last_ckpt) / 60 >= tcfg.ckpt_minutes
+            if due and step < steps and step % tcfg.log_every == 0:
+                save_ckpt(step, wall_before + time.perf_counter() - t0, train_s)
+                last_ckpt = time.perf_counter()
+            if stop["sig"] is not None:
+                if step % tcfg.log_every:
+                    curve.append(acc.flush(step, step * tcfg.batch * tcfg.ctx, ema.get(), cur_lr))
+                save_ckpt(step, wall_before + time.perf_counter() - t0, train_s)
+                raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved in {run_dir}")
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+    wall = wall_before + time.perf_counter() - t0
+    save_ckpt(step, wall, train_s)
+    return record("done", step, wall, train_s)
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _moe_impl(model) -> str | None:
+    for m in model.modules():
+        if hasattr(m, "router_DE"):
+            return m.impl
+    return None
+
+
+class _Interval:
+    """Accumulates losses and MoE statistics between curve points (on device, one sync per point)."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+        self.moe = None
+        self.lb = 0.0
+        self.n = 0
+
+    def add_loss(self, loss: float):
+        self.losses.append(loss)
+
+    def add_moe(self, stats: list[tuple], lb: torch.Tensor):
+        if not stats:
+            return
+        if self.moe is None:
+            self.moe = [[torch.zeros_like(d), torch.zeros_like(c)] for _, d, c in stats]
+            self.lb = torch.zeros_like(lb)
+        for acc, (_, d, c) in zip(self.moe, stats):
+            acc[0] += d
+            acc[1] += c
+        self.lb = self.lb + lb
+        self.n += 1
+
+    def flush(self, step: int, tokens: int, smoothed: float, lr: float) -> dict:
+        row = {"step": step, "tokens": tokens, "loss": sum(self.losses) / max(1, len(self.losses)),
+               "smoothed": smoothed, "lr": lr}
+        if self.moe is not None:
+            dropped = [float(d) / self.n for d, _ in self.moe]
+            ent = [_entropy(c) for _, c in self.moe]
+            row["lb_loss"] = float(self.lb) / self.n
+            row["dropped_frac"] = sum(dropped) / len(dropped)
+            row["load_entropy"] = sum(ent) / len(ent)
+            for i, (d, e) in enumerate(zip(dropped, ent)):
+                row[f"dropped_L{i}"] = d
+                row[f"entropy_L{i}"] = e
+        self.__init__()
+        return row
+
+
+def _write_curve(path: Path, curve: list[dict]) -> None:
+    if not curve:
+        return
+    keys = list(dict.fromkeys(k for row in curve for k in row))
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(curve)
+    tmp.replace(path)
