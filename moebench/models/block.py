@@ -54,16 +54,24 @@ class Block(nn.Module):
         aux.append(moe_aux)
         return y_TD.view(B, L, D)
 
-    def forward(self, x_BLD: torch.Tensor, valid_BL: torch.Tensor | None = None):
+    def forward(self, x_BLD: torch.Tensor, valid_BL: torch.Tensor | None = None,
+                return_state: bool = False):
+        """-> (x, moe_aux) or, with return_state, (x, moe_aux, mixer state after the last position)
+        for prefill before step decoding."""
         h = self.norm1(x_BLD)
-        y, aux = self.mixer(h, valid_BL)
+        if return_state:
+            y, aux, state = self.mixer(h, valid_BL, return_state=True)
+        else:
+            y, aux = self.mixer(h, valid_BL)
         aux = list(aux)
         if self.ffn is None:
-            return x_BLD + y, aux
-        if self.layout == "parallel":
-            return x_BLD + y + self._ffn(h, valid_BL, aux), aux
-        x_BLD = x_BLD + y
-        return x_BLD + self._ffn(self.norm2(x_BLD), valid_BL, aux), aux
+            x_BLD = x_BLD + y
+        elif self.layout == "parallel":
+            x_BLD = x_BLD + y + self._ffn(h, valid_BL, aux)
+        else:
+            x_BLD = x_BLD + y
+            x_BLD = x_BLD + self._ffn(self.norm2(x_BLD), valid_BL, aux)
+        return (x_BLD, aux, state) if return_state else (x_BLD, aux)
 
     # --- recurrent / cached decoding: one token per call --------------------------------------
     def step(self, x_BD: torch.Tensor, state):

@@ -43,6 +43,7 @@ class MoE(nn.Module):
         self.router_DE = nn.Parameter(torch.empty(d_in, n_expert))
         self.w1_EDF = nn.Parameter(torch.empty(n_expert, d_in, d_hidden))
         self.w2_EFD = nn.Parameter(torch.empty(n_expert, d_hidden, d_out))
+        self.eval_capacity_factor: float | None = None   # dropless in eval mode
         self.impl = impl                       # resolved by the setter below
         self.reset_parameters()
 
@@ -98,12 +99,15 @@ class MoE(nn.Module):
         # n_valid and capacity stay on the device when valid_T is given (capacity's float64 arithmetic
         # repeats Python's int(cf * T * K / E) operation for operation, so both paths agree exactly)
         n_valid = T if valid_T is None else valid_T.sum()
-        if self.capacity_factor is None:
+        # capacity is a training-time device (Switch): in eval mode (validation, generation) every
+        # assignment is kept, so a token's output never depends on the other tokens in the batch
+        capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if capacity_factor is None:
             capacity = None
         elif valid_T is None:
-            capacity = int(self.capacity_factor * T * K / E)
+            capacity = int(capacity_factor * T * K / E)
         else:
-            capacity = torch.floor(self.capacity_factor * n_valid.double() * K / E).long()
+            capacity = torch.floor(capacity_factor * n_valid.double() * K / E).long()
 
         if self.impl == "grouped":
             y_TD, counts_E, n_kept = _forward_grouped(x_TD, valid_T, top_p_TK, top_i_TK, w1_EDF, w2_EFD,
@@ -115,7 +119,7 @@ class MoE(nn.Module):
         # load-balancing loss of Switch Transformer (Fedus et al. eq. 4): coef · E · Σ_i f_i · P_i, with
         # f_i the fraction of assignments routed to i before dropping (no gradient) and P_i the mean
         # router probability of i over valid tokens. Equals coef at perfectly uniform routing.
-        n_assign = (n_valid * K) if valid_T is None else (n_valid * K).clamp(min=1).float()
+        n_assign = max(T * K, 1) if valid_T is None else (n_valid * K).clamp(min=1).float()
         f_E = counts_E.float() / n_assign
         if valid_T is None:
             P_E = probs_TE.mean(0)
@@ -123,7 +127,7 @@ class MoE(nn.Module):
             # masked by selection: an invalid token's probabilities must not reach P (or its gradient)
             P_E = probs_TE.masked_fill(~valid_T[:, None], 0).sum(0) / n_valid.clamp(min=1)
         lb_loss = self.aux_loss_coef * E * (f_E * P_E).sum()
-        dropped_frac = (1 - n_kept / n_assign).float()
+        dropped_frac = ((n_valid * K - n_kept) / n_assign).float()   # 0, not 1, when no token is valid
         return y_TD, MoEAux(lb_loss, dropped_frac, counts_E.float())
 
 
@@ -204,7 +208,9 @@ class _Combine(torch.autograd.Function):
         y_TD = out_SD.new_zeros(T + 1, out_SD.shape[1]).index_add_(0, dst_S, out_SD * w_S[:, None])
         ctx.save_for_backward(out_SD, w_S, tok_S, keep_S)
         # drop the dummy row in place rather than slicing: a view returned from a custom Function
-        # could not be modified in place by the caller
+        # could not be modified in place by the caller. Dynamo cannot trace resize_ but handles views.
+        if torch.compiler.is_compiling():
+            return y_TD[:T]
         return y_TD.resize_(T, out_SD.shape[1])
 
     @staticmethod

