@@ -112,7 +112,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = "results", *, r
     torch.manual_seed(tcfg.seed)
     use_bf16 = tcfg.dtype == "bf16" or (tcfg.dtype == "auto" and dev.type == "cuda")
     amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-    model = build_model(cfg, impl=tcfg.impl if tcfg.impl != "fast" else "fast").to(dev)
+    model = build_model(cfg, impl=tcfg.impl, device=dev)   # impl resolves on the target device
     opt = make_optimizer(model, tcfg, lr, dev)
     sampler = BatchSampler(data, micro, tcfg.ctx, seed=tcfg.seed)
     val = val_batches(data, tcfg.eval_batches, micro, tcfg.ctx)

@@ -16,12 +16,12 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model) if cfg.norm == "layernorm" else nn.RMSNorm(cfg.d_model)
 
 
-def make_mixer(cfg: ModelConfig, layer: int, impl: str) -> nn.Module:
+def make_mixer(cfg: ModelConfig, layer: int, impl: str, moe_impl: str = "auto") -> nn.Module:
     if cfg.mixer == "attention":
         from moebench.models.attention import Attention
         return Attention(cfg.d_model, cfg.n_head, cfg.rope_base)
     from moebench.models.mamba import Mamba
-    return Mamba.from_config(cfg, layer, impl)
+    return Mamba.from_config(cfg, layer, impl, moe_impl=moe_impl)
 
 
 def make_ffn(cfg: ModelConfig, moe_impl: str) -> nn.Module | None:
@@ -41,7 +41,7 @@ class Block(nn.Module):
         super().__init__()
         self.layout = cfg.layout
         self.norm1 = make_norm(cfg)
-        self.mixer = make_mixer(cfg, layer, impl)
+        self.mixer = make_mixer(cfg, layer, impl, moe_impl)
         self.ffn = make_ffn(cfg, moe_impl)
         self.norm2 = make_norm(cfg) if self.ffn is not None and cfg.layout == "sequential" else None
 
