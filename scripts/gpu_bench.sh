@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Every benchmark of the speed/memory/generation issue in one command on a lent H100; JSON records
+# into $OUT (8 files at most, flat), the summary against the targets printed last.
+#
+#   usage (repo root, device machine):   bash scripts/gpu_bench.sh
+#   check it on a CPU first (1-2 minutes, CPU twins):  SMOKE=1 OUT=/tmp/smoke bash scripts/gpu_bench.sh
+#   then, locally:  cp <files_at>/*.json results/bench/ && moebench report-bench   (or: moebench report bench)
+#
+# Sections run in order of importance, each under its own time limit and a 7.5-minute overall
+# deadline. A record is rewritten after every measured point, so a section that is cut short still
+# leaves its finished points (with "complete": false).
+#   train.json            bench train: MoE-Mamba_25M-e32 (+ dense-equivalent, loop), Mamba_25M,
+#                         Transformer_25M, Transformer-MoE_25M (+ baselines); 32 x 1024, bf16, eager
+#   moe.json              bench moe: one MoE layer, T=32768, d=512, expert 1536, E=32
+#   generate_graph.json   bench generate: batch 64, prompts 1k..8k, 128 new tokens, CUDA graphs
+#   generate_eager.json   the same without CUDA graphs
+#   memory.json           bench memory: batch 1, lengths 512..65536, training and prefill
+#   train_compile.json    bench train MoE-Mamba_25M-e32 --compile (only if time is left; not in SMOKE mode,
+#                         where fp32 grouped_mm does not trace under torch.compile)
+#   bench.md, bench.log   the rendered report (plots left out: render them locally) and every section's output
+#                         (including `pytest -m gpu tests/test_generate.py`: CUDA-graph decode == eager decode)
+set -u
+cd "$(dirname "$0")/.."
+if [ "${SMOKE:-0}" = 1 ]; then     # SMOKE=1: the same sections on the CPU twins, tiny sizes (checks the script)
+  T="@tiny"; DEV="--device cpu --dtype fp32"
+  TRAIN="--batch 1 --ctx 32 --steps 2 --warmup 1"; MOE="--tokens 256 --d 64 --hidden 128 --experts 8 --steps 2 --warmup 1"
+  GEN="--batch 2 --prompt-len 16,32 --gen-len 4"; GRAPH=""; MEM="--lengths 16,32,64 --repeats 1"; COMPILE=""
+else
+  . scripts/device_env.sh || { echo "scripts/device_env.sh failed"; exit 1; }
+  T=""; DEV=""
+  TRAIN="--batch 32 --ctx 1024 --dtype bf16 --steps 20 --warmup 5"; MOE="--tokens 32768 --d 512 --hidden 1536 --experts 32"
+  GEN="--batch 64 --prompt-len 1024,2048,4096,8192 --gen-len 128"; GRAPH="--cuda-graph"
+  MEM="--batch 1 --lengths 512,1024,2048,4096,8192,16384,32768,65536"; COMPILE="--steps 10 --warmup 5"
+fi
+OUT=${OUT:-results/bench/gpu-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+LOG="$OUT/bench.log"
+DEADLINE=${DEADLINE:-450}          # seconds for all sections together
+START=$SECONDS
+FAMILY="Mamba_25M$T,MoE-Mamba_25M$T,Transformer_25M$T,Transformer-MoE_25M$T"
+
+section() {  # section NAME LIMIT_S COMMAND... : COMMAND under min(LIMIT, time left), output to the log
+  local name=$1 limit=$2; shift 2
+  local left=$((DEADLINE - (SECONDS - START)))
+  if [ "$left" -lt 20 ]; then echo "--- $name: skipped (deadline)"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "=== $name (limit ${limit}s) $*" >>"$LOG"
+  local t0=$SECONDS
+  timeout -k 10 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  local status="ok"
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status="TIMED OUT (partial record kept)"
+  elif [ $rc -ne 0 ]; then status="FAILED rc=$rc"; fi
+  echo "--- $name: $status in $((SECONDS - t0))s" | tee -a "$LOG"
+  if [ "$status" != "ok" ]; then tail -n 4 "$LOG" | sed 's/^/    /'; fi
+}
+
+# shellcheck disable=SC2086  # the option strings above are meant to split into words
+MB="python3 -m moebench"
+section train 150 $MB bench train MoE-Mamba_25M-e32$T Mamba_25M$T Transformer_25M$T Transformer-MoE_25M$T \
+  $TRAIN $DEV --out "$OUT/train.json"
+section moe 45 $MB bench moe $MOE $DEV --out "$OUT/moe.json"
+[ "${SMOKE:-0}" = 1 ] || section gpu-tests 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generate.py
+section generate-graph 90 $MB bench generate --variants "$FAMILY" $GEN $GRAPH $DEV --out "$OUT/generate_graph.json"
+section generate-eager 90 $MB bench generate --variants "$FAMILY" $GEN $DEV --out "$OUT/generate_eager.json"
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+section memory 120 $MB bench memory --variants "$FAMILY" $MEM $DEV --out "$OUT/memory.json"
+[ -n "$COMPILE" ] && section compile 120 $MB bench train MoE-Mamba_25M-e32$T --compile --no-baselines $COMPILE $DEV \
+  --out "$OUT/train_compile.json"
+
+python3 -m moebench report-bench --results "$OUT" --out /tmp/moebench_report --no-plots >>"$LOG" 2>&1 \
+  && cp /tmp/moebench_report/bench.md "$OUT/bench.md"
+echo
+echo "== summary ($((SECONDS - START))s of benchmarks; records in $OUT) =="
+python3 -m moebench.bench_report "$OUT"
