@@ -138,6 +138,24 @@ def run_with_progress(cfg, tcfg, **kwargs) -> dict:
             raise typer.Exit(130)
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Prepare training text as GPT-2 tokens.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare_cmd(
+    input: Annotated[Optional[str], typer.Option(help="a folder or file of .txt / .jsonl(.gz) / .json.gz / .parquet (default: the corpus)")] = None,
+    out: Annotated[Optional[str], typer.Option(help="output folder (default: data/CORPUS or $MOEBENCH_DATA/CORPUS)")] = None,
+    corpus: Annotated[str, typer.Option(help="prose | docs | all (the shared English corpus) when no --input")] = "prose",
+    max_tokens: Annotated[Optional[str], typer.Option(help="stop after this many tokens, e.g. 2M")] = None,
+):
+    """Tokenize text into uint16 shards + manifest (idempotent: a second call does nothing)."""
+    from moebench.data import prepare
+    m = prepare(input, out, corpus=corpus, max_tokens=parse_tokens(max_tokens) if max_tokens else None)
+    out_console = Console()
+    out_console.print(f"data ready in {m['dir']}")
+
+
 def _mount_subcommands():
     # ablations/reports and benchmarks live in their own modules (Typer's "one file per command")
     import importlib

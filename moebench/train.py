@@ -82,11 +82,20 @@ def evaluate(model, batches, device, amp) -> float:
     return total / max(1, len(batches))
 
 
+def default_data(corpus: str = "prose") -> Path:
+    """The default corpus, prepared on first use (idempotent, so later calls only check it)."""
+    from moebench.data import default_data_dir, prepare
+    folder = default_data_dir(corpus)
+    if not (folder / "manifest.json").exists():
+        prepare(corpus=corpus)
+    return folder
+
+
 def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = "results", *, resume: bool = False,
           device: str = "auto", run_tag: str = "", extra: dict | None = None,
           on_progress: Callable[[Progress], None] | None = None, ckpt_every_steps: int = 0) -> dict:
     """Train and return the result row (also appended to <out>/runs.jsonl)."""
-    from moebench.data import BatchSampler, TokenData, default_data_dir, val_batches
+    from moebench.data import BatchSampler, TokenData, val_batches
 
     out = Path(out)
     dev = resolve_device(device)
@@ -98,7 +107,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = "results", *, r
     if steps < 1:
         raise UserError(f"token budget {tcfg.tokens} is smaller than one step "
                         f"(batch {tcfg.batch} x ctx {tcfg.ctx} = {tcfg.batch * tcfg.ctx} tokens)")
-    data = TokenData(Path(tcfg.data_dir) if tcfg.data_dir else default_data_dir("prose"))
+    data = TokenData(Path(tcfg.data_dir) if tcfg.data_dir else default_data())
     lr = tcfg.lr if tcfg.lr is not None else default_lr(cfg)
     run_id = run_id_for(cfg, tcfg, run_tag)
     run_dir = out / "runs" / run_id
