@@ -1,6 +1,7 @@
 """What goes into every result row's "env": versions, device, git sha + dirty flag."""
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import subprocess
@@ -48,6 +49,10 @@ def _git(*args: str) -> str | None:
 def git_info() -> dict:
     sha = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
+    if sha is None and os.environ.get("MOEBENCH_GIT_SHA"):
+        # a copy of the working tree without .git (the lent GPU machine): the caller passes them
+        return {"git_sha": os.environ["MOEBENCH_GIT_SHA"],
+                "git_dirty": os.environ.get("MOEBENCH_GIT_DIRTY", "").lower() in ("1", "true")}
     return {"git_sha": sha, "git_dirty": bool(status) if status is not None else None}
 
 

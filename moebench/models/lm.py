@@ -95,17 +95,51 @@ class LM(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in (self.embed.weight, self.head.weight)}.values())
 
 
-def _ce_chunk(h_ND, w_VD, t_N):
-    return F.cross_entropy((h_ND @ w_VD.t()).float(), t_N, reduction="sum")
+class _FusedLinearCE(torch.autograd.Function):
+    """mean CE(h @ w.T, targets) computed `chunk` tokens at a time. The gradients are formed in the
+    forward pass (softmax - one_hot, then two matmuls per chunk), so the (tokens x vocab) logits
+    never exist whole and nothing is recomputed in the backward."""
+
+    @staticmethod
+    def forward(ctx, h_TD, w_VD, targets_T, chunk: int, dtype: torch.dtype):
+        T = h_TD.shape[0]
+        h, w = h_TD.to(dtype), w_VD.to(dtype)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if want_h else None
+        acc = torch.promote_types(dtype, torch.float32)      # softmax and sums in fp32 at least
+        grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if want_w else None
+        loss = torch.zeros((), dtype=acc, device=h.device)
+        for s in range(0, T, chunk):
+            h_c, t_c = h[s:s + chunk], targets_T[s:s + chunk]
+            logits = (h_c @ w.t()).to(acc)
+            lse = logits.logsumexp(-1)
+            loss += (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
+            if want_h or want_w:
+                g = logits.sub_(lse[:, None]).exp_()            # softmax, in place of the logits
+                g[torch.arange(len(t_c), device=g.device), t_c] -= 1
+                g = g.div_(T).to(dtype)
+                if want_h:
+                    grad_h[s:s + chunk] = g @ w
+                if want_w:
+                    grad_w += (g.t() @ h_c).to(acc)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (h_TD.dtype, w_VD.dtype)
+        return (loss / T).float()
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = (grad_h * g).to(ctx.dtypes[0]) if grad_h is not None else None
+        gw = (grad_w * g).to(ctx.dtypes[1]) if grad_w is not None else None
+        return gh, gw, None, None, None
 
 
 def chunked_cross_entropy(h_TD: torch.Tensor, w_VD: torch.Tensor, targets_T: torch.Tensor, chunk: int):
-    from torch.utils.checkpoint import checkpoint
-    total = h_TD.new_zeros((), dtype=torch.float32)
-    for s in range(0, h_TD.shape[0], chunk):
-        total = total + checkpoint(_ce_chunk, h_TD[s:s + chunk], w_VD, targets_T[s:s + chunk],
-                                   use_reentrant=False)
-    return total / h_TD.shape[0]
+    dev = h_TD.device.type
+    autocast = torch.is_autocast_enabled(dev)
+    dtype = torch.get_autocast_dtype(dev) if autocast else h_TD.dtype
+    with torch.autocast(dev, enabled=False):
+        return _FusedLinearCE.apply(h_TD, w_VD, targets_T, chunk, dtype)
 
 
 def build_model(cfg: ModelConfig, impl: str = "auto", moe_impl: str = "auto", device=None) -> LM:

@@ -139,6 +139,8 @@ class _Plan(NamedTuple):
     counts_E: torch.Tensor  # (E,) int32 assignments per expert before dropping (valid tokens only)
     n_S: torch.Tensor       # (S,) int64 the assignment n = k·T + t held by buffer row s
     keep_S: torch.Tensor    # (S,) bool row s is kept (s < offs_E[-1])
+    row_N: torch.Tensor     # (N,) int64 the buffer row of assignment n (inverse of n_S)
+    keep_N: torch.Tensor    # (N,) bool assignment n is kept
 
 
 def plan_grouped(top_i_TK: torch.Tensor, valid_T: torch.Tensor | None, n_expert: int,
@@ -174,53 +176,57 @@ def plan_grouped(top_i_TK: torch.Tensor, valid_T: torch.Tensor | None, n_expert:
         drop_rank_N = (~keep_N).cumsum(0) - 1             # 0-based rank among the dropped, in n order
         row_N = torch.where(keep_N, (offs_E - kept_E)[expert_N] + rank_N - 1, offs_E[-1] + drop_rank_N)
     n_S = torch.empty_like(arange_N).scatter_(0, row_N, arange_N)   # invert the permutation n -> row
-    return _Plan(offs_E, counts_E, n_S, keep_N[n_S])
+    return _Plan(offs_E, counts_E, n_S, keep_N[n_S], row_N, keep_N)
 
 
-class _GatherRows(torch.autograd.Function):
-    """x_SD = x_TD[tok_S]. The backward scatter-adds the rows with dst_S == T into a dummy row that is
-    thrown away: those rows lie after offs[-1], where grouped_mm's input gradient is uninitialised."""
+# The buffer rows are a permutation of the assignments (row_N and its inverse n_S), so dispatch and
+# combine are gathers in both directions: no index_add_, hence no atomics. Rows after offs_E[-1]
+# (dropped assignments) hold grouped_mm's uninitialised memory, possibly inf/NaN, in the output and
+# in the input gradient; they are excluded by selection (torch.where), never by multiplying with 0.
+
+
+class _Dispatch(torch.autograd.Function):
+    """x_SD = x_TD[n_S % T]; backward: g_TD[t] = Σ_k g_SD[row(k·T + t)] over kept assignments."""
 
     @staticmethod
-    def forward(ctx, x_TD, tok_S, dst_S):
-        ctx.save_for_backward(dst_S)
+    def forward(ctx, x_TD, tok_S, row_N, keep_N):
+        ctx.save_for_backward(row_N, keep_N)
         ctx.T = x_TD.shape[0]
         return x_TD.index_select(0, tok_S)
 
     @staticmethod
     def backward(ctx, g_SD):
-        (dst_S,) = ctx.saved_tensors
-        g_TD = g_SD.new_zeros(ctx.T + 1, g_SD.shape[1]).index_add_(0, dst_S, g_SD)
-        return g_TD[: ctx.T], None, None
+        row_N, keep_N = ctx.saved_tensors
+        g_ND = torch.where(keep_N[:, None], g_SD.index_select(0, row_N), 0)
+        K = g_ND.shape[0] // ctx.T
+        return (g_ND if K == 1 else g_ND.view(K, ctx.T, -1).sum(0)), None, None, None
 
 
 class _Combine(torch.autograd.Function):
-    """y_TD[t] = Σ p_S[s] · out_SD[s] over the kept rows s of token t (index_add_).
-
-    Dropped rows hold grouped_mm's uninitialised memory (possibly inf/NaN), so they are excluded by
-    selection, never by multiplying with 0: in the forward they land in a dummy row T, in the
-    backward their probability gradient is replaced by 0.
-    """
+    """y_TD[t] = Σ_k p_N[n] · out_SD[row_N[n]] over the kept assignments n = k·T + t."""
 
     @staticmethod
-    def forward(ctx, out_SD, p_S, tok_S, dst_S, keep_S, T: int):
-        w_S = p_S.to(out_SD.dtype)
-        y_TD = out_SD.new_zeros(T + 1, out_SD.shape[1]).index_add_(0, dst_S, out_SD * w_S[:, None])
-        ctx.save_for_backward(out_SD, w_S, tok_S, keep_S)
-        # drop the dummy row in place rather than slicing: a view returned from a custom Function
-        # could not be modified in place by the caller. Dynamo cannot trace resize_ but handles views.
-        if torch.compiler.is_compiling():
-            return y_TD[:T]
-        return y_TD.resize_(T, out_SD.shape[1])
+    def forward(ctx, out_SD, p_N, row_N, keep_N, n_S, T: int):
+        w_N = p_N.to(out_SD.dtype)
+        o_ND = out_SD.index_select(0, row_N)
+        y_ND = torch.where(keep_N[:, None], o_ND * w_N[:, None], 0)
+        ctx.save_for_backward(out_SD, w_N, row_N, keep_N, n_S)
+        ctx.T = T
+        K = y_ND.shape[0] // T
+        return y_ND if K == 1 else y_ND.view(K, T, -1).sum(0)
 
     @staticmethod
     def backward(ctx, g_TD):
-        out_SD, w_S, tok_S, keep_S = ctx.saved_tensors
-        g_SD = g_TD.index_select(0, tok_S)
-        g_out = g_SD * w_S[:, None] if ctx.needs_input_grad[0] else None   # dropped rows: ignored downstream
-        g_p = None
+        out_SD, w_N, row_N, keep_N, n_S = ctx.saved_tensors
+        K = keep_N.shape[0] // ctx.T
+        g_ND = g_TD.repeat(K, 1) if K > 1 else g_TD           # n = k·T + t reads g_TD[t]
+        g_out = g_p = None
+        if ctx.needs_input_grad[0]:
+            # row s of the buffer holds assignment n_S[s]: gather back through the inverse permutation
+            g_out = torch.where(keep_N[:, None], g_ND * w_N[:, None], 0).index_select(0, n_S)
         if ctx.needs_input_grad[1]:
-            g_p = torch.where(keep_S, (g_SD * out_SD).sum(-1), 0).float()
+            o_ND = out_SD.index_select(0, row_N)
+            g_p = torch.where(keep_N, (g_ND.float() * o_ND.float()).sum(-1), 0)
         return g_out, g_p, None, None, None, None
 
 
@@ -228,11 +234,10 @@ def _forward_grouped(x_TD, valid_T, top_p_TK, top_i_TK, w1_EDF, w2_EFD, capacity
     T, K = top_i_TK.shape
     plan = plan_grouped(top_i_TK, valid_T, w1_EDF.shape[0], capacity)
     tok_S = plan.n_S % T
-    dst_S = torch.where(plan.keep_S, tok_S, T)           # dropped rows -> dummy row T
-    p_S = top_p_TK.t().reshape(-1)[plan.n_S]
-    x_SD = _GatherRows.apply(x_TD, tok_S, dst_S)
+    p_N = top_p_TK.t().reshape(-1)
+    x_SD = _Dispatch.apply(x_TD, tok_S, plan.row_N, plan.keep_N)
     out_SD = experts_grouped(x_SD, w1_EDF, w2_EFD, plan.offs_E, activation)
-    y_TD = _Combine.apply(out_SD, p_S, tok_S, dst_S, plan.keep_S, T)
+    y_TD = _Combine.apply(out_SD, p_N, plan.row_N, plan.keep_N, plan.n_S, T)
     return y_TD, plan.counts_E, plan.offs_E[-1]
 
 
