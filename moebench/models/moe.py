@@ -86,7 +86,8 @@ class MoE(nn.Module):
             "valid_T must be a bool tensor of shape (T,)"
         # grouped_mm is not on autocast's list (pytorch#174763), so cast explicitly, the same in both paths
         dev = x_TD.device.type
-        autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+        # (is_autocast_available does not trace under dynamo; meta has no autocast)
+        autocast = dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)
         dtype = torch.get_autocast_dtype(dev) if autocast else x_TD.dtype
         x_TD = x_TD.to(dtype)
         w1_EDF, w2_EFD = self.w1_EDF.to(dtype), self.w2_EFD.to(dtype)
@@ -153,13 +154,15 @@ def plan_grouped(top_i_TK: torch.Tensor, valid_T: torch.Tensor | None, n_expert:
     T, K = top_i_TK.shape
     N, dev = T * K, top_i_TK.device
     expert_N = top_i_TK.t().reshape(N)                   # n = k·T + t: choice rank first, then position
-    hit_NE = expert_N[:, None] == torch.arange(n_expert, device=dev)
+    # (E, N), so that the running count is a scan along the contiguous last dim: CUDA scans an
+    # outer dim with one thread per column, i.e. 32 threads walking 32k rows (milliseconds)
+    hit_EN = torch.arange(n_expert, device=dev)[:, None] == expert_N[None, :]
     valid_N = None if valid_T is None else valid_T.repeat(K)
     if valid_N is not None:
-        hit_NE &= valid_N[:, None]                       # invalid tokens are not routed
-    cum_NE = hit_NE.cumsum(0, dtype=torch.int32)         # running count per expert, in priority order
-    counts_E = cum_NE[-1]
-    rank_N = cum_NE.gather(1, expert_N[:, None]).squeeze(1)   # 1-based rank within its expert
+        hit_EN &= valid_N[None, :]                       # invalid tokens are not routed
+    cum_EN = hit_EN.cumsum(1, dtype=torch.int32)         # running count per expert, in priority order
+    counts_E = cum_EN[:, -1]
+    rank_N = cum_EN.gather(0, expert_N[None, :]).squeeze(0)   # 1-based rank within its expert
     if capacity is None:
         keep_N, kept_E = valid_N, counts_E
     else:
@@ -185,6 +188,14 @@ def plan_grouped(top_i_TK: torch.Tensor, valid_T: torch.Tensor | None, n_expert:
 # in the input gradient; they are excluded by selection (torch.where), never by multiplying with 0.
 
 
+def _sum_over_k(v_ND: torch.Tensor, T: int) -> torch.Tensor:
+    # plain additions in choice order, like the loop path; `sum` would be promoted to fp32 by autocast
+    out = v_ND[:T]
+    for k in range(1, v_ND.shape[0] // T):
+        out = out + v_ND[k * T:(k + 1) * T]
+    return out
+
+
 class _Dispatch(torch.autograd.Function):
     """x_SD = x_TD[n_S % T]; backward: g_TD[t] = Σ_k g_SD[row(k·T + t)] over kept assignments."""
 
@@ -198,8 +209,7 @@ class _Dispatch(torch.autograd.Function):
     def backward(ctx, g_SD):
         row_N, keep_N = ctx.saved_tensors
         g_ND = torch.where(keep_N[:, None], g_SD.index_select(0, row_N), 0)
-        K = g_ND.shape[0] // ctx.T
-        return (g_ND if K == 1 else g_ND.view(K, ctx.T, -1).sum(0)), None, None, None
+        return _sum_over_k(g_ND, ctx.T), None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -212,8 +222,7 @@ class _Combine(torch.autograd.Function):
         y_ND = torch.where(keep_N[:, None], o_ND * w_N[:, None], 0)
         ctx.save_for_backward(out_SD, w_N, row_N, keep_N, n_S)
         ctx.T = T
-        K = y_ND.shape[0] // T
-        return y_ND if K == 1 else y_ND.view(K, T, -1).sum(0)
+        return _sum_over_k(y_ND, T)
 
     @staticmethod
     def backward(ctx, g_TD):
