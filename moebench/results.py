@@ -10,30 +10,32 @@ SCHEMA = 1
 
 
 def append_record(path: str | Path, record: dict) -> None:
-    """Append one line with a single write(2) on an O_APPEND descriptor under an exclusive lock:
-    a writer killed at any moment leaves either the whole line or nothing, and concurrent writers
-    never interleave. The file is only ever appended to."""
+    """Append one line: under an exclusive lock on a side file, write the old content plus the line
+    to a temporary file and rename it over the original. A writer killed at any moment (SIGKILL can
+    cut a large write(2) short) leaves the old file or the new one, never a torn line; the file only
+    ever grows, and concurrent writers never interleave."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    lock = os.open(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        # a previous writer that died mid-line (another tool, a full disk) must not glue its
-        # fragment to our record: start on a fresh line
-        size = os.fstat(fd).st_size
-        if size:
-            with open(path, "rb") as f:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":
-                    data = b"\n" + data
-        written = os.write(fd, data)
-        if written != len(data):
-            raise OSError(f"short write to {path}: {written} of {len(data)} bytes")
-        os.fsync(fd)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = path.read_bytes() if path.exists() else b""
+        if old and not old.endswith(b"\n"):      # a foreign fragment: start on a fresh line
+            old += b"\n"
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(old + data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)                     # the rename itself survives a power cut
+        finally:
+            os.close(dir_fd)
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        os.close(lock)                           # also releases the lock
 
 
 def load_records(path: str | Path) -> list[dict]:

@@ -138,6 +138,8 @@ def chunked_cross_entropy(h_TD: torch.Tensor, w_VD: torch.Tensor, targets_T: tor
     dev = h_TD.device.type
     autocast = torch.is_autocast_enabled(dev)
     dtype = torch.get_autocast_dtype(dev) if autocast else h_TD.dtype
+    if not torch.is_grad_enabled():      # evaluation: no gradient buffers to fill
+        h_TD, w_VD = h_TD.detach(), w_VD.detach()
     with torch.autocast(dev, enabled=False):
         return _FusedLinearCE.apply(h_TD, w_VD, targets_T, chunk, dtype)
 

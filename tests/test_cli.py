@@ -1,0 +1,160 @@
+"""The CLI: --help, `list --format json`, `env`, token budgets, and bad inputs through the real entry
+point (`main()`: a UserError is one line on stderr and exit code 2) that never overwrite results or
+checkpoints."""
+import json
+import platform
+import shutil
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from moebench.cli import app, main, parse_tokens
+from moebench.config import TrainConfig
+from moebench.errors import UserError
+from moebench.registry import VARIANTS, get
+from moebench.train import run_id_for
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+runner = CliRunner()
+
+
+def cli_main(argv, monkeypatch, capsys):
+    """Run main() as `moebench ARGV` would: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["moebench", *argv])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    cap = capsys.readouterr()
+    return exc.value.code or 0, cap.out, cap.err
+
+
+def assert_one_line_error(code, stdout, stderr, *needles):
+    lines = stderr.strip("\n").splitlines()
+    assert code == 2, f"exit {code}; stderr: {stderr!r}"
+    assert len(lines) == 1, f"expected exactly one line on stderr, got {len(lines)}: {lines}"
+    assert lines[0].startswith("error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    assert "Traceback" not in stderr and stdout == "", stdout
+
+
+# --- help, list, env ------------------------------------------------------------------------------
+def test_help(run_moebench, sub_env):
+    r = run_moebench(["--help"], sub_env)
+    assert r.returncode == 0, r.stderr
+    for command in ("train", "list", "env", "data"):
+        assert command in r.stdout
+    r = runner.invoke(app, ["train", "--help"])
+    assert r.exit_code == 0 and "--tokens" in r.stdout and "--resume" in r.stdout
+
+
+def test_list_json_describes_every_variant():
+    r = runner.invoke(app, ["list", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert [row["name"] for row in rows] == list(VARIANTS)
+    for row in rows:
+        for key in ("total_params", "active_params", "flops_per_token"):
+            assert isinstance(row[key], (int, float)) and row[key] > 0, (row["name"], key, row[key])
+        assert row["active_params"] <= row["total_params"], row["name"]
+        if get(row["name"]).ffn == "moe" and get(row["name"]).n_expert > 1:
+            assert row["active_params"] < row["total_params"], row["name"]
+    by_name = {row["name"]: row for row in rows}
+    assert 20e6 < by_name["Mamba_25M"]["active_params"] < 30e6
+
+
+def test_list_rejects_an_unknown_format(monkeypatch, capsys):
+    assert_one_line_error(*cli_main(["list", "--format", "yaml"], monkeypatch, capsys), "yaml")
+
+
+def test_env_prints_json(run_moebench, sub_env):
+    r = run_moebench(["env"], sub_env)
+    assert r.returncode == 0, r.stderr
+    env = json.loads(r.stdout)
+    assert {"git_sha", "git_dirty", "python", "torch", "device", "device_name"} <= env.keys()
+    assert env["python"] == platform.python_version()
+    import torch
+    assert env["torch"] == torch.__version__
+
+
+# --- token budgets --------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, tokens", [("20000", 20_000), ("50M", 50_000_000), ("1B", 1_000_000_000),
+                                          ("2.5e6", 2_500_000), ("1.5k", 1500), ("20_000", 20_000),
+                                          (" 3G ", 3_000_000_000)])
+def test_parse_tokens(text, tokens):
+    assert parse_tokens(text) == tokens
+
+
+@pytest.mark.parametrize("text", ["lots", "M", "", "0", "-5", "nan", "inf", "1e400"])
+def test_parse_tokens_rejects_with_a_user_error(text):
+    with pytest.raises(UserError):
+        parse_tokens(text)
+
+
+# --- bad inputs: one line on stderr, exit 2, nothing written --------------------------------------
+@pytest.fixture
+def results(finished_run, tmp_path):
+    """A results folder that already holds a run: its row and its (valid) checkpoint."""
+    row, src, *_ = finished_run
+    out = tmp_path / "results"
+    (out / "runs" / row["run_id"]).mkdir(parents=True)
+    shutil.copy(src / "runs.jsonl", out / "runs.jsonl")
+    shutil.copy(src / "runs" / row["run_id"] / "ckpt.pt", out / "runs" / row["run_id"] / "ckpt.pt")
+    return out
+
+
+def train_args(data, out, tokens=30 * 4 * 32, extra=()):
+    return ["train", "MoE-Mamba_25M@tiny", "--tokens", str(tokens), "--batch", "4", "--ctx", "32",
+            "--lr", "3e-3", "--device", "cpu", "--data", str(data), "--out", str(out), *extra]
+
+
+def test_unknown_variant_suggests_close_matches(run_moebench, sub_env, results, digest):
+    before = digest(results)
+    r = run_moebench(["train", "MoE-Mamba_25", "--out", str(results)], sub_env)
+    assert_one_line_error(r.returncode, r.stdout, r.stderr, "unknown variant 'MoE-Mamba_25'", "MoE-Mamba_25M")
+    assert digest(results) == before
+
+
+def test_missing_data_dir(results, tmp_path, monkeypatch, capsys, digest):
+    before = digest(results)
+    code, out, err = cli_main(train_args(tmp_path / "no-such-data", results), monkeypatch, capsys)
+    assert_one_line_error(code, out, err, "no prepared data", "no-such-data")
+    assert digest(results) == before
+
+
+def test_budget_smaller_than_one_step(results, text_data, monkeypatch, capsys, digest):
+    before = digest(results)
+    code, out, err = cli_main(train_args(text_data, results, tokens=100), monkeypatch, capsys)
+    assert_one_line_error(code, out, err, "smaller than one step", "128")
+    assert digest(results) == before
+
+
+def test_bad_token_count(results, text_data, monkeypatch, capsys, digest):
+    before = digest(results)
+    code, out, err = cli_main(train_args(text_data, results, tokens="lots"), monkeypatch, capsys)
+    assert_one_line_error(code, out, err, "bad token count 'lots'")
+    assert digest(results) == before
+
+
+def test_resume_without_a_checkpoint(results, text_data, monkeypatch, capsys, digest):
+    before = digest(results)
+    code, out, err = cli_main(train_args(text_data, results, tokens=20 * 4 * 32, extra=["--resume"]),
+                              monkeypatch, capsys)
+    assert_one_line_error(code, out, err, "nothing to resume")
+    assert digest(results) == before
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0], ids=["truncated", "empty"])
+def test_resume_from_a_corrupt_checkpoint(keep, finished_run, results, text_data, monkeypatch, capsys, digest):
+    row, src, cfg, *_ = finished_run
+    # the checkpoint of the run the command below names, cut short from a real one
+    tcfg = TrainConfig(tokens=30 * 4 * 32, batch=4, ctx=32, lr=3e-3, lr_source="user", data_dir=text_data,
+                       ema_alpha=0.001)
+    ckpt = results / "runs" / run_id_for(cfg, tcfg) / "ckpt.pt"
+    ckpt.parent.mkdir(parents=True)
+    data = (src / "runs" / row["run_id"] / "ckpt.pt").read_bytes()
+    ckpt.write_bytes(data[: int(len(data) * keep)])
+    before = digest(results)
+    code, out, err = cli_main(train_args(text_data, results, extra=["--resume"]), monkeypatch, capsys)
+    assert_one_line_error(code, out, err, "corrupt or truncated", str(ckpt))
+    assert digest(results) == before
