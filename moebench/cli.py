@@ -71,36 +71,42 @@ def parse_tokens(text: str) -> int:
         value = float(t[:-1] if mult != 1 else t) * mult
     except ValueError:
         raise UserError(f"bad token count '{text}': use e.g. 20000, 50M or 1B") from None
-    if value <= 0 or value != value:
-        raise UserError(f"token count must be positive, got '{text}'")
+    if not 0 < value < float("inf"):      # also NaN and inf ('inf', '1e400')
+        raise UserError(f"token count must be positive and finite, got '{text}'")
     return int(value)
 
 
-def progress_bar(description: str):
+def progress_bar(description: str, disable: bool = False):
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                     TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=err,
-                    transient=False)
+                    transient=False, disable=disable)
 
 
 @app.command("train")
 def train_cmd(
     variant: Annotated[str, typer.Argument(help="registry name, e.g. MoE-Mamba_25M or Mamba_25M@tiny")],
     tokens: Annotated[str, typer.Option(help="token budget: 20000, 50M, 1B")] = "50M",
-    batch: Annotated[int, typer.Option(help="global batch (sequences)")] = 64,
-    micro_batch: Annotated[Optional[int], typer.Option(help="sequences per forward (gradient accumulation)")] = None,
+    batch: Annotated[int, typer.Option(help="global batch (sequences), over all ranks under torchrun")] = 64,
+    micro_batch: Annotated[Optional[int], typer.Option(
+        help="sequences per forward on each rank; accumulation = batch / (micro_batch x ranks)")] = None,
     ctx: Annotated[int, typer.Option(help="context length")] = 1024,
     lr: Annotated[Optional[float], typer.Option(help="peak learning rate (default: the paper's for the family)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)")] = "auto",
     impl: Annotated[str, typer.Option(help="auto | fast | ref")] = "auto",
     data: Annotated[Optional[str], typer.Option(help="prepared data dir (default: data/prose)")] = None,
     ema_alpha: Annotated[float, typer.Option(help="smoothing of the training loss per step")] = 0.001,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the training step (GPU)")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run from its checkpoint")] = False,
     out: Annotated[str, typer.Option(help="results folder (runs.jsonl and runs/)")] = "results",
 ):
-    """Train one variant for a token budget; appends one row to OUT/runs.jsonl."""
+    """Train one variant for a token budget; appends one row to OUT/runs.jsonl.
+
+    On several GPUs: torchrun --standalone --nproc_per_node 8 -m moebench train VARIANT ...
+    (data-parallel; rank 0 writes the row, the curve and the checkpoints)."""
     from moebench.config import TrainConfig
+    from moebench.distributed import from_env
     from moebench.registry import get
 
     cfg = get(variant)
@@ -108,8 +114,10 @@ def train_cmd(
         raise UserError(f"unknown impl '{impl}': use auto, fast or ref")
     tcfg = TrainConfig(tokens=parse_tokens(tokens), batch=batch, micro_batch=micro_batch, ctx=ctx,
                        lr=lr, lr_source="user" if lr is not None else "default", seed=seed, impl=impl,
-                       data_dir=data or "", ema_alpha=ema_alpha)
+                       data_dir=data or "", ema_alpha=ema_alpha, compile=compile)
     row = run_with_progress(cfg, tcfg, out=out, resume=resume, device=device)
+    if not from_env().is_main:   # under torchrun, rank 0 alone reports
+        return
     m = row["metrics"]
     out_console = Console()
     out_console.print(f"{cfg.name}: {m['tokens']:,} tokens, smoothed loss {m['final_smoothed_loss']:.4f}, "
@@ -118,12 +126,16 @@ def train_cmd(
 
 
 def run_with_progress(cfg, tcfg, **kwargs) -> dict:
+    from moebench.distributed import from_env
     from moebench.train import TrainingFailed, train
 
-    with progress_bar(cfg.name) as bar:
-        task = bar.add_task(cfg.name, total=tcfg.tokens, stats="")
-
+    main = from_env().is_main   # under torchrun, rank 0 alone shows progress and messages
+    bar = progress_bar(cfg.name, disable=not main)
+    task = bar.add_task(cfg.name, total=tcfg.tokens, stats="")
+    try:
         def on_progress(p):
+            if not bar.live.is_started:   # shown from the first curve point: an error before it stays one line
+                bar.start()
             val = f" val {p.val_loss:.3f}" if p.val_loss is not None else ""
             bar.update(task, completed=p.tokens, total=p.total_tokens,
                        stats=f"{p.tokens / 1e6:.2f}M tok  loss {p.loss:.3f}  smoothed {p.smoothed:.3f}"
@@ -131,11 +143,15 @@ def run_with_progress(cfg, tcfg, **kwargs) -> dict:
         try:
             return train(cfg, tcfg, on_progress=on_progress, **kwargs)
         except TrainingFailed as e:
-            err.print(f"[red]failed:[/red] {e}", highlight=False)
+            if main:
+                err.print(f"[red]failed:[/red] {e}", highlight=False)
             raise typer.Exit(1)
         except KeyboardInterrupt as e:
-            err.print(f"[yellow]{e or 'interrupted'}[/yellow]; continue with --resume", highlight=False)
+            if main:
+                err.print(f"[yellow]{e or 'interrupted'}[/yellow]; continue with --resume", highlight=False)
             raise typer.Exit(130)
+    finally:
+        bar.stop()                        # does nothing when it never started
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Prepare training text as GPT-2 tokens.")

@@ -1,7 +1,8 @@
 """Train one variant for a fixed token budget with the paper's recipe. No CLI, no plots.
 
 Each run lives in <out>/runs/<run_id>/ (checkpoint, curve.csv, config.json); a finished or failed
-run appends one self-describing row to <out>/runs.jsonl.
+run appends one self-describing row to <out>/runs.jsonl. Launched by torchrun, it trains data-parallel
+(moebench/distributed.py); in one process it is unchanged.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import csv
 import math
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -17,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from moebench import checkpoint, env
+from moebench import checkpoint, distributed, env
 from moebench.config import ModelConfig, TrainConfig, stable_hash
 from moebench.errors import UserError
 from moebench.metrics import EMA
@@ -49,16 +51,31 @@ def run_id_for(cfg: ModelConfig, tcfg: TrainConfig, tag: str = "") -> str:
     return f"{cfg.name.replace('@', '-')}_s{tcfg.seed}_{h}"
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
+    """auto | cpu | cuda[:N]. Under torchrun (`local_rank` given) auto and cuda mean cuda:LOCAL_RANK."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda") if local_rank is None else _local_gpu(local_rank)
     try:
         d = torch.device(device)
     except RuntimeError:
         raise UserError(f"unknown device '{device}': use auto, cpu or cuda") from None
     if d.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' requested but CUDA is not available here")
+    if d.type == "cuda" and local_rank is not None:
+        if d.index not in (None, local_rank):
+            raise UserError(f"device '{device}' under torchrun: each rank uses cuda:LOCAL_RANK, "
+                            f"pass --device cuda or auto")
+        return _local_gpu(local_rank)
     return d
+
+
+def _local_gpu(local_rank: int) -> torch.device:
+    if local_rank >= torch.cuda.device_count():
+        raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
+                        f"use --nproc_per_node <= the number of GPUs")
+    return torch.device("cuda", local_rank)
 
 
 def _moe_stats(moe_aux: list) -> list[tuple]:
@@ -71,7 +88,9 @@ def _entropy(counts_E: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, amp) -> float:
+def evaluate(model, batches, device, amp, dist: distributed.Dist | None = None) -> float:
+    """Mean loss over `batches`; with `dist` of several ranks, `batches` is this rank's share and
+    the mean is over all ranks' batches."""
     was_training = model.training
     model.eval()
     total = 0.0
@@ -79,6 +98,9 @@ def evaluate(model, batches, device, amp) -> float:
         with amp():
             total += model(x.to(device), y.to(device), return_logits=False, loss_chunk=4096).loss.item()
     model.train(was_training)
+    if dist is not None and dist.world > 1:
+        total, n = dist.sum_(torch.tensor([total, len(batches)], dtype=torch.float64, device=device)).tolist()
+        return total / max(1, n)
     return total / max(1, len(batches))
 
 
@@ -98,16 +120,16 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = "results", *, r
     from moebench.data import BatchSampler, TokenData, val_batches
 
     out = Path(out)
-    dev = resolve_device(device)
-    micro = tcfg.micro_batch or tcfg.batch
-    if tcfg.batch % micro:
-        raise UserError(f"batch {tcfg.batch} is not a multiple of micro_batch {micro}")
-    accum = tcfg.batch // micro
+    dist = distributed.from_env()   # rank 0 of 1 unless launched by torchrun: see moebench/distributed.py
+    dev = resolve_device(device, dist.local_rank if dist.world > 1 else None)
+    dist.init(dev)
+    micro, accum = distributed.split_batch(tcfg.batch, tcfg.micro_batch, dist.world)   # accum: per rank
     steps = tcfg.tokens // (tcfg.batch * tcfg.ctx)
     if steps < 1:
         raise UserError(f"token budget {tcfg.tokens} is smaller than one step "
                         f"(batch {tcfg.batch} x ctx {tcfg.ctx} = {tcfg.batch * tcfg.ctx} tokens)")
-    data = TokenData(Path(tcfg.data_dir) if tcfg.data_dir else default_data())
+    with dist.main_first():   # several ranks must not prepare the default corpus at once
+        data = TokenData(Path(tcfg.data_dir) if tcfg.data_dir else default_data())
     lr = tcfg.lr if tcfg.lr is not None else default_lr(cfg)
     run_id = run_id_for(cfg, tcfg, run_tag)
     run_dir = out / "runs" / run_id
@@ -123,8 +145,9 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = "results", *, r
     amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
     model = build_model(cfg, impl=tcfg.impl, device=dev)   # impl resolves on the target device
     opt = make_optimizer(model, tcfg, lr, dev)
-    sampler = BatchSampler(data, micro, tcfg.ctx, seed=tcfg.seed)
-    val = val_batches(data, tcfg.eval_batches, micro, tcfg.ctx)
+    sampler = BatchSampler(data, micro, tcfg.ctx, seed=tcfg.seed)   # micro batch k = sampler.batch_at(k), on every rank
+    # the validation set depends on the TrainConfig only; rank r evaluates its batches [r::world]
+    val = val_batches(data, tcfg.eval_batches, tcfg.micro_batch or tcfg.batch, tcfg.ctx)
     eval_every = tcfg.eval_every_tokens or max(tcfg.batch * tcfg.ctx, tcfg.tokens // 10)
     eval_every_steps = max(1, eval_every // (tcfg.batch * tcfg.ctx))
     ema = EMA(tcfg.ema_alpha)
@@ -136,12 +159,21 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = "results", *, r
             raise UserError(f"checkpoint {ckpt_path} belongs to run {st.get('run_id')}, not {run_id}")
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
-        sampler.load_state_dict(st["sampler"])
+        if st["sampler"]["batch"] == micro:
+            sampler.load_state_dict(st["sampler"])
+        elif dist.is_main:   # only at another world size with micro_batch unset (see moebench/distributed.py)
+            warnings.warn(f"resuming with micro batches of {micro} sequences, the checkpoint's were "
+                          f"{st['sampler']['batch']}: model, optimizer and step resume exactly, the data "
+                          f"order from here on differs from an uninterrupted run's")
         ema = EMA(**st["ema"])
         curve = st["curve"]
         start_step, wall_before, train_time_before = st["step"], st["wall_s"], st["train_s"]
         checkpoint.set_rng_state(st["rng"])
 
+    fwd = dist.wrap(model)   # called for training; evaluation and checkpoints use the model itself
+    if tcfg.compile:
+        # graph breaks around mamba-ssm's kernels are fine; the MoE routing and the rest fuse
+        fwd = torch.compile(fwd)
     run_dir.mkdir(parents=True, exist_ok=True)
     n_active = model.n_active_params()
     fpt = flops_per_token(cfg, n_active, tcfg.ctx)
@@ -150,11 +182,14 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = "results", *, r
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     def save_ckpt(step: int, wall: float, train_s: float):
+        if not dist.is_main:
+            return
+        # the sampler's position is the global number of micro batches consumed: rank-independent
         checkpoint.save(ckpt_path, {
             "run_id": run_id, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "sampler": sampler.state_dict(), "ema": ema.state_dict(), "curve": curve,
-            "wall_s": wall, "train_s": train_s, "rng": checkpoint.rng_state(),
-            "model_config": cfg.to_dict(), "train_config": tcfg.to_dict()})
+            "sampler": {**sampler.state_dict(), "step": step * accum * dist.world}, "ema": ema.state_dict(),
+            "curve": curve, "wall_s": wall, "train_s": train_s, "rng": checkpoint.rng_state(),
+            "model_config": cfg.to_dict(), "train_config": tcfg.to_dict(), "world": dist.world})
         _write_curve(run_dir / "curve.csv", curve)
 
     def record(status: str, step: int, wall: float, train_s: float, reason: str = "") -> dict:
@@ -164,7 +199,8 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = "results", *, r
         row = {
             "schema": SCHEMA, "kind": "train", "run_id": run_id, "status": status, "reason": reason,
             "variant": cfg.name, "variant_hash": cfg.config_hash(), "seed": tcfg.seed,
-            "model": cfg.to_dict(), "train": {**tcfg.to_dict(), "lr": lr, "steps": steps, "accum": accum},
+            "model": cfg.to_dict(),
+            "train": {**tcfg.to_dict(), "lr": lr, "steps": steps, "accum": accum, "world": dist.world},
             "params": {"total": model.n_params(), "active": n_active},
             "flops_per_token": fpt, "impl": {"mixer": model.impl, "moe": _moe_impl(model)},
             "metrics": {
@@ -181,8 +217,9 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = "results", *, r
             "curve": str(run_dir / "curve.csv"), "env": envd, "started": started,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(extra or {}),
         }
-        append_record(out / "runs.jsonl", row)
-        (run_dir / "result.json").write_text(__import__("json").dumps(row, indent=1, default=str))
+        if dist.is_main:
+            append_record(out / "runs.jsonl", row)
+            (run_dir / "result.json").write_text(__import__("json").dumps(row, indent=1, default=str))
         return row
 
     curve_tokens0 = start_step * tcfg.batch * tcfg.ctx
@@ -202,7 +239,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = "results", *, r
     t0 = time.perf_counter()
     train_s = train_time_before
     last_ckpt = time.perf_counter()
-    acc = _Interval()
+    acc = _Interval(dist)
     step = start_step
     try:
         while step < steps:
@@ -211,38 +248,43 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = "results", *, r
             for g in opt.param_groups:
                 g["lr"] = cur_lr
             loss_sum = torch.zeros((), device=dev)
-            for _ in range(accum):
-                x, y = sampler.next()
+            for i, k in enumerate(dist.micro_batches(step, accum)):
+                x, y = sampler.batch_at(k)
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                with amp():
-                    o = model(x, y, return_logits=False, loss_chunk=8192 if dev.type == "cuda" else 0)
-                    total = (o.loss + o.aux_loss) / accum
-                total.backward()
+                with distributed.grad_sync(fwd, last=i == accum - 1):
+                    with amp():
+                        o = fwd(x, y, return_logits=False, loss_chunk=8192 if dev.type == "cuda" else 0)
+                        total = (o.loss + o.aux_loss) / accum
+                    total.backward()
                 loss_sum += o.loss.detach() / accum
-                acc.add_moe(_moe_stats(o.moe_aux), o.aux_loss.detach() / accum)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            loss = loss_sum.item()   # one sync per step: the NaN check and the EMA need it
-            if not math.isfinite(loss):
+                acc.add_moe(_moe_stats(o.moe_aux), o.aux_loss.detach())
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            loss = dist.mean(loss_sum)   # one sync per step: the NaN check and the EMA need it
+            # checked before the update: a NaN/inf gradient under a finite loss must never reach
+            # the weights, hence the next checkpoint (grad_norm is the same on every rank after DDP)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
                 wall = wall_before + time.perf_counter() - t0
-                record("failed", step, wall, train_s, f"non-finite loss {loss} at step {step}")
+                record("failed", step, wall, train_s, f"non-finite loss {loss} or gradient norm at step {step}")
+                dist.barrier()   # no rank exits (and makes torchrun end the others) before the row is written
                 raise TrainingFailed(f"{cfg.name}: loss became {loss} at step {step}; the last good "
                                      f"checkpoint is kept in {run_dir}")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
             ema.update(loss)
             acc.add_loss(loss)
             step += 1
             train_s += time.perf_counter() - ts
             is_eval = step % eval_every_steps == 0 or step == steps
-            if step % tcfg.log_every == 0 or is_eval:
+            logged = step % tcfg.log_every == 0 or is_eval
+            if logged:
                 row = acc.flush(step, step * tcfg.batch * tcfg.ctx, ema.get(), cur_lr)
                 row["tok_s"] = (step * tcfg.batch * tcfg.ctx - curve_tokens0) / max(train_s - train_time_before, 1e-9)
                 if is_eval:
-                    row["val_loss"] = evaluate(model, val, dev, amp)
+                    row["val_loss"] = evaluate(model, val[dist.rank::dist.world], dev, amp, dist)
                 if dev.type == "cuda":
                     row["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
                 curve.append(row)
-                if on_progress:
+                if on_progress and dist.is_main:
                     on_progress(Progress(step, steps, row["tokens"], steps * tcfg.batch * tcfg.ctx,
                                          row["loss"], row["smoothed"], row["tok_s"], row.get("val_loss")))
             # checkpoints fall on curve points, so no half-accumulated interval is lost on resume
@@ -251,10 +293,11 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = "results", *, r
             if due and step < steps and step % tcfg.log_every == 0:
                 save_ckpt(step, wall_before + time.perf_counter() - t0, train_s)
                 last_ckpt = time.perf_counter()
-            if stop["sig"] is not None:
-                if step % tcfg.log_every:
+            if dist.any(stop["sig"] is not None, dev):   # all ranks stop together, whichever got the signal
+                if not logged:
                     curve.append(acc.flush(step, step * tcfg.batch * tcfg.ctx, ema.get(), cur_lr))
                 save_ckpt(step, wall_before + time.perf_counter() - t0, train_s)
+                dist.barrier()   # rank 0's checkpoint is on disk before any rank exits
                 raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved in {run_dir}")
     finally:
         for sig, handler in old_handlers.items():
@@ -277,9 +320,11 @@ def _moe_impl(model) -> str | None:
 
 
 class _Interval:
-    """Accumulates losses and MoE statistics between curve points (on device, one sync per point)."""
+    """Accumulates losses and MoE statistics between curve points (on device, one sync per point).
+    Losses arrive already averaged over ranks; the MoE statistics are reduced over ranks at flush."""
 
-    def __init__(self):
+    def __init__(self, dist: distributed.Dist = distributed.Dist()):
+        self.dist = dist
         self.losses: list[float] = []
         self.moe = None
         self.lb = 0.0
@@ -303,6 +348,8 @@ class _Interval:
     def flush(self, step: int, tokens: int, smoothed: float, lr: float) -> dict:
         row = {"step": step, "tokens": tokens, "loss": sum(self.losses) / max(1, len(self.losses)),
                "smoothed": smoothed, "lr": lr}
+        if self.moe is not None and self.dist.world > 1:
+            self._all_reduce()
         if self.moe is not None:
             dropped = [float(d) / self.n for d, _ in self.moe]
             ent = [_entropy(c) for _, c in self.moe]
@@ -312,8 +359,20 @@ class _Interval:
             for i, (d, e) in enumerate(zip(dropped, ent)):
                 row[f"dropped_L{i}"] = d
                 row[f"entropy_L{i}"] = e
-        self.__init__()
+        self.__init__(self.dist)
         return row
+
+    def _all_reduce(self):
+        # one collective: LB loss and dropped fractions become means over ranks (every rank counts
+        # the same number of micro batches), tokens per expert a global count
+        flat = self.dist.sum_(torch.cat([self.lb.reshape(1)] + [t.reshape(-1).float() for a in self.moe for t in a]))
+        self.lb = flat[0] / self.dist.world
+        i = 1
+        for a in self.moe:
+            a[0] = flat[i:i + a[0].numel()].reshape(a[0].shape) / self.dist.world
+            i += a[0].numel()
+            a[1] = flat[i:i + a[1].numel()].reshape(a[1].shape)
+            i += a[1].numel()
 
 
 def _write_curve(path: Path, curve: list[dict]) -> None:
