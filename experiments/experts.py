@@ -1,0 +1,16 @@
+"""Table 4 (and figure 4): MoE-Mamba with 1 to 32 experts at fixed active parameters."""
+from moebench.ablations import presets
+from moebench.config import Ablation
+
+ABLATION = Ablation(
+    name="experts",
+    table="table 4",
+    question="With the active parameters fixed (~26M), does MoE-Mamba improve monotonically with the "
+             "number of experts, and from how many experts does it beat vanilla Mamba (paper: >= 4)?",
+    variants=("Mamba_25M", "MoE-Mamba_25M-e1", "MoE-Mamba_25M-e4", "MoE-Mamba_25M-e8",
+              "MoE-Mamba_25M-e16", "MoE-Mamba_25M-e32"),
+    baseline="Mamba_25M",
+    seeds=(0,),
+    presets=presets(paper_tokens=1_000_000_000),   # "log perplexity after 1B tokens"
+)
+X_AXIS = "n_expert"

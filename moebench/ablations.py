@@ -1,0 +1,495 @@
+"""Ablations: the paper's tables as runnable studies. Each spec in experiments/*.py names its
+variants, its baseline and a token budget per preset; this module loads the specs, turns one into a
+plan (which runs, with which train config), prepares the data and runs what is missing.
+
+A run's identity (`run_key`) is its model's config hash + the preset + a hash of its train config
+and of the data it reads (corpus name and token counts, not paths), so identical runs are shared
+between ablations (table 4's Mamba_25M is table 3's) and between machines' result files.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import math
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from moebench.config import Ablation, ModelConfig, Preset, TrainConfig, stable_hash
+from moebench.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SWEEPS_FILE = "lr_sweeps.jsonl"
+
+
+# --- presets ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PresetRule:
+    """What a preset decides besides the budget (which each ablation states for itself)."""
+    corpus: str                     # named corpus prepare() builds ("prose", "all")
+    max_epochs: float | None        # refuse budgets that repeat the data more (None = no check)
+    paper_ema: bool                 # True: the paper's alpha = 0.001; False: the short-run rule
+    log_every: int                  # steps between curve points
+    sweep_tokens: int               # default budget of `moebench sweep lr` at this preset
+    n_evals: int = 10               # validation evaluations per run
+    hidden: bool = False
+    wall: str = ""                  # measured wall time of the `architectures` ablation, for --dry-run
+
+
+PRESET_RULES: dict[str, PresetRule] = {
+    # 4 evaluations, not 10: on a CPU each costs ~1% of the run
+    "cpu-tiny": PresetRule("prose", 1.0, False, 2, 200 * 8 * 128, n_evals=4,
+                           wall="measured: architectures took 8-10 min on 2 CPU cores, data prep included"),
+    # GPU_WALL: fill in the measured wall time of `moebench run architectures` at these presets
+    "gpu-small": PresetRule("prose", 2.0, False, 5, 20_000_000, wall="GPU wall time: not measured yet"),
+    "gpu-medium": PresetRule("all", 1.0, False, 10, 20_000_000, wall="GPU wall time: not measured yet"),
+    "paper": PresetRule("all", 1.0, True, 50, 100_000_000),
+    "paper-100m": PresetRule("all", 1.0, True, 10, 500_000_000),
+    "test": PresetRule("prose", None, False, 1, 192, n_evals=1, hidden=True),
+}
+PUBLIC_PRESETS = tuple(n for n, r in PRESET_RULES.items() if not r.hidden)
+DEFAULT_PRESET = "cpu-tiny"
+EMA_RULE = ("paper presets: alpha = 0.001 per step (the paper's, for 15K-150K steps); shorter runs: "
+            "alpha = clamp(50 / steps, 0.001, 0.5), so the smoothing window 1/alpha is ~2% of the run")
+
+
+def rule_of(preset: str) -> PresetRule:
+    """The preset's rule; an ablation's own extra preset gets the test preset's (no checks)."""
+    return PRESET_RULES.get(preset, PRESET_RULES["test"])
+
+
+def ema_alpha_for(preset: str, steps: int) -> float:
+    if rule_of(preset).paper_ema:
+        return 0.001
+    return min(0.5, max(0.001, 50 / max(1, steps)))
+
+
+def eval_every(rule: PresetRule, steps: int, tokens_per_step: int) -> int:
+    return max(1, steps // rule.n_evals) * tokens_per_step
+
+
+def presets(*, paper_tokens: int, with_100m: bool = False) -> dict[str, Preset]:
+    """The standard presets of an ablation; only the `paper` budget differs between tables."""
+    out = {
+        # the @tiny CPU twins (d_model 64) on short windows of real text; sized by measurement
+        # so that the 5-variant `architectures` ablation takes ~10 minutes on 2 CPU cores
+        "cpu-tiny": Preset(name="cpu-tiny", tokens=CPU_TINY_TOKENS, batch=CPU_TINY_BATCH, ctx=CPU_TINY_CTX,
+                           scale="tiny", eval_batches=4,
+                           note="CPU twins, 200 steps of 8 x 128; ~8-10 min for architectures on 2 cores"),
+        # paper shapes, 610 steps of 32 x 1024: ~2 passes over `prose` (10.2M train tokens)
+        "gpu-small": Preset(name="gpu-small", tokens=20_000_000, batch=32, ctx=1024, eval_batches=8,
+                            note="paper shapes, 20M tokens (610 steps of 32 x 1024)"),
+        # one pass over `all` (prose + docs, 97.7M train tokens): 2929 steps of 32 x 1024
+        "gpu-medium": Preset(name="gpu-medium", tokens=96_000_000, batch=32, ctx=1024, eval_batches=8,
+                             note="paper shapes, 96M tokens = one pass over prose+docs"),
+        "paper": Preset(name="paper", tokens=paper_tokens, batch=64, ctx=1024, eval_batches=16,
+                        note="the paper's budget and batch (C4 recommended: --data)"),
+        "test": Preset(name="test", tokens=3 * 2 * 32, batch=2, ctx=32, scale="tiny", eval_batches=1,
+                       note="hidden: 3 steps of the CPU twins, for tests"),
+    }
+    if with_100m:
+        # table 6: 30K steps of 1024 x 1024 (~31.5B tokens), accumulated from micro-batches of 32
+        out["paper-100m"] = Preset(name="paper-100m", tokens=30_000 * 1024 * 1024, batch=1024, ctx=1024,
+                                   micro_batch=32, eval_batches=16,
+                                   note="100M variants, 30K steps x 1024 x 1024 (micro-batch 32)")
+    return out
+
+
+# cpu-tiny budget, measured on a 2-core CPU (see the README's "Reproducing the paper")
+CPU_TINY_CTX = 128
+CPU_TINY_BATCH = 8
+CPU_TINY_TOKENS = 200 * CPU_TINY_BATCH * CPU_TINY_CTX     # 200 steps, 204,800 tokens per run
+
+
+# --- loading the specs -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Spec:
+    ablation: Ablation
+    path: Path
+    preset_variants: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    preset_baseline: dict[str, str] = field(default_factory=dict)
+    x_axis: str = ""                                  # "", "n_expert", "ratio" or "placement"
+
+    @property
+    def name(self) -> str:
+        return self.ablation.name
+
+    def variants(self, preset: str) -> tuple[str, ...]:
+        return self.preset_variants.get(preset, self.ablation.variants)
+
+    def baseline(self, preset: str) -> str:
+        return self.preset_baseline.get(preset, self.ablation.baseline)
+
+    def preset(self, name: str) -> Preset:
+        if name not in self.ablation.presets:
+            shown = [p for p in self.ablation.presets if not rule_of(p).hidden]
+            close = difflib.get_close_matches(name, shown, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise UserError(f"ablation '{self.name}' has no preset '{name}'{hint} (presets: {', '.join(shown)})")
+        return self.ablation.presets[name]
+
+
+def experiment_dirs() -> list[Path]:
+    """experiments/ next to the package (a source checkout), then ./experiments."""
+    dirs = [REPO_ROOT / "experiments", Path.cwd() / "experiments"]
+    return list(dict.fromkeys(d.resolve() for d in dirs if d.is_dir()))
+
+
+_SPECS: dict[str, Spec] | None = None
+
+
+def load_specs() -> dict[str, Spec]:
+    global _SPECS
+    if _SPECS is not None:
+        return _SPECS
+    specs: dict[str, Spec] = {}
+    for folder in experiment_dirs():
+        for path in sorted(folder.glob("*.py")):
+            if path.name.startswith("_"):
+                continue
+            module_name = f"moebench_experiments.{path.stem}"
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            abl = getattr(module, "ABLATION", None)
+            if not isinstance(abl, Ablation):
+                raise UserError(f"{path} defines no ABLATION = Ablation(...)")
+            if abl.name in specs:
+                continue                                   # the checkout's copy wins over ./experiments
+            specs[abl.name] = Spec(abl, path, dict(getattr(module, "PRESET_VARIANTS", {})),
+                                   dict(getattr(module, "PRESET_BASELINE", {})), getattr(module, "X_AXIS", ""))
+    _SPECS = specs
+    return specs
+
+
+def get_spec(name: str) -> Spec:
+    specs = load_specs()
+    if name not in specs:
+        close = difflib.get_close_matches(name, specs, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        known = ", ".join(specs) or f"none found in {REPO_ROOT / 'experiments'} or ./experiments"
+        raise UserError(f"unknown ablation '{name}'{hint} (ablations: {known})")
+    return specs[name]
+
+
+def get_ablation(name: str) -> Ablation:
+    """The ablation named `name`; a bad name suggests close matches."""
+    return get_spec(name).ablation
+
+
+def __getattr__(name: str):
+    if name == "ABLATIONS":                          # loaded on first use: the specs import this module
+        return {n: s.ablation for n, s in load_specs().items()}
+    raise AttributeError(name)
+
+
+# --- planning --------------------------------------------------------------------------------
+@dataclass
+class PlannedRun:
+    variant: str                 # the ablation's name for it (e.g. Mamba_25M)
+    cfg: ModelConfig             # what is trained (the @tiny twin at tiny scale)
+    tcfg: TrainConfig
+    run_tag: str
+    run_id: str
+    run_key: str = ""            # identity for skipping and reporting (see module docstring)
+    status: str = "todo"         # todo | done | resume (a checkpoint of an interrupted run exists)
+    lr_note: str = ""
+
+
+@dataclass
+class Plan:
+    ablation: str
+    preset: str
+    baseline: str
+    corpus: str                  # "" when the user gave --data
+    data_dir: Path
+    data_id: str                 # corpus + token counts once prepared; "<corpus>:unprepared" before
+    n_train_tokens: int | None
+    lr_source: str
+    runs: list[PlannedRun]
+    out: Path
+    allow_repeat: bool = False
+
+    @property
+    def epochs(self) -> float | None:
+        if not self.n_train_tokens or not self.runs:
+            return None
+        return max(r.tcfg.tokens for r in self.runs) / self.n_train_tokens
+
+
+def resolve_variants(spec: Spec, preset: str, only: list[str] | None) -> list[str]:
+    names = list(spec.variants(preset))
+    if not only:
+        return names
+    picked = []
+    for want in only:
+        base = want.removesuffix("@tiny")
+        if base not in names:
+            close = difflib.get_close_matches(base, names, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UserError(f"'{want}' is not a variant of ablation '{spec.name}' at preset {preset}{hint}")
+        picked.append(base)
+    return [n for n in names if n in picked]
+
+
+def data_identity(data_dir: Path, fallback: str) -> tuple[str, int | None]:
+    """(data id, train tokens): the corpus name and token counts of a prepared folder, which are
+    the same on every machine that prepares the same inputs; paths are not part of it."""
+    try:
+        m = json.loads((data_dir / "manifest.json").read_text())
+        name = m.get("corpus") or Path(m.get("input") or data_dir).name
+        n_train, n_val = m["splits"]["train"]["tokens"], m["splits"]["val"]["tokens"]
+        return f"{name}:{n_train}+{n_val}", n_train
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{fallback}:unprepared", None
+
+
+def run_key(cfg: ModelConfig, tcfg: TrainConfig, preset: str, data_id: str) -> str:
+    train = tcfg.to_dict()
+    train.pop("data_dir")
+    return f"{cfg.config_hash()}-{stable_hash({'train': train, 'preset': preset, 'data': data_id})[:10]}"
+
+
+def make_plan(name: str, preset: str = DEFAULT_PRESET, *, only: list[str] | None = None,
+              seeds: int | None = None, lr_source: str = "default", out: str | Path = "results",
+              data_dir: str | Path | None = None, tokens: int | None = None,
+              allow_repeat: bool = False) -> Plan:
+    """Which runs `moebench run NAME --preset PRESET` would do, and their status in `out`."""
+    from moebench.optim import default_lr
+    from moebench.registry import get
+    from moebench.train import run_id_for
+
+    spec = get_spec(name)
+    p = spec.preset(preset)
+    rule = rule_of(preset)
+    if lr_source not in ("default", "sweep"):
+        raise UserError(f"unknown --lr-source '{lr_source}': use default or sweep")
+    if seeds is not None and seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {seeds}")
+    out = Path(out)
+    if data_dir is not None:
+        data_dir = Path(data_dir).expanduser().absolute()
+        corpus = ""
+        if not (data_dir / "manifest.json").is_file():
+            raise UserError(f"--data {data_dir}: no prepared data there (no manifest.json); prepare it "
+                            f"first: moebench data prepare --input YOUR_TEXT_FOLDER --out {data_dir}")
+    else:
+        from moebench.data import default_data_dir, effective_corpus
+        corpus = effective_corpus(rule.corpus)
+        data_dir = default_data_dir(rule.corpus)
+    data_id, n_train = data_identity(data_dir, corpus or data_dir.name)
+    budget = tokens or p.tokens
+    steps = budget // (p.batch * p.ctx)
+    if steps < 1:
+        raise UserError(f"{budget} tokens is less than one step of {p.batch} x {p.ctx}")
+    swept = load_sweeps(out) if lr_source == "sweep" else {}
+    runs, missing = [], []
+    seed_list = tuple(range(seeds)) if seeds else spec.ablation.seeds
+    for v in resolve_variants(spec, preset, only):
+        base = get(v)
+        cfg = get(v + "@tiny") if p.scale == "tiny" else base
+        if lr_source == "sweep":
+            best = swept.get((cfg.config_hash(), preset, p.batch, p.ctx, data_id))
+            if best is None:
+                missing.append(v)
+                continue
+            lr, note = best["best_lr"], f"sweep {best['finished'][:10]}"
+        else:
+            lr, note = default_lr(base), "paper default"
+        for seed in seed_list:
+            tcfg = TrainConfig(tokens=budget, batch=p.batch, micro_batch=p.micro_batch, ctx=p.ctx, lr=lr,
+                               lr_source=lr_source, seed=seed, ema_alpha=ema_alpha_for(preset, steps),
+                               eval_every_tokens=eval_every(rule, steps, p.batch * p.ctx),
+                               eval_batches=p.eval_batches, log_every=rule.log_every, data_dir=str(data_dir))
+            tag = f"preset={preset}"
+            runs.append(PlannedRun(v, cfg, tcfg, tag, run_id_for(cfg, tcfg, tag),
+                                   run_key(cfg, tcfg, preset, data_id), lr_note=note))
+    if missing:
+        data_flag = f" --data {data_dir}" if not corpus else ""
+        raise UserError(f"no learning-rate sweep at preset {preset} on data {data_id} for {', '.join(missing)} in "
+                        f"{out / SWEEPS_FILE}: run `moebench sweep lr {' '.join(missing)} --preset {preset}{data_flag}` "
+                        f"first, or use --lr-source default")
+    plan = Plan(name, preset, spec.baseline(preset), corpus, data_dir, data_id, n_train, lr_source, runs, out,
+                allow_repeat)
+    refresh_status(plan)
+    return plan
+
+
+def refresh_status(plan: Plan) -> None:
+    from moebench.results import load_records
+    done = {r.get("run_key") for r in load_records(plan.out / "runs.jsonl")
+            if r.get("status") == "done" and r.get("kind") == "train"}
+    for run in plan.runs:
+        if run.run_key in done:
+            run.status = "done"
+        elif (plan.out / "runs" / run.run_id / "ckpt.pt").exists():
+            run.status = "resume"
+        else:
+            run.status = "todo"
+
+
+def load_sweeps(out: str | Path) -> dict[tuple, dict]:
+    """(model config hash, preset, batch, ctx, data id) -> the latest sweep row."""
+    from moebench.results import load_records
+    best: dict[tuple, dict] = {}
+    for r in load_records(Path(out) / SWEEPS_FILE):
+        if r.get("kind") == "lr_sweep" and r.get("best_lr") is not None:
+            best[(r["variant_hash"], r["preset"], r["batch"], r["ctx"], r.get("data_id"))] = r
+    return best
+
+
+def ensure_data(plan: Plan) -> Plan:
+    """Prepare the preset's corpus if missing, then refuse a budget that repeats it too often."""
+    if plan.corpus:
+        from moebench.data import prepare
+        prepare(corpus=rule_of(plan.preset).corpus, out=plan.data_dir)
+    data_id, n_train = data_identity(plan.data_dir, plan.corpus)
+    plan.data_id, plan.n_train_tokens = data_id, n_train
+    for run in plan.runs:
+        run.run_key = run_key(run.cfg, run.tcfg, plan.preset, data_id)
+    check_epochs(plan)
+    refresh_status(plan)
+    return plan
+
+
+def check_epochs(plan: Plan) -> None:
+    limit = rule_of(plan.preset).max_epochs
+    epochs = plan.epochs
+    if limit is None or epochs is None or plan.allow_repeat or epochs <= limit:
+        return
+    tokens = max(r.tcfg.tokens for r in plan.runs)
+    raise UserError(
+        f"preset {plan.preset}: {tokens:,} tokens per run is {epochs:.2f} passes over {plan.data_dir} "
+        f"({plan.n_train_tokens:,} training tokens); this preset allows at most {limit:g}. Pass "
+        f"--allow-repeat to repeat the data (epochs are recorded in every row), or point --data at a "
+        f"larger prepared corpus (e.g. C4)")
+
+
+# --- running ---------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    run: PlannedRun
+    status: str                  # done | skipped | failed | interrupted
+    row: dict | None = None
+    error: str = ""
+
+
+@dataclass
+class Hooks:
+    """Callbacks for a progress display; all optional."""
+    on_start: Callable[[PlannedRun], None] | None = None
+    on_progress: Callable[[PlannedRun, object], None] | None = None
+    on_end: Callable[[Outcome], None] | None = None
+
+
+def execute(plan: Plan, *, device: str = "auto", resume: bool = False, hooks: Hooks | None = None,
+            ckpt_every_steps: int = 0) -> list[Outcome]:
+    """Run every planned run that is not done. A failing run (an exception, or a NaN loss:
+    TrainingFailed) is recorded and the next one starts; Ctrl-C stops the whole ablation."""
+    from moebench.train import TrainingFailed, resolve_device, train
+
+    resolve_device(device)                      # a bad device fails once, before any run
+    hooks = hooks or Hooks()
+    outcomes = []
+    for run in plan.runs:
+        if run.status == "done":
+            outcomes.append(Outcome(run, "skipped"))
+            continue
+        if run.status == "resume" and not resume:
+            outcomes.append(Outcome(run, "interrupted", error=f"has a checkpoint in {plan.out / 'runs' / run.run_id}: "
+                                                               f"pass --resume to continue it"))
+            if hooks.on_end:
+                hooks.on_end(outcomes[-1])
+            continue
+        if hooks.on_start:
+            hooks.on_start(run)
+        extra = {"ablation": plan.ablation, "preset": plan.preset, "ablation_variant": run.variant,
+                 "run_key": run.run_key, "data_id": plan.data_id, "corpus": plan.corpus or None,
+                 "ema_rule": EMA_RULE, "lr_note": run.lr_note}
+        progress = (lambda p, run=run: hooks.on_progress(run, p)) if hooks.on_progress else None
+        try:
+            row = train(run.cfg, run.tcfg, plan.out, resume=run.status == "resume", device=device,
+                        run_tag=run.run_tag, extra=extra, on_progress=progress, ckpt_every_steps=ckpt_every_steps)
+            if not math.isfinite(row["metrics"].get("final_smoothed_loss") or math.nan):
+                raise TrainingFailed(f"{run.cfg.name}: final smoothed loss is not finite")
+            outcome = Outcome(run, "done", row)
+        except KeyboardInterrupt:
+            raise
+        except TrainingFailed as e:
+            outcome = Outcome(run, "failed", error=str(e))
+        except Exception as e:                   # noqa: BLE001: one variant must not stop the others
+            outcome = Outcome(run, "failed", error=f"{type(e).__name__}: {e}")
+            _record_failure(plan, run, extra, device, traceback.format_exc())
+        outcomes.append(outcome)
+        if hooks.on_end:
+            hooks.on_end(outcome)
+    return outcomes
+
+
+def _record_failure(plan: Plan, run: PlannedRun, extra: dict, device: str, tb: str) -> None:
+    """train() records NaN failures itself; any other exception gets a row here, so that the
+    results say what was tried."""
+    from datetime import datetime, timezone
+
+    from moebench import env
+    from moebench.results import SCHEMA, append_record
+    from moebench.train import resolve_device
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    append_record(plan.out / "runs.jsonl", {
+        "schema": SCHEMA, "kind": "train", "run_id": run.run_id, "status": "failed",
+        "reason": tb.strip().splitlines()[-1][:500], "traceback": tb[-4000:],
+        "variant": run.cfg.name, "variant_hash": run.cfg.config_hash(), "seed": run.tcfg.seed,
+        "model": run.cfg.to_dict(), "train": run.tcfg.to_dict(), "env": env.collect(resolve_device(device)),
+        "started": now, "finished": now, **extra})
+
+
+# --- estimates for --dry-run -----------------------------------------------------------------
+# wall-clock tokens/s (training + evaluation) of the @tiny twins at cpu-tiny's shape (8 x 128) on a
+# 2-core x86 CPU (torch 2.13, not shared): the first five from `moebench run architectures --preset
+# cpu-tiny`, the others from 12-step runs' training tokens/s x 0.95 (the evaluations' share)
+CPU_TINY_TOK_S: dict[str, float] = {
+    "Mamba_25M@tiny": 1845, "MoE-Mamba_25M@tiny": 2186, "Transformer_25M@tiny": 2410,
+    "Transformer-MoE_25M@tiny": 2436, "Mamba-MLP_25M@tiny": 2137, "MoE-Mamba_25M-e1@tiny": 2240,
+    "MoE-Mamba_25M-e4@tiny": 2220, "MoE-Mamba_25M-e8@tiny": 2180, "MoE-Mamba_25M-e16@tiny": 2250,
+    "MoE-Mamba_25M-e32@tiny": 2240, "InnerMoE_25M-conv-all@tiny": 2030,
+    "InnerMoE_25M-conv-every2@tiny": 2030, "InnerMoE_25M-gate-all@tiny": 2040,
+    "InnerMoE_25M-gate-every2@tiny": 1990, "InnerMoE_25M-out-all@tiny": 1950,
+    "InnerMoE_25M-out-every2@tiny": 1940, "InnerMoE_25M-conv+gate-all@tiny": 1940,
+    "InnerMoE_25M-conv+gate-every2@tiny": 1890, "InnerMoE_25M-conv+out-all@tiny": 1910,
+    "InnerMoE_25M-conv+out-every2@tiny": 1970, "InnerMoE_25M-gate+out-all@tiny": 1890,
+    "InnerMoE_25M-gate+out-every2@tiny": 1910, "InnerMoE_25M-conv+gate+out-all@tiny": 1920,
+    "InnerMoE_25M-conv+gate+out-every2@tiny": 1880, "ParMoE-Mamba_25M-e1@tiny": 2130,
+    "MoE-Mamba_25M-e2@tiny": 2150, "ParMoE-Mamba_25M-e2@tiny": 2180, "ParMoE-Mamba_25M-e4@tiny": 2210,
+    "ParMoE-Mamba_25M-e8@tiny": 2160, "ParMoE-Mamba_25M-e16@tiny": 2160, "ParMoE-Mamba_25M-e32@tiny": 2150,
+    "MoE-Mamba_25M-ratio1to5@tiny": 2370, "MoE-Mamba_25M-ratio2to4@tiny": 2290,
+    "MoE-Mamba_25M-ratio3to3@tiny": 2140, "MoE-Mamba_25M-ratio4to2@tiny": 2100,
+    "MoE-Mamba_25M-ratio5to1@tiny": 2030, "Mamba_25M-8xE4@tiny": 2040,
+}
+CPU_FLOPS = 37e9                # the slowest twin's FLOPs/token x tokens/s above, for any other twin
+ASSUMED_GPU_MFU = 0.10          # for a GPU time estimate when no run of the variant was measured yet
+APPROX_TRAIN_TOKENS = {"prose": 10.2e6, "news": 2.6e6, "docs": 87.5e6, "all": 97.7e6}
+
+
+def estimate_seconds(run: PlannedRun, device_name: str, is_cuda: bool, rows: list[dict],
+                     flops_per_token: float) -> tuple[float | None, str]:
+    """(seconds, how): from finished runs of the same model and shape on this device, else from a
+    stated throughput (CPU: the twins' measured tokens/s; GPU: FLOPs at an assumed MFU)."""
+    from moebench.env import peak_flops
+    measured = sorted(r["metrics"]["tokens"] / r["metrics"]["wall_s"] for r in rows
+                      if r.get("variant_hash") == run.cfg.config_hash() and r.get("status") == "done"
+                      and (r.get("env") or {}).get("device_name") == device_name
+                      and (r.get("train") or {}).get("batch") == run.tcfg.batch
+                      and (r.get("train") or {}).get("ctx") == run.tcfg.ctx
+                      and (r.get("metrics") or {}).get("wall_s"))
+    if measured:
+        return run.tcfg.tokens / measured[len(measured) // 2], "measured here"
+    if is_cuda:
+        peak = peak_flops(device_name)
+        if peak:
+            return run.tcfg.tokens * flops_per_token / (peak * ASSUMED_GPU_MFU), f"MFU {ASSUMED_GPU_MFU:.0%} assumed"
+        return None, "unknown GPU"
+    if run.cfg.name in CPU_TINY_TOK_S and run.tcfg.ctx == CPU_TINY_CTX:
+        return run.tcfg.tokens / CPU_TINY_TOK_S[run.cfg.name], "2-core CPU, measured"
+    return run.tcfg.tokens * flops_per_token / CPU_FLOPS, f"{CPU_FLOPS / 1e9:.0f} GFLOP/s"

@@ -1,0 +1,254 @@
+"""`moebench ablations | run | report | sweep lr`: the paper's tables as runnable studies.
+Mounted on the main app by cli._mount_subcommands(); each command parses and calls the library."""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def ablations_cmd():
+    """The ablations (one per table of the paper) with their presets and budgets."""
+    from moebench.ablations import load_specs, rule_of
+    from moebench.cli import _human
+
+    table = Table(title="ablations (experiments/*.py)")
+    for col in ("name", "table", "variants", "baseline", "seeds", "presets: tokens per run"):
+        table.add_column(col)
+    for spec in load_specs().values():
+        a = spec.ablation
+        budgets = ", ".join(f"{n} {_human(p.tokens)}" for n, p in a.presets.items() if not rule_of(n).hidden)
+        table.add_row(a.name, a.table, str(len(a.variants)), a.baseline, ",".join(map(str, a.seeds)), budgets)
+    out.print(table)
+
+
+def run_cmd(
+    ablation: Annotated[str, typer.Argument(help="architectures | experts | ratios | inner | parallel")],
+    preset: Annotated[str, typer.Option(help="cpu-tiny | gpu-small | gpu-medium | paper | paper-100m")] = "cpu-tiny",
+    only: Annotated[Optional[str], typer.Option(help="comma-separated variants to run, e.g. Mamba_25M,MoE-Mamba_25M")] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="run seeds 0..N-1 (default: the ablation's)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue interrupted runs from their checkpoints")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and estimates; train nothing")] = False,
+    out_dir: Annotated[str, typer.Option("--out", help="results folder (runs.jsonl, runs/, lr_sweeps.jsonl)")] = "results",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    allow_repeat: Annotated[bool, typer.Option("--allow-repeat", help="allow budgets that repeat the data more than the preset allows")] = False,
+    lr_source: Annotated[str, typer.Option(help="default (the paper's rates) | sweep (from `moebench sweep lr`)")] = "default",
+    data: Annotated[Optional[str], typer.Option(help="a prepared data folder instead of the preset's corpus (e.g. C4)")] = None,
+    tokens: Annotated[Optional[str], typer.Option(help="override the preset's tokens per run: 200k, 20M")] = None,
+):
+    """Run an ablation's variants at a preset: prepares the data if missing, skips runs already done.
+
+    Examples: moebench run architectures --dry-run; moebench run experts --preset gpu-small --seeds 2
+    """
+    from moebench.ablations import ensure_data, execute, make_plan
+    from moebench.cli import parse_tokens
+
+    plan = make_plan(ablation, preset, only=_split(only), seeds=seeds, lr_source=lr_source, out=out_dir,
+                     data_dir=data, tokens=parse_tokens(tokens) if tokens else None, allow_repeat=allow_repeat)
+    if dry_run:
+        print_plan(plan, device)
+        return
+    ensure_data(plan)
+    todo = [r for r in plan.runs if r.status in ("todo", "resume")]
+    done = len(plan.runs) - len(todo)
+    err.print(f"{ablation} at {preset}: {len(plan.runs)} runs, {done} already done, {len(todo)} to run; "
+              f"data {plan.data_dir} ({plan.data_id}); results in {plan.out}", highlight=False, soft_wrap=True)
+    try:
+        outcomes = _execute_with_progress(plan, todo, device, resume, execute)
+    except KeyboardInterrupt as e:
+        err.print(f"[yellow]{e or 'interrupted'}[/yellow]; continue with: moebench run {ablation} --preset {preset} "
+                  f"--resume", highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
+    bad = [o for o in outcomes if o.status in ("failed", "interrupted")]
+    ran = [o for o in outcomes if o.status == "done"]
+    err.print(f"{len(ran)} trained, {sum(o.status == 'skipped' for o in outcomes)} skipped (done before), "
+              f"{len(bad)} not finished; report: moebench report {ablation} --preset {preset} "
+              f"--results {plan.out / 'runs.jsonl'}", highlight=False, soft_wrap=True)
+    for o in bad:
+        err.print(f"[red]{o.status}:[/red] {o.run.variant} seed {o.run.tcfg.seed}: {o.error}", highlight=False, soft_wrap=True)
+    if bad:
+        raise typer.Exit(1)
+
+
+def _execute_with_progress(plan, todo, device, resume, execute):
+    from moebench.ablations import Hooks
+    from moebench.cli import progress_bar
+
+    total = sum(r.tcfg.tokens for r in todo) or 1
+    finished = {"tokens": 0}
+    with progress_bar(plan.ablation) as bar:
+        overall = bar.add_task(f"{plan.ablation} ({len(todo)} runs)", total=total, stats="")
+        current = {}
+
+        def on_start(run):
+            current["task"] = bar.add_task(f"  {run.variant} s{run.tcfg.seed}", total=run.tcfg.tokens, stats="")
+
+        def on_progress(run, p):
+            val = f" val {p.val_loss:.3f}" if p.val_loss is not None else ""
+            bar.update(current["task"], completed=p.tokens, total=p.total_tokens,
+                       stats=f"loss {p.loss:.3f} smoothed {p.smoothed:.3f}{val} {p.tok_s:,.0f} tok/s")
+            bar.update(overall, completed=finished["tokens"] + p.tokens)
+
+        def on_end(o):
+            finished["tokens"] += o.run.tcfg.tokens
+            bar.update(overall, completed=finished["tokens"],
+                       stats=f"last: {o.run.variant} {o.status}")
+            if "task" in current:
+                bar.update(current["task"], stats=o.status if o.status != "done" else
+                           f"smoothed {o.row['metrics']['final_smoothed_loss']:.3f}")
+                current.pop("task")
+        return execute(plan, device=device, resume=resume, hooks=Hooks(on_start, on_progress, on_end))
+
+
+def print_plan(plan, device: str) -> None:
+    from moebench import env
+    from moebench.ablations import APPROX_TRAIN_TOKENS, estimate_seconds, rule_of
+    from moebench.cli import _human
+    from moebench.models.lm import describe
+    from moebench.results import load_records
+    from moebench.train import resolve_device
+
+    dev = resolve_device(device)
+    name = env.device_name(dev)
+    rows = load_records(plan.out / "runs.jsonl")
+    table = Table(title=f"moebench run {plan.ablation} --preset {plan.preset} (dry run; baseline {plan.baseline})")
+    for col in ("variant", "seed", "status", "tokens", "steps", "batch x ctx", "params", "active",
+                "FLOPs/tok", "lr", "est. time"):
+        table.add_column(col, justify="right" if col in ("tokens", "steps", "params", "active", "FLOPs/tok") else "left")
+    total_s, unknown, described = 0.0, 0, {}
+    for run in plan.runs:
+        if run.cfg.name not in described:
+            described[run.cfg.name] = describe(run.cfg, run.tcfg.ctx)
+        d = described[run.cfg.name]
+        steps = run.tcfg.tokens // (run.tcfg.batch * run.tcfg.ctx)
+        secs, how = estimate_seconds(run, name, dev.type == "cuda", rows, d["flops_per_token"])
+        if run.status != "done":
+            if secs is None:
+                unknown += 1
+            else:
+                total_s += secs
+        micro = f" (micro {run.tcfg.micro_batch})" if run.tcfg.micro_batch else ""
+        table.add_row(run.cfg.name, str(run.tcfg.seed), run.status, _human(steps * run.tcfg.batch * run.tcfg.ctx),
+                      f"{steps:,}", f"{run.tcfg.batch} x {run.tcfg.ctx}{micro}", _human(d["total_params"]),
+                      _human(d["active_params"]), _human(d["flops_per_token"]),
+                      f"{run.tcfg.lr:g} ({run.lr_note})", f"{_duration(secs)} ({how})" if run.status != "done" else "done")
+    con = out if out.is_terminal else Console(width=max(out.width, 170))   # piped: no folded cells
+    con.print(table)
+    n_train = plan.n_train_tokens or APPROX_TRAIN_TOKENS.get(plan.corpus)
+    prepared = "prepared" if plan.n_train_tokens else "not prepared yet (run prepares it)"
+    epochs = f"{max(r.tcfg.tokens for r in plan.runs) / n_train:.2f}" if n_train and plan.runs else "?"
+    limit = rule_of(plan.preset).max_epochs
+    con.print(f"data: {plan.data_dir} ({plan.corpus or 'user data'}, {prepared}); "
+              f"{epochs} passes per run (preset limit {limit if limit is not None else 'none'})", highlight=False, soft_wrap=True)
+    if limit is not None and epochs != "?" and float(epochs) > limit and not plan.allow_repeat:
+        con.print(f"[yellow]this budget makes more than {limit:g} passes over the data: the run will refuse it "
+                  f"without --allow-repeat[/yellow]", soft_wrap=True)
+    todo = sum(r.status != "done" for r in plan.runs)
+    con.print(f"device: {name}; {todo} of {len(plan.runs)} runs to do; estimated {_duration(total_s)}"
+              + (f" + {unknown} runs without an estimate" if unknown else "")
+              + (f"; {rule_of(plan.preset).wall}" if rule_of(plan.preset).wall else ""),
+              highlight=False, soft_wrap=True)
+
+
+def report_cmd(
+    ablation: Annotated[str, typer.Argument(help="architectures | experts | ratios | inner | parallel")],
+    out_dir: Annotated[str, typer.Option("--out", help="folder for ABLATION.md and the PNGs")] = "reports",
+    results: Annotated[str, typer.Option(help="the results file (or its folder)")] = "results/runs.jsonl",
+    preset: Annotated[Optional[str], typer.Option(help="which preset's rows (default: the one with most rows)")] = None,
+    lr_source: Annotated[Optional[str], typer.Option(help="only rows trained at default | sweep rates (default: the latest row)")] = None,
+):
+    """Write reports/ABLATION.md and PNGs from the results file only.
+
+    Example: moebench report experts --preset gpu-small --lr-source sweep
+    """
+    from moebench.report import build_report
+
+    rep = build_report(ablation, results=results, out=out_dir, preset=preset, lr_source=lr_source)
+    for w in rep.warnings:
+        err.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
+    tau = f"Kendall tau vs the paper {rep.tau:.3f}" if rep.tau is not None else "no rank comparison"
+    out.print(f"{rep.markdown} ({rep.preset}; {tau}) + {len(rep.pngs)} figures", highlight=False, soft_wrap=True)
+
+
+def sweep_lr_cmd(
+    variants: Annotated[Optional[list[str]], typer.Argument(help="registry names, e.g. Mamba_25M MoE-Mamba_25M")] = None,
+    ablation: Annotated[Optional[str], typer.Option(help="sweep every variant of this ablation at the preset")] = None,
+    grid: Annotated[str, typer.Option(help="comma-separated peak learning rates")] = "2.5e-4,5e-4,1e-3,2e-3",
+    tokens: Annotated[Optional[str], typer.Option(help="tokens per point (default: the preset's sweep budget)")] = None,
+    preset: Annotated[str, typer.Option(help="batch, context and model scale of the sweep")] = "cpu-tiny",
+    out_dir: Annotated[str, typer.Option("--out", help="results folder (lr_sweeps.jsonl, sweeps/)")] = "results",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    data: Annotated[Optional[str], typer.Option(help="a prepared data folder instead of the preset's corpus")] = None,
+):
+    """Short runs at each rate of a grid; records the best rate per variant in OUT/lr_sweeps.jsonl.
+
+    Example: moebench sweep lr Mamba_25M MoE-Mamba_25M --preset gpu-small; then moebench run ... --lr-source sweep
+    """
+    from moebench.ablations import Hooks, get_spec
+    from moebench.cli import parse_tokens, progress_bar
+    from moebench.sweep import parse_grid, sweep_lr
+
+    names = list(variants or [])
+    if ablation:
+        names += list(get_spec(ablation).variants(preset))
+    lrs = parse_grid(grid)
+    with progress_bar("sweep") as bar:
+        current = {}
+
+        def on_start(run):
+            current["task"] = bar.add_task(f"{run.variant} lr {run.tcfg.lr:g}", total=run.tcfg.tokens, stats="")
+
+        def on_progress(run, p):
+            bar.update(current["task"], completed=p.tokens, stats=f"loss {p.loss:.3f} smoothed {p.smoothed:.3f}")
+
+        try:
+            rows = sweep_lr(names, preset, lrs, tokens=parse_tokens(tokens) if tokens else None, out=out_dir,
+                            data_dir=data, device=device, hooks=Hooks(on_start, on_progress, None))
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/yellow]; run the same command again to continue (finished points are kept)")
+            raise typer.Exit(130)
+    table = Table(title=f"learning-rate sweep at {preset} (appended to {out_dir}/lr_sweeps.jsonl)")
+    for col in ["variant"] + [f"{lr:g}" for lr in lrs] + ["best"]:
+        table.add_column(col)
+    for r in rows:
+        by_lr = {pt["lr"]: pt for pt in r["points"]}
+        cells = [(f"{by_lr[lr][r['metric']]:.3f}" if by_lr.get(lr, {}).get(r["metric"]) is not None else "failed")
+                 for lr in lrs]
+        best = "none" if r["best_lr"] is None else f"{r['best_lr']:g}" + (" (grid edge!)" if r["at_grid_edge"] else "")
+        table.add_row(r["variant"], *cells, best)
+    out.print(table)
+    out.print(f"metric: final {rows[0]['metric'] if rows else 'val_loss'}; use with "
+              f"moebench run ABLATION --preset {preset} --lr-source sweep", highlight=False, soft_wrap=True)
+    if any(r["best_lr"] is None for r in rows):
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("ablations")(ablations_cmd)
+    app.command("run")(run_cmd)
+    app.command("report")(report_cmd)
+    sweep = typer.Typer(no_args_is_help=True, help="Hyperparameter sweeps (learning rate).")
+    sweep.command("lr")(sweep_lr_cmd)
+    app.add_typer(sweep, name="sweep")

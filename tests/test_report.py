@@ -1,0 +1,153 @@
+"""`moebench report` from a fixture results folder (tests/fixtures/experts_gpu-small, written by
+tests/fixtures/make_fixture.py), Kendall's tau, and the paper's numbers as data."""
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from moebench import paper
+from moebench.ablations import load_specs
+from moebench.registry import VARIANTS
+from moebench.report import build_report, kendall_tau
+
+FIXTURE = Path(__file__).parent / "fixtures" / "experts_gpu-small"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def cli_main(argv, capsys):
+    from moebench.cli import main
+    old = sys.argv
+    sys.argv = ["moebench", *argv]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            main()
+    finally:
+        sys.argv = old
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+# --- Kendall tau ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("x, y, tau", [
+    ([1, 2, 3, 4], [10, 20, 30, 40], 1.0),
+    ([1, 2, 3, 4], [4, 3, 2, 1], -1.0),
+    ([1, 2, 3, 4], [1, 3, 2, 4], 4 / 6),                         # one swapped pair of 6
+    ([1, 2, 3], [2, 1, 3], 1 / 3),
+    # tau-b with ties in y only: 13 concordant, 2 pairs tied in y: 13 / sqrt(13 * 15)
+    ([4.205, 4.245, 4.195, 4.165, 4.135, 4.11], [3.72, 3.75, 3.72, 3.70, 3.67, 3.67], 13 / (13 * 15) ** 0.5),
+    # ties in both: pairs (a,b) tied in x, (c,d) tied in y, (a,b) vs (c,d) concordant 4 -> 4 / sqrt(5 * 5)
+    ([1, 1, 2, 3], [1, 2, 3, 3], 4 / 5),
+])
+def test_kendall_tau_known_cases(x, y, tau):
+    assert kendall_tau(x, y) == pytest.approx(tau)
+
+
+def test_kendall_tau_degenerate():
+    assert kendall_tau([1.0], [2.0]) is None
+    assert kendall_tau([1, 2, 3], [5, 5, 5]) is None
+    with pytest.raises(ValueError):
+        kendall_tau([1, 2], [1])
+
+
+def test_kendall_tau_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    import random
+    rng = random.Random(0)
+    for _ in range(20):
+        n = rng.randint(3, 12)
+        x = [rng.randint(0, 5) for _ in range(n)]
+        y = [rng.randint(0, 5) for _ in range(n)]
+        ref = stats.kendalltau(x, y).statistic
+        ours = kendall_tau(x, y)
+        assert (ours is None and ref != ref) or ours == pytest.approx(ref)
+
+
+# --- the paper's numbers ----------------------------------------------------------------------------
+def test_paper_tables_name_registered_variants_of_their_ablation():
+    by_table = {s.ablation.table: s for s in load_specs().values()}
+    for table, rows in paper.TABLES.items():
+        spec = by_table[table]
+        names = {v for p in spec.ablation.presets for v in spec.variants(p)}
+        for r in rows:
+            assert r.variant in VARIANTS, r
+            assert r.variant in names, f"{r.variant} of {table} is not in ablation {spec.name}"
+    assert paper.paper_rows("table 4")["MoE-Mamba_25M-e32"].loss == 3.67
+    assert paper.paper_rows("table 1")["MoE-Mamba_100M"].speedup == 2.35
+    assert paper.paper_rows("table 7")["ParMoE-Mamba_25M-e8"].loss == 3.72
+    assert paper.paper_rows("table 3")["InnerMoE_25M-gate+out-every2"].loss == 3.88
+    assert len(paper.TABLE_3) == 16 and len(paper.TABLE_7) == 13
+
+
+# --- the report ---------------------------------------------------------------------------------------
+def test_report_from_fixture(tmp_path):
+    rep = build_report("experts", FIXTURE / "runs.jsonl", tmp_path)
+    assert rep.preset == "gpu-small"
+    md = rep.markdown.read_text()
+    assert rep.markdown == tmp_path / "experts.md"
+    header = next(line for line in md.splitlines() if line.startswith("| variant |"))
+    for col in ("params", "active", "final smoothed loss", "val ppl", "tokens", "speedup over Mamba_25M",
+                "paper params", "paper loss", "paper speedup"):
+        assert f"| {col} |" in header
+    row = {line.split(" | ")[0][2:]: line.split(" | ") for line in md.splitlines() if line.startswith("| MoE-Mamba")}
+    # two seeds: mean ± std; e32's seed 1 failed, so one seed
+    assert row["MoE-Mamba_25M-e16"][3] == "4.135 ± 0.007"
+    assert row["MoE-Mamba_25M-e32"][3] == "4.110" and row["MoE-Mamba_25M-e32"][6] == "1"
+    # speedups from the curves: (1 + 4.20 - final)^2 for seed 0, e.g. e32 1.09^2
+    assert row["MoE-Mamba_25M-e32"][7] == "1.19"
+    assert row["MoE-Mamba_25M-e1"][7].startswith("— (never reaches")
+    assert row["MoE-Mamba_25M-e32"][9:13] == ["416M", "26M", "3.67", "1.23 |"]
+    assert "τ = 0.931" in md and "Per seed: τ = 0.940 ± 0.013 over 2 seeds" in md
+    assert "rows mix torch: 2.12.0+cu128, 2.13.0+cu128" in md
+    assert "MoE-Mamba_25M-e32 seed 1: non-finite loss nan at step 200" in md
+    assert "NVIDIA H100 80GB HBM3" in md and "not C4" in md
+    assert any("rows mix torch" in w for w in rep.warnings)
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = sorted(p.name for p in rep.pngs)
+    assert names == ["experts_final.png", "experts_loss.png", "experts_speedup.png", "experts_speedup_curve.png"]
+    for png in rep.pngs:
+        assert png.read_bytes()[:8] == PNG_SIGNATURE
+        img = plt.imread(png)
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400 and img.std() > 0.01
+        assert f"![{png.stem}]({png.name})" in md
+
+
+def test_report_finds_curves_when_the_results_folder_moved(tmp_path):
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(FIXTURE, moved)
+    rep = build_report("experts", moved, tmp_path / "reports")       # a folder is accepted too
+    assert not any("no curve.csv" in w for w in rep.warnings)
+
+
+def test_runs_are_shared_between_ablations_by_config_hash(tmp_path):
+    # table 7's sequential column is table 4's MoE-Mamba_25M-eN; table 2's 3:3 is the 32-expert model
+    md = build_report("parallel", FIXTURE / "runs.jsonl", tmp_path).markdown.read_text()
+    assert "| # of experts | Sequential (ours) | Sequential (paper) | Parallel (ours) | Parallel (paper) |" in md
+    assert "| 32 | 4.110 | 3.66 | — | 3.69 |" in md
+    assert "| ParMoE-Mamba_25M-e2 | — | — | not run |" in md
+    md = build_report("ratios", FIXTURE / "runs.jsonl", tmp_path).markdown.read_text()
+    assert "| MoE-Mamba_25M-ratio3to3 | 416M |" in md and "rank 3" in md
+    assert "542M total parameters" in md and "about 416M" in md
+
+
+def test_report_without_results_says_so(tmp_path, capsys):
+    code, out, err = cli_main(["report", "experts", "--results", str(tmp_path / "runs.jsonl"),
+                               "--out", str(tmp_path / "reports")], capsys)
+    assert code == 2
+    assert "no results for ablation 'experts'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "reports" / "experts.md").exists()
+
+
+def test_report_cli(tmp_path, capsys):
+    from typer.testing import CliRunner
+    from moebench.cli import app
+    res = CliRunner().invoke(app, ["report", "experts", "--results", str(FIXTURE / "runs.jsonl"),
+                                   "--out", str(tmp_path), "--preset", "gpu-small"])
+    assert res.exit_code == 0, res.output
+    assert "experts.md" in res.output and "Kendall tau vs the paper 0.931" in res.output
+    code, _, err = cli_main(["report", "experts", "--results", str(FIXTURE / "runs.jsonl"), "--preset", "gpu-smal"],
+                            capsys)
+    assert code == 2 and "did you mean gpu-small" in err
