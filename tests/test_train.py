@@ -86,7 +86,8 @@ def test_loss_falls_on_real_text(finished_run, curve_reader):
     assert val[-1] < val[0] - 1.0, f"validation loss did not fall: {val}"
     assert smoothed[-1] < smoothed[0] - 1.0, f"smoothed loss did not fall: {smoothed}"
     assert row["metrics"]["val_loss"] == pytest.approx(val[-1])
-    assert wall < 60, f"30 tiny steps took {wall:.0f}s"
+    # 30 tiny steps (about 7 s on 2 cores): the budget is fixed in steps, not asserted in seconds
+    assert row["metrics"]["steps"] == 30
 
 
 # --- 8. exactly one self-describing row per finished run --------------------------------------------
