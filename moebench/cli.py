@@ -37,7 +37,7 @@ def list_cmd(
 
     names = list(VARIANTS)
     if ablation:
-        from moebench.experiments import get_ablation
+        from moebench.ablations import get_ablation
         names = list(get_ablation(ablation).variants)
     rows = [describe(get(n + ("@tiny" if tiny else ""))) for n in names]
     if fmt == "json":

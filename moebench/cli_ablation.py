@@ -45,7 +45,7 @@ def ablations_cmd():
 
 
 def run_cmd(
-    ablation: Annotated[str, typer.Argument(help="architectures | experts | ratios | inner | parallel")],
+    ablation: Annotated[str, typer.Argument(help="architectures | experts | ratios | inner | parallel | bench")],
     preset: Annotated[str, typer.Option(help="cpu-tiny | gpu-small | gpu-medium | paper | paper-100m")] = "cpu-tiny",
     only: Annotated[Optional[str], typer.Option(help="comma-separated variants to run, e.g. Mamba_25M,MoE-Mamba_25M")] = None,
     seeds: Annotated[Optional[int], typer.Option(help="run seeds 0..N-1 (default: the ablation's)")] = None,
@@ -173,7 +173,7 @@ def print_plan(plan, device: str) -> None:
 
 
 def report_cmd(
-    ablation: Annotated[str, typer.Argument(help="architectures | experts | ratios | inner | parallel")],
+    ablation: Annotated[str, typer.Argument(help="architectures | experts | ratios | inner | parallel | bench")],
     out_dir: Annotated[str, typer.Option("--out", help="folder for ABLATION.md and the PNGs")] = "reports",
     results: Annotated[str, typer.Option(help="the results file (or its folder)")] = "results/runs.jsonl",
     preset: Annotated[Optional[str], typer.Option(help="which preset's rows (default: the one with most rows)")] = None,
@@ -183,6 +183,11 @@ def report_cmd(
 
     Example: moebench report experts --preset gpu-small --lr-source sweep
     """
+    if ablation == "bench":       # the benchmark records, not an ablation
+        from moebench.bench_report import render_bench_report
+        bench_dir = "results/bench" if results == "results/runs.jsonl" else results
+        out.print(str(render_bench_report(bench_dir, out_dir)), highlight=False)
+        return
     from moebench.report import build_report
 
     rep = build_report(ablation, results=results, out=out_dir, preset=preset, lr_source=lr_source)
@@ -195,7 +200,8 @@ def report_cmd(
 def sweep_lr_cmd(
     variants: Annotated[Optional[list[str]], typer.Argument(help="registry names, e.g. Mamba_25M MoE-Mamba_25M")] = None,
     ablation: Annotated[Optional[str], typer.Option(help="sweep every variant of this ablation at the preset")] = None,
-    grid: Annotated[str, typer.Option(help="comma-separated peak learning rates")] = "2.5e-4,5e-4,1e-3,2e-3",
+    grid: Annotated[Optional[str], typer.Option(help="comma-separated peak rates (default: 2.5e-4,5e-4,1e-3,2e-3; "
+                                                     "at cpu-tiny 1e-3,2e-3,4e-3,8e-3)")] = None,
     tokens: Annotated[Optional[str], typer.Option(help="tokens per point (default: the preset's sweep budget)")] = None,
     preset: Annotated[str, typer.Option(help="batch, context and model scale of the sweep")] = "cpu-tiny",
     out_dir: Annotated[str, typer.Option("--out", help="results folder (lr_sweeps.jsonl, sweeps/)")] = "results",
@@ -206,14 +212,14 @@ def sweep_lr_cmd(
 
     Example: moebench sweep lr Mamba_25M MoE-Mamba_25M --preset gpu-small; then moebench run ... --lr-source sweep
     """
-    from moebench.ablations import Hooks, get_spec
+    from moebench.ablations import Hooks, get_spec, rule_of
     from moebench.cli import parse_tokens, progress_bar
     from moebench.sweep import parse_grid, sweep_lr
 
     names = list(variants or [])
     if ablation:
         names += list(get_spec(ablation).variants(preset))
-    lrs = parse_grid(grid)
+    lrs = parse_grid(grid) if grid else list(rule_of(preset).sweep_grid)
     with progress_bar("sweep") as bar:
         current = {}
 

@@ -18,7 +18,6 @@ from moebench.ablations import (SWEEPS_FILE, Hooks, Outcome, PlannedRun, data_id
 from moebench.config import TrainConfig
 from moebench.errors import UserError
 
-DEFAULT_GRID = (2.5e-4, 5e-4, 1e-3, 2e-3)
 
 
 def parse_grid(text: str) -> list[float]:
@@ -71,12 +70,13 @@ def plan_sweep(variants: list[str], preset: str, grid: list[float], *, tokens: i
     return runs, data_dir, corpus, data_id
 
 
-def sweep_lr(variants: list[str], preset: str, grid: list[float] = DEFAULT_GRID, *, tokens: int | None = None,
+def sweep_lr(variants: list[str], preset: str, grid: list[float] | None = None, *, tokens: int | None = None,
              out: str | Path = "results", data_dir: str | Path | None = None, device: str = "auto",
              seed: int = 0, hooks: Hooks | None = None) -> list[dict]:
     """Train every (variant, rate) not trained yet and append one row per variant to
     <out>/lr_sweeps.jsonl: all points, the best rate (lowest final validation loss; the smoothed
-    training loss where no validation ran), and whether it lies at the grid's edge."""
+    training loss where no validation ran), and whether it lies at the grid's edge. The grid
+    defaults to the preset's (2.5e-4..2e-3 for the paper's shapes, 1e-3..8e-3 for the CPU twins)."""
     from moebench import env
     from moebench.results import append_record, load_records
     from moebench.train import TrainingFailed, resolve_device, train
@@ -86,8 +86,8 @@ def sweep_lr(variants: list[str], preset: str, grid: list[float] = DEFAULT_GRID,
     out = Path(out)
     sweep_out = out / "sweeps"
     dev = resolve_device(device)
-    runs, data_dir, corpus, _ = plan_sweep(variants, preset, list(grid), tokens=tokens, data_dir=data_dir,
-                                           seed=seed)
+    grid = list(grid or rule_of(preset).sweep_grid)
+    runs, data_dir, corpus, _ = plan_sweep(variants, preset, grid, tokens=tokens, data_dir=data_dir, seed=seed)
     if corpus:
         from moebench.data import prepare
         prepare(corpus=rule_of(preset).corpus, out=data_dir)
