@@ -41,9 +41,9 @@ class PresetRule:
 
 PRESET_RULES: dict[str, PresetRule] = {
     # 4 evaluations, not 10: on a CPU each costs ~1% of the run. The twins (d_model 64, 200 steps)
-    # want higher rates than the paper's models: a 1e-3..4e-3 sweep picked 4e-3 for all five of table 1
-    "cpu-tiny": PresetRule("prose", 1.0, False, 2, 200 * 8 * 128, n_evals=4, sweep_grid=(1e-3, 2e-3, 4e-3, 8e-3),
-                           wall="measured: architectures took 8-10 min on 2 CPU cores, data prep included"),
+    # want higher rates than the paper's models: a 1e-3..4e-3 sweep (200 steps) picked 4e-3 for all of table 1
+    "cpu-tiny": PresetRule("prose", 1.0, False, 2, 160 * 8 * 128, n_evals=4, sweep_grid=(1e-3, 2e-3, 4e-3, 8e-3),
+                           wall="measured: architectures took 5.7-6.8 min on 2 CPU cores, data prep included"),
     # corpus "small" (~28.5M train tokens): 20M-token runs never repeat it
     "gpu-small": PresetRule("small", 1.0, False, 5, 20_000_000,
                             wall="measured: experts (6 runs x 20M tokens) took 512 s on one H100 "
@@ -77,11 +77,11 @@ def eval_every(rule: PresetRule, steps: int, tokens_per_step: int) -> int:
 def presets(*, paper_tokens: int, with_100m: bool = False) -> dict[str, Preset]:
     """The standard presets of an ablation; only the `paper` budget differs between tables."""
     out = {
-        # the @tiny CPU twins (d_model 64) on short windows of real text; sized by measurement
-        # so that the 5-variant `architectures` ablation takes ~10 minutes on 2 CPU cores
+        # the @tiny CPU twins (d_model 64) on short windows of real text; sized by measurement so
+        # that the 5-variant `architectures` ablation takes ~6 minutes on 2 CPU cores (<= 10 when shared)
         "cpu-tiny": Preset(name="cpu-tiny", tokens=CPU_TINY_TOKENS, batch=CPU_TINY_BATCH, ctx=CPU_TINY_CTX,
                            scale="tiny", eval_batches=4,
-                           note="CPU twins, 200 steps of 8 x 128; ~8-10 min for architectures on 2 cores"),
+                           note="CPU twins, 160 steps of 8 x 128; ~6 min for architectures on 2 cores"),
         # paper shapes, 610 steps of 32 x 1024: 0.7 passes over `small` (28.5M train tokens)
         "gpu-small": Preset(name="gpu-small", tokens=20_000_000, batch=32, ctx=1024, eval_batches=8,
                             note="paper shapes, 20M tokens (610 steps of 32 x 1024)"),
@@ -101,10 +101,11 @@ def presets(*, paper_tokens: int, with_100m: bool = False) -> dict[str, Preset]:
     return out
 
 
-# cpu-tiny budget, measured on a 2-core CPU (see the README's "Reproducing the paper")
+# cpu-tiny budget. The twins' 50304-way head is most of their FLOPs (20M per token), so a CPU
+# trains ~2,200-2,700 tokens/s whatever the body: 160 steps of 8 x 128 take 60-75 s per twin
 CPU_TINY_CTX = 128
 CPU_TINY_BATCH = 8
-CPU_TINY_TOKENS = 200 * CPU_TINY_BATCH * CPU_TINY_CTX     # 200 steps, 204,800 tokens per run
+CPU_TINY_TOKENS = 160 * CPU_TINY_BATCH * CPU_TINY_CTX     # 160 steps, 163,840 tokens per run
 
 
 # --- loading the specs -----------------------------------------------------------------------
@@ -454,8 +455,8 @@ def _record_failure(plan: Plan, run: PlannedRun, extra: dict, device: str, tb: s
 # 2-core x86 CPU (torch 2.13, not shared): the first five from `moebench run architectures --preset
 # cpu-tiny`, the others from 12-step runs' training tokens/s x 0.95 (the evaluations' share)
 CPU_TINY_TOK_S: dict[str, float] = {
-    "Mamba_25M@tiny": 1845, "MoE-Mamba_25M@tiny": 2186, "Transformer_25M@tiny": 2410,
-    "Transformer-MoE_25M@tiny": 2436, "Mamba-MLP_25M@tiny": 2137, "MoE-Mamba_25M-e1@tiny": 2240,
+    "Mamba_25M@tiny": 2200, "MoE-Mamba_25M@tiny": 2380, "Transformer_25M@tiny": 2670,
+    "Transformer-MoE_25M@tiny": 2600, "Mamba-MLP_25M@tiny": 2500, "MoE-Mamba_25M-e1@tiny": 2240,
     "MoE-Mamba_25M-e4@tiny": 2220, "MoE-Mamba_25M-e8@tiny": 2180, "MoE-Mamba_25M-e16@tiny": 2250,
     "MoE-Mamba_25M-e32@tiny": 2240, "InnerMoE_25M-conv-all@tiny": 2030,
     "InnerMoE_25M-conv-every2@tiny": 2030, "InnerMoE_25M-gate-all@tiny": 2040,
@@ -473,7 +474,7 @@ CPU_TINY_TOK_S: dict[str, float] = {
 }
 CPU_FLOPS = 37e9                # the slowest twin's FLOPs/token x tokens/s above, for any other twin
 ASSUMED_GPU_MFU = 0.10          # for a GPU time estimate when no run of the variant was measured yet
-APPROX_TRAIN_TOKENS = {"prose": 10.2e6, "news": 2.6e6, "docs": 87.5e6, "all": 97.7e6}
+APPROX_TRAIN_TOKENS = {"prose": 10.2e6, "news": 2.6e6, "small": 28.5e6, "docs": 87.5e6, "all": 97.7e6}
 
 
 def estimate_seconds(run: PlannedRun, device_name: str, is_cuda: bool, rows: list[dict],
