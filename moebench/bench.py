@@ -31,9 +31,6 @@ from moebench.models.lm import build_model, flops_per_token
 SCHEMA = 1
 GiB = 2**30
 # HBM bandwidth from the vendors' datasheets, bytes/s (the fallback when it is not measured)
-PEAK_HBM_BYTES_S = {"H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12,
-                    "H200": 4.8e12, "GH200": 4.0e12, "A100-SXM4-80GB": 2.039e12, "A100": 1.555e12,
-                    "L40S": 0.864e12, "A10G": 0.6e12}
 Update = Callable[[dict], None] | None
 
 
@@ -472,15 +469,6 @@ def measure_bandwidth(device: torch.device, gib: float = 1.0) -> dict | None:
     return {"read_bytes_s": 2 * n / read, "copy_bytes_s": 2 * 2 * n / copy, "buffer_gib": gib}
 
 
-def datasheet_bandwidth(name: str | None) -> float | None:
-    if not name:
-        return None
-    for key in sorted(PEAK_HBM_BYTES_S, key=len, reverse=True):
-        if key in name:
-            return PEAK_HBM_BYTES_S[key]
-    return None
-
-
 def kv_bytes_per_step(model, batch: int, ctx: float, elt: int) -> float:
     """Bytes of K and V that one decode step must read: every attention layer, ctx cached positions."""
     n = 0.0
@@ -503,7 +491,7 @@ def bench_generate(cfgs: list[ModelConfig], *, prompt_lens: list[int], gen_len: 
     wdtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     elt = torch.empty((), dtype=wdtype).element_size()
     bw = measure_bandwidth(dev)
-    sheet = datasheet_bandwidth(env.device_name(dev)) if dev.type == "cuda" else None
+    sheet = env.datasheet_bandwidth(env.device_name(dev)) if dev.type == "cuda" else None
     if bw:
         bandwidth, source = bw["read_bytes_s"], "measured (bf16 sum over 1 GiB)"
     elif sheet:

@@ -19,14 +19,29 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def peak_flops(device_name: str | None) -> float | None:
-    """Peak bf16 FLOP/s of a known GPU; None when unknown (MFU is then null, never a guess)."""
+# memory bandwidth, bytes/s, from the vendors' datasheets
+PEAK_HBM_BYTES_S = {
+    "H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12,
+    "H200": 4.8e12, "GH200": 4.0e12, "A100-SXM4-80GB": 2.039e12, "A100": 1.555e12,
+    "L40S": 0.864e12, "A10G": 0.6e12,
+}
+
+
+def _datasheet(table: dict[str, float], device_name: str | None) -> float | None:
+    # the longest matching key wins, so "H100 PCIe" is not read as "H100"
     if not device_name:
         return None
-    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
-        if key in device_name:
-            return PEAK_BF16_FLOPS[key]
-    return None
+    return next((table[k] for k in sorted(table, key=len, reverse=True) if k in device_name), None)
+
+
+def peak_flops(device_name: str | None) -> float | None:
+    """Peak bf16 FLOP/s of a known GPU; None when unknown (MFU is then null, never a guess)."""
+    return _datasheet(PEAK_BF16_FLOPS, device_name)
+
+
+def datasheet_bandwidth(device_name: str | None) -> float | None:
+    """Datasheet memory bandwidth (bytes/s) of a known GPU; None when unknown."""
+    return _datasheet(PEAK_HBM_BYTES_S, device_name)
 
 
 def device_name(device: torch.device | str | None = None) -> str:
