@@ -154,3 +154,18 @@ def tree_digest(folder) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def digest():
     return tree_digest
+
+
+@pytest.fixture
+def cli_main(monkeypatch, capsys):
+    """Run the real entry point as `moebench ARGV` would (UserError -> one line, exit 2):
+    cli_main(argv) -> (exit code, stdout, stderr)."""
+    from moebench.cli import main
+
+    def run(argv):
+        monkeypatch.setattr(sys, "argv", ["moebench", *argv])
+        with pytest.raises(SystemExit) as exc:
+            main()
+        cap = capsys.readouterr()
+        return exc.value.code or 0, cap.out, cap.err
+    return run

@@ -4,7 +4,6 @@ import json
 import math
 import os
 import signal
-import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -20,19 +19,6 @@ TABLES = {"architectures": "table 1", "experts": "table 4", "ratios": "table 2",
           "parallel": "table 7"}
 runner = CliRunner()
 
-
-def cli_main(argv, capsys):
-    """Run the real entry point (UserError -> one line, exit 2) and return (exit code, stdout, stderr)."""
-    from moebench.cli import main
-    old = sys.argv
-    sys.argv = ["moebench", *argv]
-    try:
-        with pytest.raises(SystemExit) as exc:
-            main()
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
 @pytest.fixture(scope="session")
@@ -98,8 +84,8 @@ def test_ema_rule():
     assert ema_alpha_for("gpu-medium", 10**6) == 0.001
 
 
-def test_unknown_ablation_exits_2(capsys):
-    code, _, err = cli_main(["run", "expert"], capsys)
+def test_unknown_ablation_exits_2(cli_main):
+    code, _, err = cli_main(["run", "expert"])
     assert code == 2
     assert "unknown ablation 'expert'" in err and "did you mean experts" in err
     assert len(err.strip().splitlines()) == 1

@@ -18,12 +18,7 @@ RECORD_KEYS = {"schema", "kind", "created", "complete", "config", "results", "en
 ENV_KEYS = {"git_sha", "git_dirty", "torch", "device", "device_name"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(name: str):

@@ -4,12 +4,11 @@ checkpoints."""
 import json
 import platform
 import shutil
-import sys
 
 import pytest
 from typer.testing import CliRunner
 
-from moebench.cli import app, main, parse_tokens
+from moebench.cli import app, parse_tokens
 from moebench.config import TrainConfig
 from moebench.errors import UserError
 from moebench.registry import VARIANTS, get
@@ -17,15 +16,6 @@ from moebench.train import run_id_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
-
-
-def cli_main(argv, monkeypatch, capsys):
-    """Run main() as `moebench ARGV` would: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["moebench", *argv])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    cap = capsys.readouterr()
-    return exc.value.code or 0, cap.out, cap.err
 
 
 def assert_one_line_error(code, stdout, stderr, *needles):
@@ -63,8 +53,8 @@ def test_list_json_describes_every_variant():
     assert 20e6 < by_name["Mamba_25M"]["active_params"] < 30e6
 
 
-def test_list_rejects_an_unknown_format(monkeypatch, capsys):
-    assert_one_line_error(*cli_main(["list", "--format", "yaml"], monkeypatch, capsys), "yaml")
+def test_list_rejects_an_unknown_format(cli_main):
+    assert_one_line_error(*cli_main(["list", "--format", "yaml"]), "yaml")
 
 
 def test_env_prints_json(run_moebench, sub_env):
@@ -115,37 +105,36 @@ def test_unknown_variant_suggests_close_matches(run_moebench, sub_env, results, 
     assert digest(results) == before
 
 
-def test_missing_data_dir(results, tmp_path, monkeypatch, capsys, digest):
+def test_missing_data_dir(results, tmp_path, digest, cli_main):
     before = digest(results)
-    code, out, err = cli_main(train_args(tmp_path / "no-such-data", results), monkeypatch, capsys)
+    code, out, err = cli_main(train_args(tmp_path / "no-such-data", results))
     assert_one_line_error(code, out, err, "no prepared data", "no-such-data")
     assert digest(results) == before
 
 
-def test_budget_smaller_than_one_step(results, text_data, monkeypatch, capsys, digest):
+def test_budget_smaller_than_one_step(results, text_data, digest, cli_main):
     before = digest(results)
-    code, out, err = cli_main(train_args(text_data, results, tokens=100), monkeypatch, capsys)
+    code, out, err = cli_main(train_args(text_data, results, tokens=100))
     assert_one_line_error(code, out, err, "smaller than one step", "128")
     assert digest(results) == before
 
 
-def test_bad_token_count(results, text_data, monkeypatch, capsys, digest):
+def test_bad_token_count(results, text_data, digest, cli_main):
     before = digest(results)
-    code, out, err = cli_main(train_args(text_data, results, tokens="lots"), monkeypatch, capsys)
+    code, out, err = cli_main(train_args(text_data, results, tokens="lots"))
     assert_one_line_error(code, out, err, "bad token count 'lots'")
     assert digest(results) == before
 
 
-def test_resume_without_a_checkpoint(results, text_data, monkeypatch, capsys, digest):
+def test_resume_without_a_checkpoint(results, text_data, digest, cli_main):
     before = digest(results)
-    code, out, err = cli_main(train_args(text_data, results, tokens=20 * 4 * 32, extra=["--resume"]),
-                              monkeypatch, capsys)
+    code, out, err = cli_main(train_args(text_data, results, tokens=20 * 4 * 32, extra=["--resume"]))
     assert_one_line_error(code, out, err, "nothing to resume")
     assert digest(results) == before
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.0], ids=["truncated", "empty"])
-def test_resume_from_a_corrupt_checkpoint(keep, finished_run, results, text_data, monkeypatch, capsys, digest):
+def test_resume_from_a_corrupt_checkpoint(keep, finished_run, results, text_data, digest, cli_main):
     row, src, cfg, *_ = finished_run
     # the checkpoint of the run the command below names, cut short from a real one
     tcfg = TrainConfig(tokens=30 * 4 * 32, batch=4, ctx=32, lr=3e-3, lr_source="user", data_dir=text_data,
@@ -155,6 +144,6 @@ def test_resume_from_a_corrupt_checkpoint(keep, finished_run, results, text_data
     data = (src / "runs" / row["run_id"] / "ckpt.pt").read_bytes()
     ckpt.write_bytes(data[: int(len(data) * keep)])
     before = digest(results)
-    code, out, err = cli_main(train_args(text_data, results, extra=["--resume"]), monkeypatch, capsys)
+    code, out, err = cli_main(train_args(text_data, results, extra=["--resume"]))
     assert_one_line_error(code, out, err, "corrupt or truncated", str(ckpt))
     assert digest(results) == before

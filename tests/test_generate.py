@@ -19,13 +19,7 @@ FAMILIES = ["Mamba_25M", "MoE-Mamba_25M", "ParMoE-Mamba_25M-e8", "InnerMoE_25M-c
             "Transformer_25M", "Transformer-MoE_25M"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # a shared 2-core box: one thread is far faster than two contending ones for these tiny shapes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(name: str, seed: int = 0):

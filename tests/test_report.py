@@ -1,7 +1,6 @@
 """`moebench report` from a fixture results folder (tests/fixtures/experts_gpu-small, written by
 tests/fixtures/make_fixture.py), Kendall's tau, and the paper's numbers as data."""
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,18 +13,6 @@ from moebench.report import build_report, kendall_tau
 FIXTURE = Path(__file__).parent / "fixtures" / "experts_gpu-small"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-
-def cli_main(argv, capsys):
-    from moebench.cli import main
-    old = sys.argv
-    sys.argv = ["moebench", *argv]
-    try:
-        with pytest.raises(SystemExit) as exc:
-            main()
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
 # --- Kendall tau ---------------------------------------------------------------------------------
@@ -133,21 +120,20 @@ def test_runs_are_shared_between_ablations_by_config_hash(tmp_path):
     assert "542M total parameters" in md and "about 416M" in md
 
 
-def test_report_without_results_says_so(tmp_path, capsys):
+def test_report_without_results_says_so(tmp_path, cli_main):
     code, out, err = cli_main(["report", "experts", "--results", str(tmp_path / "runs.jsonl"),
-                               "--out", str(tmp_path / "reports")], capsys)
+                               "--out", str(tmp_path / "reports")])
     assert code == 2
     assert "no results for ablation 'experts'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "reports" / "experts.md").exists()
 
 
-def test_report_cli(tmp_path, capsys):
+def test_report_cli(tmp_path, cli_main):
     from typer.testing import CliRunner
     from moebench.cli import app
     res = CliRunner().invoke(app, ["report", "experts", "--results", str(FIXTURE / "runs.jsonl"),
                                    "--out", str(tmp_path), "--preset", "gpu-small"])
     assert res.exit_code == 0, res.output
     assert "experts.md" in res.output and "Kendall tau vs the paper 0.931" in res.output
-    code, _, err = cli_main(["report", "experts", "--results", str(FIXTURE / "runs.jsonl"), "--preset", "gpu-smal"],
-                            capsys)
+    code, _, err = cli_main(["report", "experts", "--results", str(FIXTURE / "runs.jsonl"), "--preset", "gpu-smal"])
     assert code == 2 and "did you mean gpu-small" in err

@@ -254,17 +254,8 @@ main()
 """
 
 
-def cli_main(argv, monkeypatch, capsys):
-    from moebench.cli import main
-    monkeypatch.setattr(sys, "argv", ["moebench", *argv])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    cap = capsys.readouterr()
-    return exc.value.code or 0, cap.out, cap.err
 
-
-def test_ctrl_c_saves_exits_130_and_resume_finishes(text_data, tmp_path, sub_env, monkeypatch, capsys,
-                                                     curve_reader):
+def test_ctrl_c_saves_exits_130_and_resume_finishes(text_data, tmp_path, sub_env, curve_reader, cli_main):
     out, marker = tmp_path / "results", tmp_path / "marker"
     # batch 2 x ctx 16: the CLI evaluates 8 batches about 10 times a run, so keep them small
     args = ["train", "Mamba_25M@tiny", "--tokens", str(24 * 2 * 16), "--batch", "2", "--ctx", "16",
@@ -293,7 +284,7 @@ def test_ctrl_c_saves_exits_130_and_resume_finishes(text_data, tmp_path, sub_env
     assert 1 <= step < 24, step
     assert not (out / "runs.jsonl").exists() or load_records(out / "runs.jsonl") == []
 
-    code, stdout, stderr = cli_main([*args, "--resume"], monkeypatch, capsys)
+    code, stdout, stderr = cli_main([*args, "--resume"])
     assert code == 0, stderr
     rows = load_records(out / "runs.jsonl")
     assert len(rows) == 1 and rows[0]["status"] == "done", rows
