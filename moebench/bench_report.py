@@ -292,12 +292,8 @@ def plot_memory(rec: dict, out_dir: Path, stem: str = "bench_memory") -> list[Pa
             first = first or ys[0]
         if first:
             _guides(ax, lengths, first)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(lengths, [_length(n) for n in lengths])
-        ax.set_xlabel(f"sequence length (batch {rec['config']['batch']})")
+        _log_length_axes(ax, lengths, f"sequence length (batch {rec['config']['batch']})")
         ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3, which="both")
     axes[1].legend(fontsize=7, loc="upper left")
     fig.suptitle("training (fwd+bwd, solid) and prefill (no grad, dashed) against length; x = out of memory",
                  fontsize=10)
@@ -306,6 +302,15 @@ def plot_memory(rec: dict, out_dir: Path, stem: str = "bench_memory") -> list[Pa
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path]
+
+
+def _log_length_axes(ax, lengths: list[int], xlabel: str) -> None:
+    # log-log against length: linear growth is a slope-1 line, quadratic a slope-2 line
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(lengths, [_length(n) for n in lengths])
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3, which="both")
 
 
 def plot_generate(rec: dict, out_dir: Path, stem: str = "bench_generate") -> list[Path]:
@@ -326,11 +331,7 @@ def plot_generate(rec: dict, out_dir: Path, stem: str = "bench_generate") -> lis
     axes[1].set_ylabel("decoding state (GiB)")
     lengths = sorted({r["prompt_len"] for r in res})
     for ax in axes:
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(lengths, [_length(n) for n in lengths])
-        ax.set_xlabel("context (prompt) length")
-        ax.grid(alpha=0.3, which="both")
+        _log_length_axes(ax, lengths, "context (prompt) length")
         ax.legend(fontsize=7)
     c = rec["config"]
     fig.suptitle(f"decoding at batch {c['batch']}, CUDA graph={c['cuda_graph']}", fontsize=10)
