@@ -449,7 +449,7 @@ def test_plan_offsets_are_kept_counts():
     assert torch.equal(plan.counts_E.long(), counts)
     assert torch.equal(torch.diff(plan.offs_E, prepend=plan.offs_E.new_zeros(1)).long(), counts.clamp(max=cap))
     assert torch.equal(torch.sort(plan.n_S).values, torch.arange(T * K)), "n_S must be a permutation"
-    assert torch.equal(plan.keep_S, torch.arange(T * K) < plan.offs_E[-1])
+    assert torch.equal(plan.keep_N[plan.n_S], torch.arange(T * K) < plan.offs_E[-1])   # kept rows first
     # rows of expert e hold assignments to e, in priority order
     expert_S = top_i.t().reshape(-1)[plan.n_S]
     for e, (a, b) in enumerate(zip([0] + plan.offs_E[:-1].tolist(), plan.offs_E.tolist())):

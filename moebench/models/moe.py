@@ -139,7 +139,6 @@ class _Plan(NamedTuple):
     offs_E: torch.Tensor    # (E,) int32 cumulative ends of the kept rows of each expert
     counts_E: torch.Tensor  # (E,) int32 assignments per expert before dropping (valid tokens only)
     n_S: torch.Tensor       # (S,) int64 the assignment n = k·T + t held by buffer row s
-    keep_S: torch.Tensor    # (S,) bool row s is kept (s < offs_E[-1])
     row_N: torch.Tensor     # (N,) int64 the buffer row of assignment n (inverse of n_S)
     keep_N: torch.Tensor    # (N,) bool assignment n is kept
 
@@ -179,7 +178,7 @@ def plan_grouped(top_i_TK: torch.Tensor, valid_T: torch.Tensor | None, n_expert:
         drop_rank_N = (~keep_N).cumsum(0) - 1             # 0-based rank among the dropped, in n order
         row_N = torch.where(keep_N, (offs_E - kept_E)[expert_N] + rank_N - 1, offs_E[-1] + drop_rank_N)
     n_S = torch.empty_like(arange_N).scatter_(0, row_N, arange_N)   # invert the permutation n -> row
-    return _Plan(offs_E, counts_E, n_S, keep_N[n_S], row_N, keep_N)
+    return _Plan(offs_E, counts_E, n_S, row_N, keep_N)
 
 
 # The buffer rows are a permutation of the assignments (row_N and its inverse n_S), so dispatch and
