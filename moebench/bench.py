@@ -173,7 +173,7 @@ def train_one(cfg: ModelConfig, *, batch: int, ctx: int, dtype: str, compile: bo
 
 
 def _train_one(cfg, batch, ctx, dtype, compile, steps, warmup, device, impl, moe_impl, loss_chunk, moe_override):
-    from moebench.optim import make_optimizer
+    from moebench.optim import clip_grad_norm, make_optimizer
     torch.manual_seed(0)
     model = build(cfg, impl, moe_impl, device, moe_override)
     model.train()
@@ -189,7 +189,7 @@ def _train_one(cfg, batch, ctx, dtype, compile, steps, warmup, device, impl, moe
             o = fwd(x_BL, y_BL, return_logits=False, loss_chunk=loss_chunk)
             total = o.loss + o.aux_loss
         total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        clip_grad_norm(opt, params, 0.5)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

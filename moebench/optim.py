@@ -38,6 +38,21 @@ def make_optimizer(model: nn.Module, tcfg: TrainConfig, lr: float, device: torch
                              eps=tcfg.eps, fused=device.type == "cuda")
 
 
+def clip_grad_norm(opt: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ (same norm, same clip factor), with the scaling of the gradients
+    folded into a fused optimizer's next step(): fused AdamW divides each gradient by `grad_scale` as
+    it reads it, which saves a read and a write of every gradient (1.6 GB per step for
+    MoE-Mamba_25M-e32's 400M fp32 parameters). Returns the total norm before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if opt.defaults.get("fused"):
+        # 1 / clip_grads_with_norm_'s factor min(max_norm / (norm + 1e-6), 1)
+        opt.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp(min=1.0)
+    else:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
 def lr_at(step: int, total_steps: int, lr: float, warmup_frac: float, min_ratio: float) -> float:
     """Linear warmup over warmup_frac of the steps, then cosine from lr to min_ratio * lr."""
     warmup = max(1, round(warmup_frac * total_steps))

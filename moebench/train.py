@@ -24,7 +24,7 @@ from moebench.config import ModelConfig, TrainConfig, stable_hash
 from moebench.errors import UserError
 from moebench.metrics import EMA
 from moebench.models.lm import build_model, flops_per_token
-from moebench.optim import default_lr, lr_at, make_optimizer
+from moebench.optim import clip_grad_norm, default_lr, lr_at, make_optimizer
 from moebench.results import SCHEMA, append_record
 
 
@@ -145,6 +145,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = "results", *, r
     amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
     model = build_model(cfg, impl=tcfg.impl, device=dev)   # impl resolves on the target device
     opt = make_optimizer(model, tcfg, lr, dev)
+    params = [p for p in model.parameters() if p.requires_grad]
     sampler = BatchSampler(data, micro, tcfg.ctx, seed=tcfg.seed)   # micro batch k = sampler.batch_at(k), on every rank
     # the validation set depends on the TrainConfig only; rank r evaluates its batches [r::world]
     val = val_batches(data, tcfg.eval_batches, tcfg.micro_batch or tcfg.batch, tcfg.ctx)
@@ -258,7 +259,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = "results", *, r
                     total.backward()
                 loss_sum += o.loss.detach() / accum
                 acc.add_moe(_moe_stats(o.moe_aux), o.aux_loss.detach())
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            grad_norm = clip_grad_norm(opt, params, tcfg.grad_clip)
             loss = dist.mean(loss_sum)   # one sync per step: the NaN check and the EMA need it
             # checked before the update: a NaN/inf gradient under a finite loss must never reach
             # the weights, hence the next checkpoint (grad_norm is the same on every rank after DDP)

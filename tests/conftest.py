@@ -16,6 +16,11 @@ from pathlib import Path
 
 import pytest
 
+# Without a GPU, the Triton kernels (moebench/ops/routing.py) run under Triton's interpreter, which
+# is chosen when triton decorates them, i.e. on the first import: so before any moebench import.
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 
 # modules of the standard library with long docstrings of plain English (a few hundred documents)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moebench.ops import routing
 from moebench.ops.experts import Impl, experts_grouped, experts_loop_ref, resolve_impl
 
 
@@ -44,6 +45,8 @@ class MoE(nn.Module):
         self.w1_EDF = nn.Parameter(torch.empty(n_expert, d_in, d_hidden))
         self.w2_EFD = nn.Parameter(torch.empty(n_expert, d_hidden, d_out))
         self.eval_capacity_factor: float | None = None   # dropless in eval mode
+        # the grouped path's gathers: None = fused Triton kernels on CUDA when triton imports, else torch
+        self.fused_routing: bool | None = None
         self.impl = impl                       # resolved by the setter below
         self.reset_parameters()
 
@@ -94,7 +97,9 @@ class MoE(nn.Module):
 
         # router: logits in the compute dtype, softmax in fp32
         probs_TE = F.softmax(x_TD @ self.router_DE.to(dtype), dim=-1, dtype=torch.float32)
-        top_p_TK, top_i_TK = probs_TE.topk(self.top_k, dim=-1)  # raw probabilities: no renormalisation
+        # raw probabilities, no renormalisation; top-1 is a max (one reduction, not a top-k kernel)
+        top_p_TK, top_i_TK = (probs_TE.max(-1, keepdim=True) if self.top_k == 1
+                              else probs_TE.topk(self.top_k, dim=-1))
         T, K, E = x_TD.shape[0], self.top_k, self.n_expert
 
         # n_valid and capacity stay on the device when valid_T is given (capacity's float64 arithmetic
@@ -111,8 +116,11 @@ class MoE(nn.Module):
             capacity = torch.floor(capacity_factor * n_valid.double() * K / E).long()
 
         if self.impl == "grouped":
+            fused = self.fused_routing
+            if fused is None:
+                fused = routing.fused_available(x_TD.device)
             y_TD, counts_E, n_kept = _forward_grouped(x_TD, valid_T, top_p_TK, top_i_TK, w1_EDF, w2_EFD,
-                                                      capacity, self.activation)
+                                                      capacity, self.activation, fused)
         else:
             y_TD, counts_E, n_kept = _forward_loop(x_TD, valid_T, top_p_TK, top_i_TK, w1_EDF, w2_EFD,
                                                    capacity, self.activation)
@@ -199,33 +207,42 @@ class _Dispatch(torch.autograd.Function):
     """x_SD = x_TD[n_S % T]; backward: g_TD[t] = Σ_k g_SD[row(k·T + t)] over kept assignments."""
 
     @staticmethod
-    def forward(ctx, x_TD, tok_S, row_N, keep_N):
+    def forward(ctx, x_TD, tok_S, row_N, keep_N, fused: bool):
         ctx.save_for_backward(row_N, keep_N)
-        ctx.T = x_TD.shape[0]
+        ctx.T, ctx.fused = x_TD.shape[0], fused
         return x_TD.index_select(0, tok_S)
 
     @staticmethod
     def backward(ctx, g_SD):
         row_N, keep_N = ctx.saved_tensors
+        if ctx.fused:       # row_N stands in for the unused weights
+            return routing.gather_sum(g_SD, row_N, row_N, keep_N, ctx.T, False), None, None, None, None
         g_ND = torch.where(keep_N[:, None], g_SD.index_select(0, row_N), 0)
-        return _sum_over_k(g_ND, ctx.T), None, None, None
+        return _sum_over_k(g_ND, ctx.T), None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
     """y_TD[t] = Σ_k p_N[n] · out_SD[row_N[n]] over the kept assignments n = k·T + t."""
 
     @staticmethod
-    def forward(ctx, out_SD, p_N, row_N, keep_N, n_S, T: int):
+    def forward(ctx, out_SD, p_N, row_N, keep_N, n_S, T: int, fused: bool):
+        ctx.T, ctx.fused = T, fused
+        if fused:           # p stays fp32: the kernel multiplies and sums in fp32
+            ctx.save_for_backward(out_SD, p_N, row_N, keep_N, n_S)
+            return routing.gather_sum(out_SD, p_N, row_N, keep_N, T, True)
         w_N = p_N.to(out_SD.dtype)
         o_ND = out_SD.index_select(0, row_N)
         y_ND = torch.where(keep_N[:, None], o_ND * w_N[:, None], 0)
         ctx.save_for_backward(out_SD, w_N, row_N, keep_N, n_S)
-        ctx.T = T
         return _sum_over_k(y_ND, T)
 
     @staticmethod
     def backward(ctx, g_TD):
         out_SD, w_N, row_N, keep_N, n_S = ctx.saved_tensors
+        if ctx.fused:
+            want_out, want_p = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            g_out, g_p = routing.combine_bwd(g_TD, out_SD, w_N, n_S, keep_N, want_out, want_p)
+            return g_out if want_out else None, g_p if want_p else None, None, None, None, None, None
         K = keep_N.shape[0] // ctx.T
         g_ND = g_TD.repeat(K, 1) if K > 1 else g_TD           # n = k·T + t reads g_TD[t]
         g_out = g_p = None
@@ -235,17 +252,17 @@ class _Combine(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             o_ND = out_SD.index_select(0, row_N)
             g_p = torch.where(keep_N, (g_ND.float() * o_ND.float()).sum(-1), 0)
-        return g_out, g_p, None, None, None, None
+        return g_out, g_p, None, None, None, None, None
 
 
-def _forward_grouped(x_TD, valid_T, top_p_TK, top_i_TK, w1_EDF, w2_EFD, capacity, activation):
+def _forward_grouped(x_TD, valid_T, top_p_TK, top_i_TK, w1_EDF, w2_EFD, capacity, activation, fused=False):
     T, K = top_i_TK.shape
     plan = plan_grouped(top_i_TK, valid_T, w1_EDF.shape[0], capacity)
     tok_S = plan.n_S % T
     p_N = top_p_TK.t().reshape(-1)
-    x_SD = _Dispatch.apply(x_TD, tok_S, plan.row_N, plan.keep_N)
+    x_SD = _Dispatch.apply(x_TD, tok_S, plan.row_N, plan.keep_N, fused)
     out_SD = experts_grouped(x_SD, w1_EDF, w2_EFD, plan.offs_E, activation)
-    y_TD = _Combine.apply(out_SD, p_N, plan.row_N, plan.keep_N, plan.n_S, T)
+    y_TD = _Combine.apply(out_SD, p_N, plan.row_N, plan.keep_N, plan.n_S, T, fused)
     return y_TD, plan.counts_E, plan.offs_E[-1]
 
 

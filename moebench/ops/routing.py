@@ -1,0 +1,112 @@
+"""Fused gathers of the grouped MoE path (Triton): the combine y_TD = Σ_k p·out_SD[row], its
+backward, and the backward of the dispatch. Each is one pass over the rows it reads and writes,
+where the plain-torch twins in moebench/models/moe.py (the reference) take an index_select, a
+broadcast multiply, a torch.where and a sum, each a full pass over a (T, D) tensor.
+
+Shape suffixes as in moe.py: T tokens, K choices, N = K·T assignments (n = k·T + t), S = N buffer
+rows, D width. row_N maps an assignment to its buffer row, n_S is its inverse; keep_N marks the
+kept assignments. Dropped rows of the buffer are never read (masked loads), so the uninitialised
+memory grouped_mm leaves there cannot leak in, as in the reference's torch.where.
+
+Sums over k and the dot products of the router gradient accumulate in fp32 and round once: the
+reference rounds after each bf16 operation, so the two agree to bf16 rounding, not bitwise.
+
+The ops are torch.library triton_ops, so torch.compile traces them. On a CPU they run under
+Triton's interpreter (TRITON_INTERPRET=1 before the first import of triton), which the CPU tests use.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+    HAS_TRITON = True
+except ImportError:                    # a CPU box without triton: the torch reference only
+    HAS_TRITON = False
+
+
+def fused_available(device: torch.device) -> bool:
+    """The default: fused on CUDA when triton imports. (A CPU runs them only when asked, under
+    Triton's interpreter, as the tests do.)"""
+    return HAS_TRITON and device.type == "cuda"
+
+
+if HAS_TRITON:
+    @triton.jit
+    def _gather_sum_kernel(src_ptr, w_ptr, row_ptr, keep_ptr, out_ptr, T, D,
+                           K: tl.constexpr, HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        # out[t] = Σ_k keep[n] · w[n] · src[row[n]] with n = k·T + t (w = 1 without HAS_W)
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        t_ok, d_ok = t < T, d < D
+        acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        for k in tl.static_range(K):
+            n = k * T + t
+            keep = (tl.load(keep_ptr + n, mask=t_ok, other=0) != 0) & t_ok
+            row = tl.load(row_ptr + n, mask=t_ok, other=0).to(tl.int64)
+            v = tl.load(src_ptr + row[:, None] * D + d[None, :], mask=keep[:, None] & d_ok[None, :], other=0.0)
+            v = v.to(tl.float32)
+            if HAS_W:
+                v = v * tl.load(w_ptr + n, mask=keep, other=0.0).to(tl.float32)[:, None]
+            acc += v
+        out = out_ptr + t.to(tl.int64)[:, None] * D + d[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _combine_bwd_kernel(g_ptr, out_ptr, w_ptr, nS_ptr, keep_ptr, gout_ptr, gp_ptr, T, S, D,
+                            WANT_OUT: tl.constexpr, WANT_P: tl.constexpr,
+                            BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        # row s holds assignment n = n_S[s] of token t = n mod T:
+        #   g_out[s] = keep[n] · w[n] · g[t]        g_p[n] = keep[n] · <g[t], out[s]>
+        s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        s_ok = s < S
+        n = tl.load(nS_ptr + s, mask=s_ok, other=0).to(tl.int64)
+        keep = (tl.load(keep_ptr + n, mask=s_ok, other=0) != 0) & s_ok
+        t = n % T
+        w = tl.load(w_ptr + n, mask=keep, other=0.0).to(tl.float32)
+        dot = tl.zeros((BLOCK_S,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            m = keep[:, None] & d_ok[None, :]
+            g = tl.load(g_ptr + t[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+            if WANT_OUT:
+                tl.store(gout_ptr + s.to(tl.int64)[:, None] * D + d[None, :],
+                         (g * w[:, None]).to(gout_ptr.dtype.element_ty), mask=s_ok[:, None] & d_ok[None, :])
+            if WANT_P:
+                o = tl.load(out_ptr + s.to(tl.int64)[:, None] * D + d[None, :], mask=m, other=0.0)
+                dot += tl.sum(g * o.to(tl.float32), axis=1)
+        if WANT_P:
+            tl.store(gp_ptr + n, dot, mask=s_ok)
+
+    def _blocks(D: int) -> int:
+        return min(triton.next_power_of_2(D), 256)
+
+    @triton_op("moebench::gather_sum", mutates_args=())
+    def gather_sum(src_SD: torch.Tensor, w_N: torch.Tensor, row_N: torch.Tensor, keep_N: torch.Tensor,
+                   T: int, has_w: bool) -> torch.Tensor:
+        """(T, D): Σ_k keep·w·src_SD[row_N[k·T + t]]; w_N is ignored when has_w is False."""
+        src_SD = src_SD.contiguous()
+        K, D = row_N.shape[0] // T, src_SD.shape[1]
+        out_TD = torch.empty(T, D, dtype=src_SD.dtype, device=src_SD.device)
+        BLOCK_T, BLOCK_D = 32, _blocks(D)
+        grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_D))
+        wrap_triton(_gather_sum_kernel)[grid](src_SD, w_N, row_N, keep_N.view(torch.uint8), out_TD, T, D,
+                                             K=K, HAS_W=has_w, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
+        return out_TD
+
+    @triton_op("moebench::combine_bwd", mutates_args=())
+    def combine_bwd(g_TD: torch.Tensor, out_SD: torch.Tensor, w_N: torch.Tensor, n_S: torch.Tensor,
+                    keep_N: torch.Tensor, want_out: bool, want_p: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g_out_SD in out_SD's dtype, g_p_N fp32); a tensor not wanted comes back empty."""
+        g_TD, out_SD = g_TD.contiguous(), out_SD.contiguous()
+        (T, D), S = g_TD.shape, out_SD.shape[0]
+        g_out = torch.empty((S, D) if want_out else (0, D), dtype=out_SD.dtype, device=out_SD.device)
+        g_p = torch.empty(S if want_p else 0, dtype=torch.float32, device=out_SD.device)
+        BLOCK_S, BLOCK_D = 32, _blocks(D)
+        wrap_triton(_combine_bwd_kernel)[(triton.cdiv(S, BLOCK_S),)](
+            g_TD, out_SD, w_N, n_S, keep_N.view(torch.uint8), g_out, g_p, T, S, D,
+            WANT_OUT=want_out, WANT_P=want_p, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D)
+        return g_out, g_p
