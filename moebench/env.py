@@ -62,12 +62,12 @@ def _git(*args: str) -> str | None:
 
 @lru_cache(maxsize=1)
 def git_info() -> dict:
-    sha = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    if sha is None and os.environ.get("MOEBENCH_GIT_SHA"):
-        # a copy of the working tree without .git (the lent GPU machine): the caller passes them
+    if os.environ.get("MOEBENCH_GIT_SHA"):
+        # a copy of the working tree whose .git is missing or stale (the lent GPU machine): the caller passes them
         return {"git_sha": os.environ["MOEBENCH_GIT_SHA"],
                 "git_dirty": os.environ.get("MOEBENCH_GIT_DIRTY", "").lower() in ("1", "true")}
+    sha = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
     return {"git_sha": sha, "git_dirty": bool(status) if status is not None else None}
 
 

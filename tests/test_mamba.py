@@ -286,12 +286,12 @@ class _StandInMoE(nn.Module):
         super().__init__()
         self.w1, self.w2, self.n_expert, self.seen = nn.Linear(d_in, d_hidden), nn.Linear(d_hidden, d_out), n_expert, []
 
-    def forward(self, x_TD, valid_T=None):
+    def forward(self, x_TD, valid_T=None, need_aux=True):
         assert x_TD.dim() == 2
         self.seen.append(None if valid_T is None else valid_T.shape)
         y = self.w2(F.relu(self.w1(x_TD)))
         zero = y.sum() * 0
-        return y, _StandInAux(zero, zero.detach(), torch.zeros(self.n_expert))
+        return y, _StandInAux(zero, zero.detach(), torch.zeros(self.n_expert)) if need_aux else None
 
 
 MOE_KWARGS = dict(n_expert=2, d_hidden=16, top_k=1, capacity_factor=2.0, aux_loss_coef=0.01, activation="relu",

@@ -503,3 +503,14 @@ def test_eval_mode_is_dropless_and_train_mode_drops():
     # dropless: a token's output does not depend on the rest of the batch
     y_one, _ = moe(x_TD[:1])
     torch.testing.assert_close(y_one, y_eval[:1])
+
+
+@pytest.mark.parametrize("impl", ["grouped", "loop"])
+def test_need_aux_false_gives_the_same_output_and_no_statistics(impl):
+    torch.manual_seed(0)
+    moe = MoE(16, 32, 16, 4, top_k=2, capacity_factor=1.0, impl=impl)
+    x = torch.randn(40, 16)
+    y, aux = moe(x)
+    y_fast, none = moe(x, need_aux=False)
+    assert none is None and isinstance(aux, MoEAux)
+    assert torch.equal(y, y_fast)

@@ -74,3 +74,18 @@ def test_dropped_rows_are_never_read():
     torch.testing.assert_close(g_p[n_S], dot_S)
     g_only, none = routing.combine_bwd(g_TD, src_SD, p_N, n_S, keep_N, True, False)
     assert none.numel() == 0 and torch.equal(g_only, g_out)
+
+
+@pytest.mark.parametrize("T,K,E,cap,masked", [
+    (96, 1, 4, 20, False), (96, 2, 4, 30, True), (80, 2, 8, None, False), (700, 1, 32, "tensor", True),
+    (600, 3, 5, 100, False), (300, 1, 7, 0, True)])
+def test_fused_plan_is_the_torch_plan_bitwise(T, K, E, cap, masked):
+    from moebench.models.moe import plan_grouped
+    gen = torch.Generator().manual_seed(T + K + E)
+    top_i = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    valid = torch.rand(T, generator=gen) > 0.3 if masked else None
+    if cap == "tensor":
+        cap = torch.floor(0.9 * valid.sum().double() * K / E).long()
+    ref, fused = plan_grouped(top_i, valid, E, cap, fused=False), plan_grouped(top_i, valid, E, cap, fused=True)
+    for name, a, b in zip(ref._fields, ref, fused):
+        assert a.dtype == b.dtype and torch.equal(a, b), name

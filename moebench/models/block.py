@@ -45,13 +45,15 @@ class Block(nn.Module):
         self.ffn = make_ffn(cfg, moe_impl)
         self.norm2 = make_norm(cfg) if self.ffn is not None and cfg.layout == "sequential" else None
 
-    def _ffn(self, h_BLD: torch.Tensor, valid_BL: torch.Tensor | None, aux: list):
+    def _ffn(self, h_BLD: torch.Tensor, valid_BL: torch.Tensor | None, aux: list | None):
+        """aux None: the MoE statistics are not wanted (decoding), so they are not computed."""
         if not hasattr(self.ffn, "router_DE"):
             return self.ffn(h_BLD)
         B, L, D = h_BLD.shape
         valid_T = None if valid_BL is None else valid_BL.reshape(-1)
-        y_TD, moe_aux = self.ffn(h_BLD.reshape(B * L, D), valid_T)
-        aux.append(moe_aux)
+        y_TD, moe_aux = self.ffn(h_BLD.reshape(B * L, D), valid_T, need_aux=aux is not None)
+        if aux is not None:
+            aux.append(moe_aux)
         return y_TD.view(B, L, D)
 
     def forward(self, x_BLD: torch.Tensor, valid_BL: torch.Tensor | None = None,
@@ -80,6 +82,6 @@ class Block(nn.Module):
         if self.ffn is None:
             return x_BD + y, state
         if self.layout == "parallel":
-            return x_BD + y + self._ffn(h[:, None], None, [])[:, 0], state
+            return x_BD + y + self._ffn(h[:, None], None, None)[:, 0], state
         x_BD = x_BD + y
-        return x_BD + self._ffn(self.norm2(x_BD)[:, None], None, [])[:, 0], state
+        return x_BD + self._ffn(self.norm2(x_BD)[:, None], None, None)[:, 0], state

@@ -118,8 +118,9 @@ class Mamba(nn.Module):
         out = []
         for place, name in (("conv", "x"), ("gate", "z")):
             if place in self.inner_places:
-                y_TI, a = getattr(self, f"{place}_moe")(x_TD, valid_T)
-                aux.append(a)
+                y_TI, a = getattr(self, f"{place}_moe")(x_TD, valid_T, need_aux=aux is not None)
+                if aux is not None:
+                    aux.append(a)
             else:
                 y_TI = getattr(self, f"in_proj_{name}")(x_TD)
             out.append(y_TI)
@@ -127,8 +128,9 @@ class Mamba(nn.Module):
 
     def _out_proj(self, y_TI: torch.Tensor, valid_T, aux: list) -> torch.Tensor:
         if "out" in self.inner_places:
-            out_TD, a = self.out_moe(y_TI, valid_T)
-            aux.append(a)
+            out_TD, a = self.out_moe(y_TI, valid_T, need_aux=aux is not None)
+            if aux is not None:
+                aux.append(a)
             return out_TD
         return self.out_proj(y_TI)
 
@@ -196,20 +198,32 @@ class Mamba(nn.Module):
                                     dtype=torch.promote_types(dtype, torch.float32))
         return conv_state_BIW, ssm_state_BIN
 
+    def _A_for_decoding(self) -> torch.Tensor:
+        """-exp(A_log), computed once per version of A_log while no gradient is needed: two kernels
+        fewer per layer and decode step (A_log changes only in an optimizer step)."""
+        if torch.is_grad_enabled() and self.A_log.requires_grad:
+            return -torch.exp(self.A_log.float())
+        key = (self.A_log._version, self.A_log.data_ptr(), self.A_log.device)
+        cache = getattr(self, "_A_cache", None)
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                self._A_cache = cache = (key, -torch.exp(self.A_log.float()))
+        return cache[1]
+
     def step(self, x_BD: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
         """One token: returns (y_BD, state), the state updated in place. Inner MoEs route the B
         tokens of this step together (their aux outputs are dropped: decoding does not train)."""
         conv_state_BIW, ssm_state_BIN = state
         N, R = self.d_state, self.dt_rank
         if self._moe_in:
-            x_BI, z_BI = self._in_proj(x_BD, None, [])
+            x_BI, z_BI = self._in_proj(x_BD, None, None)
         else:
             x_BI, z_BI = self.in_proj(x_BD).chunk(2, dim=-1)
         u_BI = causal_conv1d_update(x_BI, conv_state_BIW, self.conv1d.weight[:, 0], self.conv1d.bias, "silu",
                                     impl=self.impl)
         dt_BR, Bx_BN, Cx_BN = torch.split(self.x_proj(u_BI), [R, N, N], dim=-1)
         dt_BI = F.linear(dt_BR, self.dt_proj.weight)  # bias is added in the state update
-        A_DN = -torch.exp(self.A_log.float())
+        A_DN = self._A_for_decoding()
         y_BI = selective_state_update(ssm_state_BIN, u_BI, dt_BI, A_DN, Bx_BN, Cx_BN, self.D, z_BI,
                                       dt_bias_D=self.dt_proj.bias, dt_softplus=True, impl=self.impl)
-        return self._out_proj(y_BI, None, []), (conv_state_BIW, ssm_state_BIN)
+        return self._out_proj(y_BI, None, None), (conv_state_BIW, ssm_state_BIN)

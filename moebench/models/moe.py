@@ -78,11 +78,13 @@ class MoE(nn.Module):
         return (f"d_in={self.d_in}, d_hidden={self.d_hidden}, d_out={self.d_out}, n_expert={self.n_expert}, "
                 f"top_k={self.top_k}, capacity_factor={self.capacity_factor}, impl={self.impl!r}")
 
-    def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
+    def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None,
+                need_aux: bool = True) -> tuple[torch.Tensor, MoEAux | None]:
         """y_t = Σ_k p_{t,k} · expert_{i_k}(x_t) over kept assignments; invalid tokens (valid_T False) get 0.
 
         x_TD is 2-D: callers flatten batch × length. Returns y_TD in the compute dtype (the autocast
-        dtype when autocast is on, else x's dtype) and the MoEAux statistics as tensors (no sync).
+        dtype when autocast is on, else x's dtype) and the MoEAux statistics as tensors (no sync),
+        or None for them with need_aux=False (decoding: a dozen small kernels fewer per layer).
         """
         assert x_TD.dim() == 2 and x_TD.shape[1] == self.d_in, f"expected (T, {self.d_in}), got {tuple(x_TD.shape)}"
         assert valid_T is None or (valid_T.dtype == torch.bool and valid_T.shape == x_TD.shape[:1]), \
@@ -124,6 +126,8 @@ class MoE(nn.Module):
         else:
             y_TD, counts_E, n_kept = _forward_loop(x_TD, valid_T, top_p_TK, top_i_TK, w1_EDF, w2_EFD,
                                                    capacity, self.activation)
+        if not need_aux:
+            return y_TD, None
 
         # load-balancing loss of Switch Transformer (Fedus et al. eq. 4): coef · E · Σ_i f_i · P_i, with
         # f_i the fraction of assignments routed to i before dropping (no gradient) and P_i the mean
@@ -149,44 +153,56 @@ class _Plan(NamedTuple):
     n_S: torch.Tensor       # (S,) int64 the assignment n = k·T + t held by buffer row s
     row_N: torch.Tensor     # (N,) int64 the buffer row of assignment n (inverse of n_S)
     keep_N: torch.Tensor    # (N,) bool assignment n is kept
+    tok_S: torch.Tensor     # (S,) int64 the token of buffer row s: n_S mod T
 
 
 def plan_grouped(top_i_TK: torch.Tensor, valid_T: torch.Tensor | None, n_expert: int,
-                 capacity: int | torch.Tensor | None) -> _Plan:
-    """Counting sort of the T·K assignments by expert, built from one_hot/cumsum: static shapes, no sync.
+                 capacity: int | torch.Tensor | None, fused: bool = False) -> _Plan:
+    """Counting sort of the T·K assignments by expert: static shapes, no host sync.
 
-    Within an expert the kept assignments stay in priority order n = k·T + t, so capacity keeps the
-    first `capacity` of them; dropped (and invalid) assignments go after offs_E[-1] in n order.
+    Invalid tokens go to a virtual column E. Rank r (1-based) of assignment n is its place among
+    the assignments of its column in priority order n = k·T + t, so capacity keeps ranks <= cap.
+    Buffer layout: the kept rows of expert 0, 1, ..., E-1 (offs_E), then the dropped rows of expert
+    0, 1, ..., E-1, then the invalid ones, each segment in n order. fused=True computes the same
+    plan, bitwise, with two Triton kernels (moebench/ops/routing.py); this is its reference.
     """
     T, K = top_i_TK.shape
-    N, dev = T * K, top_i_TK.device
+    N, E, dev = T * K, n_expert, top_i_TK.device
     expert_N = top_i_TK.t().reshape(N)                   # n = k·T + t: choice rank first, then position
-    # (E, N), so that the running count is a scan along the contiguous last dim: CUDA scans an
+    col_N = expert_N if valid_T is None else torch.where(valid_T.repeat(K), expert_N, E)
+    if fused:
+        row_N, keep_N, n_S, tok_S, offs_E, counts_E = routing.route_plan(col_N, T, E, *_cap_args(capacity))
+        return _Plan(offs_E, counts_E, n_S, row_N, keep_N, tok_S)
+    # (E+1, N), so that the running count is a scan along the contiguous last dim: CUDA scans an
     # outer dim with one thread per column, i.e. 32 threads walking 32k rows (milliseconds)
-    hit_EN = torch.arange(n_expert, device=dev)[:, None] == expert_N[None, :]
-    valid_N = None if valid_T is None else valid_T.repeat(K)
-    if valid_N is not None:
-        hit_EN &= valid_N[None, :]                       # invalid tokens are not routed
-    cum_EN = hit_EN.cumsum(1, dtype=torch.int32)         # running count per expert, in priority order
-    counts_E = cum_EN[:, -1]
-    rank_N = cum_EN.gather(0, expert_N[None, :]).squeeze(0)   # 1-based rank within its expert
+    cum_CN = (torch.arange(E + 1, device=dev)[:, None] == col_N[None, :]).cumsum(1, dtype=torch.int32)
+    counts_C = cum_CN[:, -1]
+    rank_N = cum_CN.gather(0, col_N[None, :]).squeeze(0)
+    is_expert_C = torch.arange(E + 1, device=dev) < E
     if capacity is None:
-        keep_N, kept_E = valid_N, counts_E
+        kept_C = counts_C
+    elif isinstance(capacity, torch.Tensor):
+        kept_C = torch.minimum(counts_C, capacity.int())
     else:
-        keep_N = rank_N <= capacity
-        if valid_N is not None:
-            keep_N &= valid_N
-        kept_E = counts_E.clamp(max=capacity) if isinstance(capacity, int) else torch.minimum(counts_E, capacity.int())
-    offs_E = kept_E.cumsum(0, dtype=torch.int32)
-    arange_N = torch.arange(N, device=dev)
-    if keep_N is None:                                   # dropless, all valid: nothing goes to the end
-        row_N = ((offs_E - kept_E)[expert_N] + rank_N - 1).long()
-        keep_N = torch.ones(N, dtype=torch.bool, device=dev)
-    else:
-        drop_rank_N = (~keep_N).cumsum(0) - 1             # 0-based rank among the dropped, in n order
-        row_N = torch.where(keep_N, (offs_E - kept_E)[expert_N] + rank_N - 1, offs_E[-1] + drop_rank_N)
-    n_S = torch.empty_like(arange_N).scatter_(0, row_N, arange_N)   # invert the permutation n -> row
-    return _Plan(offs_E, counts_E, n_S, row_N, keep_N)
+        kept_C = counts_C.clamp(max=capacity)
+    kept_C = torch.where(is_expert_C, kept_C, 0)
+    offs_C = kept_C.cumsum(0, dtype=torch.int32)
+    drops_C = counts_C - kept_C
+    drop_base_C = offs_C[-1] + drops_C.cumsum(0, dtype=torch.int32) - drops_C
+    kept_N = kept_C[col_N]
+    keep_N = rank_N <= kept_N
+    row_N = torch.where(keep_N, (offs_C - kept_C)[col_N] + rank_N - 1, drop_base_C[col_N] + rank_N - kept_N - 1).long()
+    n_S = torch.empty_like(row_N).scatter_(0, row_N, torch.arange(N, device=dev))   # invert n -> row
+    return _Plan(offs_C[:E], counts_C[:E], n_S, row_N, keep_N, n_S % T)
+
+
+def _cap_args(capacity) -> tuple:
+    """(mode, int, tensor) for the kernel: 0 dropless, 1 a Python int, 2 a device tensor."""
+    if capacity is None:
+        return 0, 0, None
+    if isinstance(capacity, torch.Tensor):
+        return 2, 0, capacity.reshape(1).int()
+    return 1, int(capacity), None
 
 
 # The buffer rows are a permutation of the assignments (row_N and its inverse n_S), so dispatch and
@@ -257,10 +273,9 @@ class _Combine(torch.autograd.Function):
 
 def _forward_grouped(x_TD, valid_T, top_p_TK, top_i_TK, w1_EDF, w2_EFD, capacity, activation, fused=False):
     T, K = top_i_TK.shape
-    plan = plan_grouped(top_i_TK, valid_T, w1_EDF.shape[0], capacity)
-    tok_S = plan.n_S % T
+    plan = plan_grouped(top_i_TK, valid_T, w1_EDF.shape[0], capacity, fused)
     p_N = top_p_TK.t().reshape(-1)
-    x_SD = _Dispatch.apply(x_TD, tok_S, plan.row_N, plan.keep_N, fused)
+    x_SD = _Dispatch.apply(x_TD, plan.tok_S, plan.row_N, plan.keep_N, fused)
     out_SD = experts_grouped(x_SD, w1_EDF, w2_EFD, plan.offs_E, activation)
     y_TD = _Combine.apply(out_SD, p_N, plan.row_N, plan.keep_N, plan.n_S, T, fused)
     return y_TD, plan.counts_E, plan.offs_E[-1]

@@ -93,7 +93,7 @@ if HAS_TRITON:
         out_TD = torch.empty(T, D, dtype=src_SD.dtype, device=src_SD.device)
         BLOCK_T, BLOCK_D = 32, _blocks(D)
         grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_D))
-        wrap_triton(_gather_sum_kernel)[grid](src_SD, w_N, row_N, keep_N.view(torch.uint8), out_TD, T, D,
+        wrap_triton(_gather_sum_kernel)[grid](src_SD, w_N, row_N, keep_N, out_TD, T, D,
                                              K=K, HAS_W=has_w, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
         return out_TD
 
@@ -107,6 +107,84 @@ if HAS_TRITON:
         g_p = torch.empty(S if want_p else 0, dtype=torch.float32, device=out_SD.device)
         BLOCK_S, BLOCK_D = 32, _blocks(D)
         wrap_triton(_combine_bwd_kernel)[(triton.cdiv(S, BLOCK_S),)](
-            g_TD, out_SD, w_N, n_S, keep_N.view(torch.uint8), g_out, g_p, T, S, D,
+            g_TD, out_SD, w_N, n_S, keep_N, g_out, g_p, T, S, D,
             WANT_OUT=want_out, WANT_P=want_p, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D)
         return g_out, g_p
+
+    # ---- the routing plan: a counting sort of the assignments by expert, in two passes ---------
+
+    @triton.jit
+    def _plan_count_kernel(col_ptr, rank_ptr, hist_ptr, N, C, BLOCK: tl.constexpr, CP: tl.constexpr):
+        # chunk b: rank_N = 1-based rank of n among the chunk's assignments of its column; hist[b, c]
+        n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        n_ok = n < N
+        col = tl.load(col_ptr + n, mask=n_ok, other=0).to(tl.int32)
+        c = tl.arange(0, CP)
+        hit = ((col[:, None] == c[None, :]) & n_ok[:, None]).to(tl.int32)
+        cum = tl.cumsum(hit, axis=0)
+        tl.store(rank_ptr + n, tl.sum(cum * hit, axis=1), mask=n_ok)
+        tl.store(hist_ptr + tl.program_id(0) * CP + c, tl.sum(hit, axis=0), mask=c < C)
+
+    @triton.jit
+    def _plan_rows_kernel(col_ptr, rank_ptr, hist_ptr, cum_ptr, cap_ptr, cap, row_ptr, keep_ptr, nS_ptr, tokS_ptr,
+                          offs_ptr, counts_ptr, N, T, E, n_blocks,
+                          CAP_MODE: tl.constexpr, BLOCK: tl.constexpr, CP: tl.constexpr):
+        # every program derives the per-column tables from the column totals (a few dozen numbers):
+        # kept = min(count, cap) for experts, 0 for the invalid column E; kept rows first by expert,
+        # then the dropped rows by column
+        c = tl.arange(0, CP)
+        c_ok = c <= E
+        counts = tl.load(cum_ptr + (n_blocks - 1) * CP + c, mask=c_ok, other=0)
+        if CAP_MODE == 0:
+            kept = counts
+        elif CAP_MODE == 1:
+            kept = tl.minimum(counts, cap)
+        else:
+            kept = tl.minimum(counts, tl.load(cap_ptr))
+        kept = tl.where(c < E, kept, 0)
+        offs = tl.cumsum(kept, axis=0)
+        drops = counts - kept
+        drop_base = tl.sum(kept, axis=0) + tl.cumsum(drops, axis=0) - drops
+        b = tl.program_id(0)
+        n = b * BLOCK + tl.arange(0, BLOCK)
+        n_ok = n < N
+        col = tl.load(col_ptr + n, mask=n_ok, other=0).to(tl.int32)
+        hit = (col[:, None] == c[None, :]) & n_ok[:, None]
+        # rank among the whole column = rank in the chunk + the column's count in earlier chunks
+        before = tl.load(cum_ptr + b * CP + c) - tl.load(hist_ptr + b * CP + c)
+        rank = tl.load(rank_ptr + n, mask=n_ok, other=0) + tl.sum(tl.where(hit, before[None, :], 0), axis=1)
+        kept_n = tl.sum(tl.where(hit, kept[None, :], 0), axis=1)
+        keep = rank <= kept_n
+        row = tl.where(keep, tl.sum(tl.where(hit, (offs - kept)[None, :], 0), axis=1) + rank - 1,
+                       tl.sum(tl.where(hit, drop_base[None, :], 0), axis=1) + rank - kept_n - 1).to(tl.int64)
+        tl.store(row_ptr + n, row, mask=n_ok)
+        tl.store(keep_ptr + n, keep, mask=n_ok)
+        n64 = n.to(tl.int64)
+        tl.store(nS_ptr + row, n64, mask=n_ok)
+        tl.store(tokS_ptr + row, n64 % T, mask=n_ok)
+        if b == 0:
+            tl.store(offs_ptr + c, offs, mask=c < E)
+            tl.store(counts_ptr + c, counts, mask=c < E)
+
+    @triton_op("moebench::route_plan", mutates_args=())
+    def route_plan(col_N: torch.Tensor, T: int, n_expert: int, cap_mode: int, cap: int,
+                   cap_t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                        torch.Tensor, torch.Tensor]:
+        """moe.plan_grouped's plan from the column (expert, or E for an invalid token) of each
+        assignment -> (row_N, keep_N, n_S, tok_S, offs_E, counts_E); same layout, bitwise."""
+        N, E, dev = col_N.shape[0], n_expert, col_N.device
+        BLOCK, CP = 256, triton.next_power_of_2(E + 1)
+        n_blocks = triton.cdiv(N, BLOCK)
+        rank_N = torch.empty(N, dtype=torch.int32, device=dev)
+        hist_BC = torch.zeros(n_blocks, CP, dtype=torch.int32, device=dev)
+        wrap_triton(_plan_count_kernel)[(n_blocks,)](col_N, rank_N, hist_BC, N, E + 1, BLOCK=BLOCK, CP=CP)
+        cum_BC = hist_BC.cumsum(0, dtype=torch.int32)
+        row_N = torch.empty(N, dtype=torch.int64, device=dev)
+        keep_N = torch.empty(N, dtype=torch.bool, device=dev)
+        n_S, tok_S = torch.empty_like(row_N), torch.empty_like(row_N)
+        offs_E = torch.empty(E, dtype=torch.int32, device=dev)
+        counts_E = torch.empty(E, dtype=torch.int32, device=dev)
+        wrap_triton(_plan_rows_kernel)[(n_blocks,)](
+            col_N, rank_N, hist_BC, cum_BC, cap_t if cap_t is not None else offs_E, cap, row_N, keep_N, n_S,
+            tok_S, offs_E, counts_E, N, T, E, n_blocks, CAP_MODE=cap_mode, BLOCK=BLOCK, CP=CP)
+        return row_N, keep_N, n_S, tok_S, offs_E, counts_E
