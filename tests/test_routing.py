@@ -78,7 +78,7 @@ def test_dropped_rows_are_never_read():
 
 @pytest.mark.parametrize("T,K,E,cap,masked", [
     (96, 1, 4, 20, False), (96, 2, 4, 30, True), (80, 2, 8, None, False), (700, 1, 32, "tensor", True),
-    (600, 3, 5, 100, False), (300, 1, 7, 0, True)])
+    (600, 3, 5, 100, False), (300, 1, 7, 0, True), (2600, 2, 8, 500, True)])   # the last: 256-wide chunks
 def test_fused_plan_is_the_torch_plan_bitwise(T, K, E, cap, masked):
     from moebench.models.moe import plan_grouped
     gen = torch.Generator().manual_seed(T + K + E)

@@ -1,5 +1,6 @@
-"""Fused gathers of the grouped MoE path (Triton): the combine y_TD = Σ_k p·out_SD[row], its
-backward, and the backward of the dispatch. Each is one pass over the rows it reads and writes,
+"""The routing of the grouped MoE path in Triton: the plan (a counting sort of the assignments by
+expert, three small kernels where the torch reference takes about fifteen), and fused gathers: the
+combine y_TD = Σ_k p·out_SD[row], its backward, and the backward of the dispatch. Each is one pass over the rows it reads and writes,
 where the plain-torch twins in moebench/models/moe.py (the reference) take an index_select, a
 broadcast multiply, a torch.where and a sum, each a full pass over a (T, D) tensor.
 
@@ -111,60 +112,64 @@ if HAS_TRITON:
             WANT_OUT=want_out, WANT_P=want_p, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D)
         return g_out, g_p
 
-    # ---- the routing plan: a counting sort of the assignments by expert, in two passes ---------
+    # ---- the routing plan: a counting sort of the assignments by column, in three kernels -------
+    # Column c of assignment n is its expert, or E for an invalid token. (1) per chunk of BLOCK
+    # assignments, in parallel: the rank of n among its chunk's assignments of column c, and the
+    # chunk's histogram; (2) one program: the count of c in earlier chunks (before_BC), the totals,
+    # and per column its kept count and the first buffer row of its kept and of its dropped rows;
+    # (3) per chunk, in parallel: each assignment's rank, keep flag and row, by plain gathers.
 
     @triton.jit
-    def _plan_count_kernel(col_ptr, rank_ptr, hist_ptr, N, C, BLOCK: tl.constexpr, CP: tl.constexpr):
-        # chunk b: rank_N = 1-based rank of n among the chunk's assignments of its column; hist[b, c]
+    def _plan_count_kernel(col_ptr, rank_ptr, hist_ptr, N, BLOCK: tl.constexpr, CP: tl.constexpr):
         n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         n_ok = n < N
         col = tl.load(col_ptr + n, mask=n_ok, other=0).to(tl.int32)
         c = tl.arange(0, CP)
         hit = ((col[:, None] == c[None, :]) & n_ok[:, None]).to(tl.int32)
-        cum = tl.cumsum(hit, axis=0)
-        tl.store(rank_ptr + n, tl.sum(cum * hit, axis=1), mask=n_ok)
-        tl.store(hist_ptr + tl.program_id(0) * CP + c, tl.sum(hit, axis=0), mask=c < C)
+        tl.store(rank_ptr + n, tl.sum(tl.cumsum(hit, axis=0) * hit, axis=1), mask=n_ok)   # 1-based
+        tl.store(hist_ptr + tl.program_id(0) * CP + c, tl.sum(hit, axis=0))
 
     @triton.jit
-    def _plan_rows_kernel(col_ptr, rank_ptr, hist_ptr, cum_ptr, cap_ptr, cap, row_ptr, keep_ptr, nS_ptr, tokS_ptr,
-                          offs_ptr, counts_ptr, N, T, E, n_blocks,
-                          CAP_MODE: tl.constexpr, BLOCK: tl.constexpr, CP: tl.constexpr):
-        # every program derives the per-column tables from the column totals (a few dozen numbers):
-        # kept = min(count, cap) for experts, 0 for the invalid column E; kept rows first by expert,
-        # then the dropped rows by column
+    def _plan_scan_kernel(hist_ptr, before_ptr, table_ptr, offs_ptr, counts_ptr, cap_ptr, cap, E, n_blocks,
+                          CAP_MODE: tl.constexpr, CP: tl.constexpr):
         c = tl.arange(0, CP)
-        c_ok = c <= E
-        counts = tl.load(cum_ptr + (n_blocks - 1) * CP + c, mask=c_ok, other=0)
+        counts = tl.zeros((CP,), dtype=tl.int32)
+        for b in range(n_blocks):
+            tl.store(before_ptr + b * CP + c, counts)
+            counts += tl.load(hist_ptr + b * CP + c)
         if CAP_MODE == 0:
             kept = counts
         elif CAP_MODE == 1:
             kept = tl.minimum(counts, cap)
         else:
             kept = tl.minimum(counts, tl.load(cap_ptr))
-        kept = tl.where(c < E, kept, 0)
+        kept = tl.where(c < E, kept, 0)       # the invalid column keeps nothing
         offs = tl.cumsum(kept, axis=0)
         drops = counts - kept
-        drop_base = tl.sum(kept, axis=0) + tl.cumsum(drops, axis=0) - drops
+        # table rows: kept count, first row of the kept rows, first row of the dropped rows
+        tl.store(table_ptr + c, kept)
+        tl.store(table_ptr + CP + c, offs - kept)
+        tl.store(table_ptr + 2 * CP + c, tl.sum(kept, axis=0) + tl.cumsum(drops, axis=0) - drops)
+        tl.store(offs_ptr + c, offs, mask=c < E)
+        tl.store(counts_ptr + c, counts, mask=c < E)
+
+    @triton.jit
+    def _plan_rows_kernel(col_ptr, rank_ptr, before_ptr, table_ptr, row_ptr, keep_ptr, nS_ptr, tokS_ptr, N, T,
+                          BLOCK: tl.constexpr, CP: tl.constexpr):
         b = tl.program_id(0)
         n = b * BLOCK + tl.arange(0, BLOCK)
         n_ok = n < N
         col = tl.load(col_ptr + n, mask=n_ok, other=0).to(tl.int32)
-        hit = (col[:, None] == c[None, :]) & n_ok[:, None]
-        # rank among the whole column = rank in the chunk + the column's count in earlier chunks
-        before = tl.load(cum_ptr + b * CP + c) - tl.load(hist_ptr + b * CP + c)
-        rank = tl.load(rank_ptr + n, mask=n_ok, other=0) + tl.sum(tl.where(hit, before[None, :], 0), axis=1)
-        kept_n = tl.sum(tl.where(hit, kept[None, :], 0), axis=1)
-        keep = rank <= kept_n
-        row = tl.where(keep, tl.sum(tl.where(hit, (offs - kept)[None, :], 0), axis=1) + rank - 1,
-                       tl.sum(tl.where(hit, drop_base[None, :], 0), axis=1) + rank - kept_n - 1).to(tl.int64)
+        rank = tl.load(rank_ptr + n, mask=n_ok, other=0) + tl.load(before_ptr + b * CP + col, mask=n_ok, other=0)
+        kept = tl.load(table_ptr + col, mask=n_ok, other=0)
+        keep = rank <= kept
+        row = tl.where(keep, tl.load(table_ptr + CP + col, mask=n_ok, other=0) + rank - 1,
+                       tl.load(table_ptr + 2 * CP + col, mask=n_ok, other=0) + rank - kept - 1).to(tl.int64)
         tl.store(row_ptr + n, row, mask=n_ok)
         tl.store(keep_ptr + n, keep, mask=n_ok)
         n64 = n.to(tl.int64)
         tl.store(nS_ptr + row, n64, mask=n_ok)
         tl.store(tokS_ptr + row, n64 % T, mask=n_ok)
-        if b == 0:
-            tl.store(offs_ptr + c, offs, mask=c < E)
-            tl.store(counts_ptr + c, counts, mask=c < E)
 
     @triton_op("moebench::route_plan", mutates_args=())
     def route_plan(col_N: torch.Tensor, T: int, n_expert: int, cap_mode: int, cap: int,
@@ -173,18 +178,18 @@ if HAS_TRITON:
         """moe.plan_grouped's plan from the column (expert, or E for an invalid token) of each
         assignment -> (row_N, keep_N, n_S, tok_S, offs_E, counts_E); same layout, bitwise."""
         N, E, dev = col_N.shape[0], n_expert, col_N.device
-        BLOCK, CP = 256, triton.next_power_of_2(E + 1)
+        BLOCK, CP = (256 if N > 4096 else 64), triton.next_power_of_2(E + 1)
         n_blocks = triton.cdiv(N, BLOCK)
-        rank_N = torch.empty(N, dtype=torch.int32, device=dev)
-        hist_BC = torch.zeros(n_blocks, CP, dtype=torch.int32, device=dev)
-        wrap_triton(_plan_count_kernel)[(n_blocks,)](col_N, rank_N, hist_BC, N, E + 1, BLOCK=BLOCK, CP=CP)
-        cum_BC = hist_BC.cumsum(0, dtype=torch.int32)
+        i32 = dict(dtype=torch.int32, device=dev)
+        rank_N, hist_BC, before_BC = torch.empty(N, **i32), torch.empty(n_blocks, CP, **i32), torch.empty(n_blocks, CP, **i32)
+        table_3C, offs_E, counts_E = torch.empty(3, CP, **i32), torch.empty(E, **i32), torch.empty(E, **i32)
         row_N = torch.empty(N, dtype=torch.int64, device=dev)
         keep_N = torch.empty(N, dtype=torch.bool, device=dev)
         n_S, tok_S = torch.empty_like(row_N), torch.empty_like(row_N)
-        offs_E = torch.empty(E, dtype=torch.int32, device=dev)
-        counts_E = torch.empty(E, dtype=torch.int32, device=dev)
-        wrap_triton(_plan_rows_kernel)[(n_blocks,)](
-            col_N, rank_N, hist_BC, cum_BC, cap_t if cap_t is not None else offs_E, cap, row_N, keep_N, n_S,
-            tok_S, offs_E, counts_E, N, T, E, n_blocks, CAP_MODE=cap_mode, BLOCK=BLOCK, CP=CP)
+        wrap_triton(_plan_count_kernel)[(n_blocks,)](col_N, rank_N, hist_BC, N, BLOCK=BLOCK, CP=CP)
+        wrap_triton(_plan_scan_kernel)[(1,)](hist_BC, before_BC, table_3C, offs_E, counts_E,
+                                             cap_t if cap_t is not None else offs_E, cap, E, n_blocks,
+                                             CAP_MODE=cap_mode, CP=CP)
+        wrap_triton(_plan_rows_kernel)[(n_blocks,)](col_N, rank_N, before_BC, table_3C, row_N, keep_N, n_S, tok_S,
+                                                    N, T, BLOCK=BLOCK, CP=CP)
         return row_N, keep_N, n_S, tok_S, offs_E, counts_E
