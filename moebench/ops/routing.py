@@ -29,9 +29,11 @@ except ImportError:                    # a CPU box without triton: the torch ref
 
 
 def fused_available(device: torch.device) -> bool:
-    """The default: fused on CUDA when triton imports. (A CPU runs them only when asked, under
-    Triton's interpreter, as the tests do.)"""
-    return HAS_TRITON and device.type == "cuda"
+    """The default: fused on CUDA when triton imports, unless MOEBENCH_FUSED_ROUTING=0 (the torch
+    reference everywhere, for debugging). A CPU runs them only when asked, under Triton's
+    interpreter, as the tests do."""
+    import os
+    return HAS_TRITON and device.type == "cuda" and os.environ.get("MOEBENCH_FUSED_ROUTING", "1") != "0"
 
 
 if HAS_TRITON:
