@@ -12,18 +12,21 @@ export MOEBENCH_SHARED_DATA=$PWD/.carry/data MOEBENCH_DATA=/tmp/moebench-data
 # NVLink multicast stays off (a program using it can take the host's shared GPUs out of service)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 NGPU=${1:-2}; STEPS=${2:-40}; BATCH=32; MICRO=8; CTX=1024
-OUT=${OUT:-/tmp/out}; RUNS=/tmp/multi; mkdir -p "$OUT" "$RUNS"
+MODELS=${MODELS:-MoE-Mamba_100M Mamba_100M}   # e.g. MODELS=Mamba_100M EXTRA="--lr 5e-4" RUNS=/tmp/multi-lr
+WORLDS=${WORLDS:-1 $NGPU}                     # a repeated world size (WORLDS="1 1r 2") measures run-to-run noise
+EXTRA=${EXTRA:-}
+OUT=${OUT:-/tmp/out}; RUNS=${RUNS:-/tmp/multi}; mkdir -p "$OUT" "$RUNS"
 LOG="$OUT/multi_gpu.log"
 python3 -m moebench data prepare --corpus prose --max-tokens 4M >>"$LOG" 2>&1 || { echo "data prepare failed"; tail -5 "$LOG"; exit 1; }
-for model in MoE-Mamba_100M Mamba_100M; do
-  for world in 1 "$NGPU"; do
-    dir="$RUNS/$model-w$world"
+for model in $MODELS; do
+  for w in $WORLDS; do
+    world=${w%r}; dir="$RUNS/$model-w$w"
     echo "=== $model on $world GPU(s)" | tee -a "$LOG"
     t0=$SECONDS
     timeout 300 torchrun --standalone --nproc_per_node "$world" -m moebench train "$model" \
-      --tokens $((STEPS * BATCH * CTX)) --batch $BATCH --micro-batch $MICRO --ctx $CTX --out "$dir" >>"$LOG" 2>&1
+      --tokens $((STEPS * BATCH * CTX)) --batch $BATCH --micro-batch $MICRO --ctx $CTX $EXTRA --out "$dir" >>"$LOG" 2>&1
     echo "    rc=$? in $((SECONDS - t0))s" | tee -a "$LOG"
     rm -f "$dir"/runs/*/ckpt.pt          # the 100M MoE's checkpoint is 29 GB: keep the disk free
   done
 done
-python3 scripts/multi_gpu_summary.py "$RUNS" "$NGPU" "$OUT/multi_gpu.json" 2>&1 | tee -a "$LOG"
+python3 scripts/multi_gpu_summary.py "$RUNS" "$NGPU" "$OUT/$(basename "$RUNS").json" 2>&1 | tee -a "$LOG"

@@ -69,6 +69,10 @@ def main(runs: str, ngpu: int, out: str) -> None:
                 params=one["row"].get("params"), train_config=[one["row"]["train"], many["row"]["train"]],
                 git=[one["row"]["env"].get("git_sha"), many["row"]["env"].get("git_sha")],
                 steps=int(one["curve"][-1]["step"]))
+        again = load_run(Path(runs) / f"{model}-w1r")
+        if one and again:       # the same 1-GPU run twice: how far nondeterministic kernels alone move the loss
+            res["repeat_1gpu_max_abs_loss_diff"] = max(abs(a["loss"] - b["loss"]) for a, b in zip(one["curve"], again["curve"]))
+            res["repeat_1gpu_loss_by_step"] = [b["loss"] for b in again["curve"]]
         results.append(res)
         print(json.dumps({k: v for k, v in res.items() if k not in ("loss_by_step", "train_config")}))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
