@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-KINDS = ("bench-train", "bench-moe", "bench-memory", "bench-generate")
+KINDS = ("bench-train", "bench-moe", "bench-memory", "bench-generate", "bench-multi-gpu")
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -70,7 +70,28 @@ def header(rec: dict) -> str:
 
 def table(rec: dict) -> tuple[str, list[str], list[list[str]]]:
     return {"bench-train": _train_table, "bench-moe": _moe_table, "bench-memory": _memory_table,
-            "bench-generate": _generate_table}[rec["kind"]](rec)
+            "bench-generate": _generate_table, "bench-multi-gpu": _multi_gpu_table}[rec["kind"]](rec)
+
+
+def _multi_gpu_table(rec):
+    """scripts/gpu_multi.sh: the same steps on 1 and N GPUs (DDP), same global and micro batch."""
+    n = rec["config"]["n_gpus"]
+    title = f"data parallel: 1 vs {n} GPUs ({rec['config'].get('parallelism', 'DDP')}), same global and micro batch"
+    cols = ["variant", "lr", "steps", "tok/s 1 GPU", f"tok/s {n} GPUs", "per GPU", "scaling eff.",
+            f"max |Δ loss| 1 vs {n}", "max |Δ loss| 1 vs 1 (repeat)", f"val loss 1 / {n}", "peak GiB (rank 0)"]
+    rows = []
+    for r in rec["results"]:
+        if r["status"] != "ok":
+            rows.append([r["variant"], *["-"] * 9, r["status"].upper()])
+            continue
+        t, k = r["tokens_per_s"], str(n)
+        val, mem = r["final_val_loss"], r["peak_mem_gib_rank0"]
+        lr = r["train_config"][0].get("lr") if r.get("train_config") else None
+        rows.append([r["variant"], _f(lr, ".0e"), str(r["steps"]), _tok(t["1"]), _tok(t[k]),
+                     _tok(r["tokens_per_s_per_gpu"][k]), _f(r["scaling_efficiency"] and 100 * r["scaling_efficiency"], ".0f") + "%",
+                     _f(r["max_abs_loss_diff"], ".3f"), _f(r.get("repeat_1gpu_max_abs_loss_diff"), ".3f"),
+                     f"{_f(val['1'], '.4f')} / {_f(val[k], '.4f')}", f"{_f(mem['1'], '.1f')} / {_f(mem[k], '.1f')}"])
+    return title, cols, rows
 
 
 def _train_table(rec):
@@ -171,25 +192,29 @@ def summary_rows(records: list[dict]) -> list[list[str]]:
     (of each CUDA-graph setting for generation): a dozen lines or so."""
     latest: dict[str, dict] = {}
     gen: dict[bool, dict] = {}
+    trains: dict[bool, dict] = {}
     for rec in records:
         latest[rec["kind"]] = rec
         if rec["kind"] == "bench-generate":
             gen[bool(rec["config"]["cuda_graph"])] = rec
+        if rec["kind"] == "bench-train":
+            trains[bool(rec["config"]["compile"])] = rec
     rows = []
 
     def add(check, value, target="", ok=None):
         rows.append([check, value, target, "-" if ok is None else ("✓" if ok else "✗")])
 
-    if "bench-train" in latest:
-        for r in latest["bench-train"]["results"]:
+    for compiled, rec in sorted(trains.items()):
+        tag = "compiled" if compiled else "eager"
+        for r in rec["results"]:
             if r.get("baseline") and r["status"] == "ok":
                 continue
             if r["status"] != "ok":
-                add(f"train {r['variant']}", r["status"].upper())
+                add(f"train {tag} {r['variant']}", r["status"].upper())
                 continue
             mfu = f", MFU {100 * r['mfu']:.0f}%" if r.get("mfu") else ""
             e32 = "e32" in r["variant"] and "MoE-Mamba" in r["variant"]
-            add(f"train {r['variant']}", f"{_tok(r['tokens_per_s'])} tok/s{mfu}", "≥ 400k on H100" if e32 else "",
+            add(f"train {tag} {r['variant']}", f"{_tok(r['tokens_per_s'])} tok/s{mfu}", "≥ 400k on H100" if e32 else "",
                 r["tokens_per_s"] >= 4e5 if e32 else None)
             for key, target in (("vs_dense_equivalent", 0.9), ("vs_loop", 4.0)):
                 v = r.get("ratios", {}).get(key)
@@ -239,6 +264,14 @@ def summary_rows(records: list[dict]) -> list[list[str]]:
             sizes = ", ".join(f"{v} {next(r['state_bytes'] for r in res if r['variant'] == v) / 2**20:.1f} MiB"
                               for v in mamba)
             add(f"↳ decode {tag} Mamba state against context", sizes, "constant", constant)
+    for rec in (r for r in records if r["kind"] == "bench-multi-gpu"):
+        n = rec["config"]["n_gpus"]
+        for r in rec["results"]:
+            if r["status"] == "ok":
+                lr = r["train_config"][0].get("lr") if r.get("train_config") else None
+                add(f"{n} GPUs {r['variant']} (lr {_f(lr, '.0e')})",
+                    f"{_tok(r['tokens_per_s'][str(n)])} tok/s, scaling {100 * r['scaling_efficiency']:.0f}%, "
+                    f"val loss {_f(r['final_val_loss']['1'], '.3f')} (1 GPU) vs {_f(r['final_val_loss'][str(n)], '.3f')}")
     return rows
 
 

@@ -162,3 +162,23 @@ def test_cli_bench_bad_input_is_a_user_error():
                  ["bench", "train", "Mamba_25M@tiny", "--format", "xml"]):
         r = CliRunner().invoke(app, args)
         assert isinstance(r.exception, UserError), (args, r.output)
+
+
+def test_multi_gpu_record_renders(tmp_path):
+    """scripts/multi_gpu_summary.py's record (kind bench-multi-gpu) in the tables and the summary."""
+    import json
+    res = {"variant": "MoE-Mamba_100M", "world_sizes": [1, 2], "status": "ok", "steps": 40,
+           "tokens_per_s": {"1": 77e3, "2": 127e3}, "tokens_per_s_per_gpu": {"1": 77e3, "2": 63.5e3},
+           "scaling_efficiency": 127 / 154, "speedup": 127 / 77, "max_abs_loss_diff": 0.025,
+           "final_val_loss": {"1": 6.4318, "2": 6.4249}, "peak_mem_gib_rank0": {"1": 48.8, "2": 58.2},
+           "train_config": [{"lr": 5e-4}, {"lr": 5e-4}], "repeat_1gpu_max_abs_loss_diff": 0.5}
+    rec = {"schema": 1, "kind": "bench-multi-gpu", "created": "2026-11-25T21:00:00+00:00", "complete": True,
+           "config": {"n_gpus": 2, "parallelism": "DDP (NCCL)"}, "results": [res, {"variant": "X", "status": "missing"}],
+           "env": {}, "device": "NVIDIA H100 80GB HBM3"}
+    (tmp_path / "m.json").write_text(json.dumps(rec))
+    recs = load_bench_records(tmp_path)
+    title, cols, rows = table(recs[0])
+    assert "1 vs 2 GPUs" in title and rows[0][6] == "82%" and rows[0][9] == "6.4318 / 6.4249" and rows[0][8] == "0.500"
+    assert rows[1][-1] == "MISSING"
+    assert any("2 GPUs MoE-Mamba_100M" in r[0] and "scaling 82%" in r[1] for r in summary_rows(recs))
+    assert "data parallel" in render_bench_report(tmp_path, tmp_path / "rep", plots=False).read_text()
