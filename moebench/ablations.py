@@ -137,8 +137,9 @@ class Spec:
 
 
 def experiment_dirs() -> list[Path]:
-    """experiments/ next to the package (a source checkout), then ./experiments."""
-    dirs = [REPO_ROOT / "experiments", Path.cwd() / "experiments"]
+    """experiments/ next to the package (a source checkout), the copy an installed wheel carries
+    (moebench/_experiments), then ./experiments."""
+    dirs = [REPO_ROOT / "experiments", Path(__file__).parent / "_experiments", Path.cwd() / "experiments"]
     return list(dict.fromkeys(d.resolve() for d in dirs if d.is_dir()))
 
 

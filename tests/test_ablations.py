@@ -251,3 +251,16 @@ def test_ablations_command_lists_the_tables():
     for name, table in TABLES.items():
         assert name in res.output and table in res.output
     assert "test " not in res.output                     # the hidden preset stays hidden
+
+
+def test_wheel_packages_cover_every_package_and_the_specs():
+    """pyproject lists the packages explicitly (to map experiments/ to moebench._experiments in a
+    wheel): every package folder under moebench/ must be in that list."""
+    import tomllib
+    from moebench.ablations import REPO_ROOT
+    cfg = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    found = {".".join(p.parent.relative_to(REPO_ROOT).parts) for p in (REPO_ROOT / "moebench").rglob("__init__.py")}
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
+    assert cfg["package-dir"]["moebench._experiments"] == "experiments"
+    assert {p.stem for p in (REPO_ROOT / "experiments").glob("*.py")} >= {"architectures", "experts", "ratios"}
