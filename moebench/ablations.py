@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from moebench.config import Ablation, ModelConfig, Preset, TrainConfig, stable_hash
-from moebench.errors import UserError
+from moebench.errors import RunBusy, UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SWEEPS_FILE = "lr_sweeps.jsonl"
@@ -400,6 +400,7 @@ def execute(plan: Plan, *, device: str = "auto", resume: bool = False, hooks: Ho
     hooks = hooks or Hooks()
     outcomes = []
     for run in plan.runs:
+        refresh_status(plan)                    # another process may have finished or started it meanwhile
         if run.status == "done":
             outcomes.append(Outcome(run, "skipped"))
             continue
@@ -423,6 +424,8 @@ def execute(plan: Plan, *, device: str = "auto", resume: bool = False, hooks: Ho
             outcome = Outcome(run, "done", row)
         except KeyboardInterrupt:
             raise
+        except RunBusy as e:                    # another process is training this run: not a failure
+            outcome = Outcome(run, "skipped", error=str(e))
         except TrainingFailed as e:
             outcome = Outcome(run, "failed", error=str(e))
         except Exception as e:                   # noqa: BLE001: one variant must not stop the others

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """A bad name, path, config or checkpoint: the user can fix it; no traceback is shown."""
+
+
+class RunBusy(UserError):
+    """Another process holds the run's lock: it is training that run right now."""

@@ -4,7 +4,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
+
+from moebench.errors import RunBusy
 
 SCHEMA = 1
 
@@ -60,3 +63,22 @@ def load_frame(path: str | Path):
     import pandas as pd
     rows = load_records(path)
     return pd.json_normalize(rows) if rows else pd.DataFrame()
+
+
+@contextmanager
+def run_lock(run_dir: str | Path, what: str = "this run"):
+    """Exclusive, non-blocking lock of one run's folder for as long as a process trains it, so that
+    two processes (two `moebench run`s of ablations that share a run, or a repeated `moebench
+    train`) never write the same checkpoint. flock dies with its process, even under SIGKILL, so a
+    killed run leaves no stale lock. Raises RunBusy when another process holds it."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / "train.lock", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusy(f"{what} is being trained by another process (lock {run_dir / 'train.lock'})") from None
+        yield
+    finally:
+        os.close(fd)          # closing the descriptor releases the lock

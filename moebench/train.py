@@ -25,7 +25,7 @@ from moebench.errors import UserError
 from moebench.metrics import EMA
 from moebench.models.lm import build_model, flops_per_token
 from moebench.optim import clip_grad_norm, default_lr, lr_at, make_optimizer
-from moebench.results import SCHEMA, append_record
+from moebench.results import SCHEMA, append_record, run_lock
 
 
 class TrainingFailed(Exception):
@@ -116,7 +116,19 @@ def default_data(corpus: str = "prose") -> Path:
 def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = "results", *, resume: bool = False,
           device: str = "auto", run_tag: str = "", extra: dict | None = None,
           on_progress: Callable[[Progress], None] | None = None, ckpt_every_steps: int = 0) -> dict:
-    """Train and return the result row (also appended to <out>/runs.jsonl)."""
+    """Train and return the result row (also appended to <out>/runs.jsonl).
+
+    Rank 0 holds the run's lock (results.run_lock) throughout, taken before the process group
+    starts: a second process for the same run fails at once with RunBusy, and under torchrun the
+    other ranks are then stopped by torchrun."""
+    run_id = run_id_for(cfg, tcfg, run_tag)
+    if not distributed.from_env().is_main:
+        return _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_every_steps)
+    with run_lock(Path(out) / "runs" / run_id, f"run {run_id} ({cfg.name})"):
+        return _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_every_steps)
+
+
+def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_every_steps) -> dict:
     from moebench.data import BatchSampler, TokenData, val_batches
 
     out = Path(out)

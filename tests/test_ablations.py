@@ -181,6 +181,19 @@ def test_interrupted_ablation_resumes_only_whats_missing(data_dir, tmp_path, mon
     assert len(resumed) == 1 and resumed[0]["metrics"]["steps"] == 3
 
 
+def test_a_run_another_process_trains_is_skipped_not_failed(data_dir, tmp_path):
+    from moebench.results import run_lock
+    out = tmp_path / "results"
+    plan = ensure_data(make_plan("experts", "test", only=["Mamba_25M", "MoE-Mamba_25M-e1"], out=out,
+                                 data_dir=data_dir))
+    busy = plan.runs[0]
+    with run_lock(out / "runs" / busy.run_id):
+        outcomes = execute(plan, device="cpu")
+    assert [o.status for o in outcomes] == ["skipped", "done"]
+    assert "another process" in outcomes[0].error
+    assert [r["variant"] for r in rows_of(out)] == ["MoE-Mamba_25M-e1@tiny"]     # no failure row
+
+
 def test_a_failing_variant_does_not_stop_the_others(data_dir, tmp_path, monkeypatch):
     import moebench.train
     real_train = moebench.train.train

@@ -152,6 +152,23 @@ def test_refuses_to_overwrite_a_checkpoint_or_resume_nothing(finished_run, tmp_p
     assert not (tmp_path / "runs.jsonl").exists()
 
 
+def test_a_run_trained_elsewhere_is_refused_without_touching_it(finished_run):
+    """While another process holds the run's lock (here: this one, through a second descriptor),
+    train() raises RunBusy before reading or writing anything; the lock goes with its holder."""
+    from moebench.errors import RunBusy
+    from moebench.results import run_lock
+    row, out, cfg, tcfg, _ = finished_run
+    run_dir = out / "runs" / row["run_id"]
+    ckpt = run_dir / "ckpt.pt"
+    before = (ckpt.stat().st_mtime_ns, out.joinpath("runs.jsonl").read_bytes())
+    with run_lock(run_dir):
+        with pytest.raises(RunBusy, match="being trained by another process"):
+            train(cfg, tcfg, out=out, device="cpu", resume=True)
+    assert (ckpt.stat().st_mtime_ns, out.joinpath("runs.jsonl").read_bytes()) == before
+    with run_lock(run_dir):                  # released: free to take again
+        pass
+
+
 # --- 2. SIGKILL after the first checkpoint, resume: the same curve ----------------------------------
 KILL_DRIVER = r"""
 import json, sys, torch
