@@ -11,7 +11,7 @@ import math
 import signal
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -118,17 +118,14 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = "results", *, r
           on_progress: Callable[[Progress], None] | None = None, ckpt_every_steps: int = 0) -> dict:
     """Train and return the result row (also appended to <out>/runs.jsonl).
 
-    Rank 0 holds the run's lock (results.run_lock) throughout, taken before the process group
-    starts: a second process for the same run fails at once with RunBusy, and under torchrun the
-    other ranks are then stopped by torchrun."""
-    run_id = run_id_for(cfg, tcfg, run_tag)
-    if not distributed.from_env().is_main:
-        return _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_every_steps)
-    with run_lock(Path(out) / "runs" / run_id, f"run {run_id} ({cfg.name})"):
-        return _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_every_steps)
+    Once the arguments and the data check out, rank 0 takes the run's lock (results.run_lock) and
+    holds it to the end: a second process for the same run fails at once with RunBusy (under
+    torchrun, torchrun then stops the other ranks)."""
+    with ExitStack() as held:
+        return _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_every_steps, held)
 
 
-def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_every_steps) -> dict:
+def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_every_steps, held: ExitStack) -> dict:
     from moebench.data import BatchSampler, TokenData, val_batches
 
     out = Path(out)
@@ -146,11 +143,13 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
     run_id = run_id_for(cfg, tcfg, run_tag)
     run_dir = out / "runs" / run_id
     ckpt_path = run_dir / "ckpt.pt"
+    if resume and not ckpt_path.exists():
+        raise UserError(f"nothing to resume: no checkpoint at {ckpt_path}")
+    if dist.is_main:
+        held.enter_context(run_lock(run_dir, f"run {run_id} ({cfg.name})"))
     if ckpt_path.exists() and not resume:
         raise UserError(f"run {run_id} already has a checkpoint in {run_dir}: pass --resume to continue "
                         f"it, or choose another --out")
-    if resume and not ckpt_path.exists():
-        raise UserError(f"nothing to resume: no checkpoint at {ckpt_path}")
 
     torch.manual_seed(tcfg.seed)
     use_bf16 = tcfg.dtype == "bf16" or (tcfg.dtype == "auto" and dev.type == "cuda")

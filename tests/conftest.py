@@ -146,11 +146,12 @@ def run_moebench():
 
 
 def tree_digest(folder) -> dict[str, str]:
-    """sha256 of every file under `folder`, by relative path: equal digests = nothing written."""
+    """sha256 of every file under `folder`, by relative path: equal digests = nothing written.
+    Empty *.lock files (runs.jsonl.lock, a run's train.lock) are flock targets, not data: left out."""
     folder = Path(folder)
     out = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file():
+        if p.is_file() and not (p.name.endswith(".lock") and p.stat().st_size == 0):
             with open(p, "rb") as f:
                 out[p.relative_to(folder).as_posix()] = hashlib.file_digest(f, "sha256").hexdigest()
     return out
