@@ -90,6 +90,21 @@ def time_repeats(fn: Callable[[], object], repeats: int, warmup: int, device: to
     return [start.elapsed_time(end) / 1e3 for start, end in events]
 
 
+def kernel_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float | None:
+    """Milliseconds of GPU kernels per call of fn (torch.profiler, CUDA activity only): the device's
+    share of the work, whatever the host's launch overhead. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        sync(device)
+    return sum(e.self_device_time_total for e in prof.key_averages()) / repeats / 1e3
+
+
 def stats(times: list[float]) -> dict:
     return {"median": statistics.median(times), "mean": statistics.fmean(times), "min": min(times),
             "max": max(times), "n": len(times), "all": times}
@@ -310,8 +325,11 @@ def bench_moe(*, tokens: int = 32768, d: int = 512, hidden: int = 1536, experts:
             with torch.no_grad():
                 fwd = time_repeats(fn, steps, warmup, dev)
             both = time_repeats(fwd_bwd(fn), steps, warmup, dev)
+            # a lone layer of this size can be launch-bound (the host is slower than the GPU):
+            # the kernels' own time says what the layer costs inside a GPU-bound training step
             res.update(fwd_ms=stats([t * 1e3 for t in fwd]), fwd_bwd_ms=stats([t * 1e3 for t in both]),
-                       tflops_fwd_bwd=3 * flops / statistics.median(both) / 1e12)
+                       tflops_fwd_bwd=3 * flops / statistics.median(both) / 1e12,
+                       kernel_ms_fwd_bwd=kernel_ms(fwd_bwd(fn), dev))
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not _is_oom(e):
                 raise
@@ -355,14 +373,18 @@ def bench_moe(*, tokens: int = 32768, d: int = 512, hidden: int = 1536, experts:
             fwd = time_repeats(gemm_only, steps, warmup, dev)
         both = time_repeats(gemm_fwd_bwd, steps, warmup, dev)
         res.update(fwd_ms=stats([t * 1e3 for t in fwd]), fwd_bwd_ms=stats([t * 1e3 for t in both]),
-                   tflops_fwd_bwd=3 * flops_fwd * top_k / statistics.median(both) / 1e12)
+                   tflops_fwd_bwd=3 * flops_fwd * top_k / statistics.median(both) / 1e12,
+                   kernel_ms_fwd_bwd=kernel_ms(gemm_fwd_bwd, dev))
         record["results"].append(res)
     ms = {r["name"]: r["fwd_bwd_ms"]["median"] for r in record["results"] if r.get("status") == "ok"}
+    kern = {r["name"]: r["kernel_ms_fwd_bwd"] for r in record["results"] if r.get("kernel_ms_fwd_bwd")}
     record["ratios"] = {k: v for k, v in {
         "grouped_over_dense": ms["grouped"] / ms["dense"] if {"grouped", "dense"} <= ms.keys() else None,
         "loop_over_grouped": ms["loop"] / ms["grouped"] if {"loop", "grouped"} <= ms.keys() else None,
         "grouped_over_gemm_only": ms["grouped"] / ms["grouped_gemm_only"]
-        if {"grouped", "grouped_gemm_only"} <= ms.keys() else None}.items() if v is not None}
+        if {"grouped", "grouped_gemm_only"} <= ms.keys() else None,
+        "grouped_over_dense_kernels": kern["grouped"] / kern["dense"] if {"grouped", "dense"} <= kern.keys() else None,
+    }.items() if v is not None}
     return _finish(record, on_update)
 
 

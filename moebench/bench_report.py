@@ -118,15 +118,15 @@ def _moe_table(rec):
     c = rec["config"]
     title = (f"one MoE layer: T={c['tokens']}, d={c['d']}, expert {c['hidden']}, E={c['experts']}, "
              f"top-{c['top_k']}, cf={c['capacity_factor']}, {c['dtype']}")
-    cols = ["path", "what", "fwd ms", "fwd+bwd ms", "TFLOP/s", "dropped"]
+    cols = ["path", "what", "fwd ms", "fwd+bwd ms", "fwd+bwd kernels ms", "TFLOP/s", "dropped"]
     rows = []
     for r in rec["results"]:
         if r["status"] != "ok":
-            rows.append([r["name"], r.get("what", ""), r["status"].upper(), "-", "-", "-"])
+            rows.append([r["name"], r.get("what", ""), r["status"].upper(), "-", "-", "-", "-"])
             continue
         rows.append([r["name"], r.get("what", ""), _f(r["fwd_ms"]["median"], ".3f"),
-                     _f(r["fwd_bwd_ms"]["median"], ".3f"), _f(r["tflops_fwd_bwd"], ".1f"),
-                     _f(r.get("dropped_frac"), ".1%")])
+                     _f(r["fwd_bwd_ms"]["median"], ".3f"), _f(r.get("kernel_ms_fwd_bwd"), ".3f"),
+                     _f(r["tflops_fwd_bwd"], ".1f"), _f(r.get("dropped_frac"), ".1%")])
     return title, cols, rows
 
 
@@ -223,6 +223,9 @@ def summary_rows(records: list[dict]) -> list[list[str]]:
     if "bench-moe" in latest:
         ms = {r["name"]: r["fwd_bwd_ms"]["median"] for r in latest["bench-moe"]["results"] if r["status"] == "ok"}
         add("MoE layer fwd+bwd (ms)", ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
+        kern = {r["name"]: r["kernel_ms_fwd_bwd"] for r in latest["bench-moe"]["results"] if r.get("kernel_ms_fwd_bwd")}
+        if kern:
+            add("↳ of which GPU kernels (ms)", ", ".join(f"{k} {v:.2f}" for k, v in kern.items()))
     if "bench-memory" in latest:
         res = latest["bench-memory"]["results"]
         for mode in dict.fromkeys(r["mode"] for r in res):

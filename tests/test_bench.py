@@ -134,6 +134,7 @@ def test_cli_bench_commands_and_report(tmp_path):
     moe = json.loads((res / "moe.json").read_text())
     check_record(moe, "bench-moe")
     assert {x["name"] for x in moe["results"]} >= {"dense", "grouped", "loop"}
+    assert all(x["kernel_ms_fwd_bwd"] is None for x in moe["results"])      # GPU kernels: CUDA only
     _run(["bench", "memory", "--variants", "Mamba_25M@tiny", "--lengths", "8,16", "--repeats", "1",
           "--dtype", "fp32", "--device", "cpu", "--out", str(res / "memory.json"), "--plots", str(tmp_path / "p")])
     assert (tmp_path / "p" / "bench_memory.png").exists()
