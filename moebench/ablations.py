@@ -94,10 +94,13 @@ def presets(*, paper_tokens: int, with_100m: bool = False) -> dict[str, Preset]:
                        note="hidden: 3 steps of the CPU twins, for tests"),
     }
     if with_100m:
-        # table 6: 30K steps of 1024 x 1024 (~31.5B tokens), accumulated from micro-batches of 32
+        # table 6: 30K steps of 1024 x 1024 (~31.5B tokens), accumulated from micro-batches of 16.
+        # MoE-Mamba_100M measured on an H100 at micro-batch 8: 48.8 GiB peak (36.4 of them weights,
+        # gradients and Adam state), 58.2 GiB under DDP: ~12.4 GiB of activations per 8 sequences, so
+        # 32 (~86 GiB, ~96 under DDP) cannot fit an 80 GB card and 16 (~61, ~71 under DDP) can
         out["paper-100m"] = Preset(name="paper-100m", tokens=30_000 * 1024 * 1024, batch=1024, ctx=1024,
-                                   micro_batch=32, eval_batches=16,
-                                   note="100M variants, 30K steps x 1024 x 1024 (micro-batch 32)")
+                                   micro_batch=16, eval_batches=16,
+                                   note="100M variants, 30K steps x 1024 x 1024 (micro-batch 16)")
     return out
 
 

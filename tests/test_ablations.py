@@ -110,7 +110,7 @@ def test_dry_run_prints_the_plan(tmp_path):
     res = runner.invoke(app, ["run", "architectures", "--dry-run", "--preset", "paper-100m", "--out", str(tmp_path),
                               "--device", "cpu"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
-    assert "MoE-Mamba_100M" in res.output and "micro 32" in res.output
+    assert "MoE-Mamba_100M" in res.output and "micro 16" in res.output
 
 
 def test_refuses_repeating_data(data_dir, tmp_path):
