@@ -18,10 +18,11 @@ gradients. Why:
     (16 layers x 42 experts x 2 x 768 x 2304), nearly all experts: fp32 weights + gradients + AdamW
     moments = 16 B/param = 36 GiB per GPU, which an 80 GB H100 holds with room for activations.
     Measured on H100s (micro-batch 8 x 1024): peak 48.8 GiB in one process, 58.2 GiB on rank 0 of 2,
-    i.e. DDP still holds one more fp32 copy of the gradients (9.1 GiB) at its peak despite
-    gradient_as_bucket_view (probably the gradients autograd allocates after zero_grad(set_to_none=True)
-    before the reducer copies them into its buckets; not investigated yet). The 25M variants need a
-    few GiB.
+    i.e. one more fp32 copy of the gradients (9.1 GiB): with gradient_as_bucket_view, gradients set
+    to None by zero_grad come back from the no_sync micro batches of an accumulating step as fresh
+    tensors beside the buckets. So train() zeroes them in place under DDP with accumulation, which
+    keeps them bucket views (tests/test_distributed.py checks it; the saving is not yet measured on
+    GPUs). The 25M variants need a few GiB.
   * FSDP2 (`fully_shard` per block) would cut those 36 GiB to 36/N, at the price of all-gathering
     all 42 experts' weights in every micro batch's forward and backward (1.5x DDP's traffic, though
     a token uses one expert), DTensor-aware clipping and checkpoints gathered through
@@ -116,6 +117,13 @@ class Dist:
         dev = next(model.parameters()).device
         # gradients live in DDP's buckets instead of a second full-size copy
         return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, gradient_as_bucket_view=True)
+
+    def zero_grad(self, opt: torch.optim.Optimizer, accum: int) -> None:
+        """After a step. Under DDP with accumulation, gradients set to None come back from the no_sync
+        micro batches as fresh tensors beside DDP's buckets (one more fp32 copy of every gradient:
+        9 GiB for MoE-Mamba_100M); zeroed in place they stay views of the buckets. Otherwise None
+        (no memset)."""
+        opt.zero_grad(set_to_none=not (self.world > 1 and accum > 1))
 
     def micro_batches(self, step: int, accum: int) -> range:
         """Global numbers of the micro batches this rank trains on at `step` (see the docstring)."""

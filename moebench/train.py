@@ -281,7 +281,7 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
                 raise TrainingFailed(f"{cfg.name}: loss became {loss} at step {step}; the last good "
                                      f"checkpoint is kept in {run_dir}")
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            dist.zero_grad(opt, accum)
             ema.update(loss)
             acc.add_loss(loss)
             step += 1
