@@ -84,9 +84,9 @@ def run_cmd(
     bad = [o for o in outcomes if o.status in ("failed", "interrupted")]
     ran = [o for o in outcomes if o.status == "done"]
     busy = [o for o in outcomes if o.status == "skipped" and o.error]
+    busy_part = f"{len(busy)} skipped (another process trains them), " if busy else ""
     err.print(f"{len(ran)} trained, {sum(o.status == 'skipped' for o in outcomes) - len(busy)} skipped (done before), "
-              f"{len(busy)} skipped (another process trains them), "
-              f"{len(bad)} not finished; report: moebench report {ablation} --preset {preset} "
+              f"{busy_part}{len(bad)} not finished; report: moebench report {ablation} --preset {preset} "
               f"--results {plan.out / 'runs.jsonl'}", highlight=False, soft_wrap=True)
     for o in busy:
         err.print(f"[yellow]busy:[/yellow] {o.run.variant} seed {o.run.tcfg.seed}: {o.error}", highlight=False,

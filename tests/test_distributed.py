@@ -161,6 +161,7 @@ def _grads_stay_bucket_views(rank: int) -> list[bool]:
                 seen.append(all(p.grad._base is not None for p in model.parameters()))
         opt.step()
         dist.zero_grad(opt, accum=2)
+    torch.distributed.barrier()     # neither rank exits (destroying the group) while the other is in a collective
     return seen
 
 
