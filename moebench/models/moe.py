@@ -8,8 +8,10 @@ Shape suffixes (as in torchtitan's moe.py):
   S  rows of the expert-sorted buffer (S = N): kept rows grouped by expert, dropped rows after them
 
 Two implementations with identical semantics (tests/test_moe.py proves it):
-  "grouped": counting sort of assignments by expert, one gather, two grouped GEMMs, one scatter-add;
-             no host synchronisation and only static shapes when valid_T is None.
+  "grouped": counting sort of assignments by expert, one gather, two grouped GEMMs, one gather
+             back; no host synchronisation and only static shapes when valid_T is None. On CUDA
+             the plan and the gathers run as Triton kernels (moebench/ops/routing.py), whose
+             reference is the torch code here (tests/test_routing.py).
   "loop":    a per-expert Python loop that decides capacity its own way; the reference.
 """
 from __future__ import annotations
@@ -164,7 +166,7 @@ def plan_grouped(top_i_TK: torch.Tensor, valid_T: torch.Tensor | None, n_expert:
     the assignments of its column in priority order n = k·T + t, so capacity keeps ranks <= cap.
     Buffer layout: the kept rows of expert 0, 1, ..., E-1 (offs_E), then the dropped rows of expert
     0, 1, ..., E-1, then the invalid ones, each segment in n order. fused=True computes the same
-    plan, bitwise, with two Triton kernels (moebench/ops/routing.py); this is its reference.
+    plan, bitwise, with three Triton kernels (moebench/ops/routing.py); this is its reference.
     """
     T, K = top_i_TK.shape
     N, E, dev = T * K, n_expert, top_i_TK.device

@@ -1,8 +1,9 @@
 """The routing of the grouped MoE path in Triton: the plan (a counting sort of the assignments by
 expert, three small kernels where the torch reference takes about fifteen), and fused gathers: the
-combine y_TD = Σ_k p·out_SD[row], its backward, and the backward of the dispatch. Each is one pass over the rows it reads and writes,
-where the plain-torch twins in moebench/models/moe.py (the reference) take an index_select, a
-broadcast multiply, a torch.where and a sum, each a full pass over a (T, D) tensor.
+combine y_TD = Σ_k p·out_SD[row], its backward, and the backward of the dispatch. Each gather is one
+pass over the rows it reads and writes, where the plain-torch twins in moebench/models/moe.py (the
+reference) take an index_select, a broadcast multiply, a torch.where and a sum, each a full pass
+over a (T, D) tensor.
 
 Shape suffixes as in moe.py: T tokens, K choices, N = K·T assignments (n = k·T + t), S = N buffer
 rows, D width. row_N maps an assignment to its buffer row, n_S is its inverse; keep_N marks the
