@@ -56,6 +56,15 @@ def new_record(kind: str, config: dict, device: torch.device) -> dict:
             "device": env.device_name(device)}
 
 
+def _add(record: dict, res: dict, on_update: Update) -> dict:
+    """Append one measured point; the caller's on_update rewrites the record after every point, so
+    an interrupted benchmark keeps what it measured."""
+    record["results"].append(res)
+    if on_update:
+        on_update(record)
+    return res
+
+
 def _finish(record: dict, on_update: Update) -> dict:
     record["complete"] = True
     record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -244,22 +253,17 @@ def bench_train(cfgs: list[ModelConfig], *, batch: int = 32, ctx: int = 1024, dt
     kw = dict(batch=batch, ctx=ctx, dtype=dtype, compile=compile, steps=steps, warmup=warmup, device=dev,
               impl=impl, moe_impl=moe_impl, loss_chunk=loss_chunk)
 
-    def add(res: dict) -> dict:
-        record["results"].append(res)
-        if on_update:
-            on_update(record)
-        return res
-
     for cfg in cfgs:
-        main = add(train_one(cfg, **kw))
+        main = _add(record, train_one(cfg, **kw), on_update)
         if not (baselines and has_moe(cfg)):
             continue
         ratios = {}
         if cfg.ffn == "moe":
-            dense = add(train_one(dense_equivalent(cfg), baseline="dense-equivalent", **kw))
+            dense = _add(record, train_one(dense_equivalent(cfg), baseline="dense-equivalent", **kw), on_update)
             dense["of"] = cfg.name
             ratios["vs_dense_equivalent"] = _ratio(main, dense)
-        loop = add(train_one(cfg, label=cfg.name + "[loop]", baseline="loop", moe_override="loop", **kw))
+        loop = _add(record, train_one(cfg, label=cfg.name + "[loop]", baseline="loop", moe_override="loop", **kw),
+                    on_update)
         ratios["vs_loop"] = _ratio(main, loop)
         main["ratios"] = ratios
     return _finish(record, on_update)
@@ -335,9 +339,7 @@ def bench_moe(*, tokens: int = 32768, d: int = 512, hidden: int = 1536, experts:
                 raise
             res.update(status="oom", error=str(e).splitlines()[0][:200])
         free_memory(dev)
-        record["results"].append(res)
-        if on_update:
-            on_update(record)
+        _add(record, res, on_update)
 
     measure("dense", run_ffn, flops_fwd, {"what": f"FFN {d}->{hidden}->{d}"})
     impls = ["grouped", "loop"] if loop else ["grouped"]
@@ -439,9 +441,7 @@ def bench_memory(cfgs: list[ModelConfig], *, lengths: list[int], batch: int = 1,
                     res.update(_memory_point(model, cfg, mode, batch, L, amp, loss_chunk, repeats, warmup, dev))
                     if res["status"] == "oom":
                         oom_at[mode] = L
-                record["results"].append(res)
-                if on_update:
-                    on_update(record)
+                _add(record, res, on_update)
         del model
         free_memory(dev)
     return _finish(record, on_update)
@@ -546,9 +546,7 @@ def bench_generate(cfgs: list[ModelConfig], *, prompt_lens: list[int], gen_len: 
                             res["ratio_to_kv_bound"] = res["ms_per_step"] / res["kv_bound_ms"]
                         if sheet:
                             res["kv_bound_ms_datasheet"] = kv / sheet * 1e3
-                record["results"].append(res)
-                if on_update:
-                    on_update(record)
+                _add(record, res, on_update)
         del model
         free_memory(dev)
     return _finish(record, on_update)
