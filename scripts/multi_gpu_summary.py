@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from moebench import env
+from moebench.results import load_records
 
 
 def _num(v):
@@ -26,7 +27,7 @@ def _num(v):
 
 
 def load_run(d: Path) -> dict | None:
-    rows = [json.loads(line) for line in (d / "runs.jsonl").read_text().splitlines()] if (d / "runs.jsonl").exists() else []
+    rows = load_records(d / "runs.jsonl")
     if not rows:
         return None
     row = rows[-1]
