@@ -27,6 +27,7 @@ import torch
 from moebench import env
 from moebench.config import ModelConfig, TrainConfig
 from moebench.models.lm import build_model, flops_per_token
+from moebench.optim import describe_optimizer
 
 SCHEMA = 1
 GiB = 2**30
@@ -248,7 +249,7 @@ def bench_train(cfgs: list[ModelConfig], *, batch: int = 32, ctx: int = 1024, dt
     loss_chunk = (8192 if dev.type == "cuda" else 0) if loss_chunk is None else loss_chunk   # as train.py
     config = {"variants": [c.name for c in cfgs], "batch": batch, "ctx": ctx, "dtype": dtype, "compile": compile,
               "steps": steps, "warmup": warmup, "impl": impl, "moe_impl": moe_impl, "loss_chunk": loss_chunk,
-              "baselines": baselines, "optimizer": "AdamW (fused on CUDA)", "grad_clip": 0.5}
+              "baselines": baselines, "optimizer": describe_optimizer(dev), "grad_clip": 0.5}
     record = new_record("bench-train", config, dev)
     kw = dict(batch=batch, ctx=ctx, dtype=dtype, compile=compile, steps=steps, warmup=warmup, device=dev,
               impl=impl, moe_impl=moe_impl, loss_chunk=loss_chunk)

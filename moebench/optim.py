@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
 
 from moebench.config import ModelConfig, TrainConfig
+from moebench.ops import adamw as adamw_ops
 
 
 def default_lr(cfg: ModelConfig) -> float:
@@ -33,9 +35,85 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW (same state, same state_dict), whose tensors of >= `large` fp32 elements (the
+    experts' weights) are stepped by moebench/ops/adamw.py when `triton_large`: one kernel per tensor
+    that does not write the gradient back, as torch's fused step does when given a grad_scale.
+    The rest, and everything when triton_large is False, go through torch's step unchanged."""
+
+    def __init__(self, params, *, triton_large: bool = False, large: int = 1 << 20, **kw):
+        super().__init__(params, **kw)
+        self.triton_large, self.large = triton_large, large
+
+    def _large_params(self) -> list[tuple[dict, torch.Tensor]]:
+        if not self.triton_large:
+            return []
+        return [(g, p) for g in self.param_groups if not (g["amsgrad"] or g["maximize"]) for p in g["params"]
+                if p.grad is not None and p.numel() >= self.large and adamw_ops.supported(p)
+                and adamw_ops.supported(p.grad)]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "closures are not supported"
+        large = self._large_params()
+        grads = [p.grad for _, p in large]
+        for _, p in large:             # torch's step skips parameters without a gradient
+            p.grad = None
+        try:
+            super().step()
+        finally:
+            for (_, p), g in zip(large, grads):
+                p.grad = g
+        if not large:
+            return None
+        for _, p in large:
+            st = self.state[p]
+            if not st:                 # as torch's fused _init_group: a 0-d fp32 step on the device
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        torch._foreach_add_([self.state[p]["step"] for _, p in large], 1)
+        scale = getattr(self, "grad_scale", None)
+        for (g, p), grad in zip(large, grads):
+            st = self.state[p]
+            b1, b2 = g["betas"]
+            adamw_ops.adamw_step_(p, grad, st["exp_avg"], st["exp_avg_sq"], st["step"], lr=float(g["lr"]),
+                                  beta1=float(b1), beta2=float(b2), weight_decay=g["weight_decay"], eps=g["eps"],
+                                  grad_scale=scale)
+        return None
+
+
+def _triton_large(device: torch.device) -> bool:
+    return device.type == "cuda" and adamw_ops.HAS_TRITON and os.environ.get("MOEBENCH_TRITON_ADAMW", "1") != "0"
+
+
+def describe_optimizer(device: torch.device) -> str:
+    """What make_optimizer builds on `device`, for records."""
+    if device.type != "cuda":
+        return "AdamW"
+    return "AdamW (fused; tensors >= 2^20 on the Triton step)" if _triton_large(device) else "AdamW (fused)"
+
+
 def make_optimizer(model: nn.Module, tcfg: TrainConfig, lr: float, device: torch.device):
-    return torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=lr, betas=tuple(tcfg.betas),
-                             eps=tcfg.eps, fused=device.type == "cuda")
+    """Fused AdamW on CUDA, with the large tensors on the Triton step (MOEBENCH_TRITON_ADAMW=0: off)."""
+    cuda = device.type == "cuda"
+    triton_large = _triton_large(device)
+    return AdamW(param_groups(model, tcfg.weight_decay), lr=lr, betas=tuple(tcfg.betas), eps=tcfg.eps,
+                 fused=cuda, triton_large=triton_large)
+
+
+def grad_norm(grads: list[torch.Tensor], triton_large: bool = False, large: int = 1 << 20) -> torch.Tensor:
+    """The 2-norm of all gradients together, as torch.nn.utils.get_total_norm; with triton_large the
+    large fp32 ones are summed by one bandwidth-bound Triton kernel each (same value to rounding)."""
+    big = [g for g in grads if triton_large and g.numel() >= large and adamw_ops.supported(g)]
+    if not big:
+        return torch.nn.utils.get_total_norm(grads)
+    ids = {id(g) for g in big}
+    small = [g for g in grads if id(g) not in ids]
+    sq = torch.stack([adamw_ops.sum_of_squares(g) for g in big]).sum()
+    if small:
+        sq = sq + torch.nn.utils.get_total_norm(small).float() ** 2
+    return sq.sqrt()
 
 
 def clip_grad_norm(opt: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
@@ -44,7 +122,7 @@ def clip_grad_norm(opt: torch.optim.Optimizer, params: list[torch.Tensor], max_n
     it reads it, which saves a read and a write of every gradient (1.6 GB per step for
     MoE-Mamba_25M-e32's 400M fp32 parameters). Returns the total norm before clipping."""
     grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
+    norm = grad_norm(grads, getattr(opt, "triton_large", False), getattr(opt, "large", 1 << 20))
     if opt.defaults.get("fused"):
         # 1 / clip_grads_with_norm_'s factor min(max_norm / (norm + 1e-6), 1)
         opt.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp(min=1.0)

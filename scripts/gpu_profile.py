@@ -3,7 +3,7 @@ anything: one MoE layer's forward+backward against a dense FFN, whole training s
 MoE-Mamba_25M-e32 and its dense equivalent, and one decode step of MoE-Mamba_25M and Mamba_25M.
 
     usage (device machine, after `. scripts/device_env.sh`):  python3 scripts/gpu_profile.py [SECTION...]
-    sections: moe train decode (default: all)
+    sections: moe train train-compiled decode (default: all)
 """
 from __future__ import annotations
 
@@ -68,10 +68,10 @@ def moe_layer() -> None:
     table(run_ffn, title="dense FFN fwd+bwd", rows=12)
 
 
-def train_steps() -> None:
+def train_steps(compiled: bool = False) -> None:
     from moebench.config import TrainConfig
     from moebench.models.lm import build_model
-    from moebench.optim import make_optimizer
+    from moebench.optim import clip_grad_norm, make_optimizer
     cfg = get_variant("MoE-Mamba_25M-e32")
     for c in (cfg, dense_equivalent(cfg)):
         torch.manual_seed(0)
@@ -79,18 +79,20 @@ def train_steps() -> None:
         opt = make_optimizer(model, TrainConfig(tokens=1), 1e-4, DEV)
         tok = torch.randint(0, c.vocab_size, (32, 1025), device=DEV)
         params = [p for p in model.parameters() if p.requires_grad]
+        fwd = torch.compile(model) if compiled else model
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                o = model(tok[:, :-1], tok[:, 1:], return_logits=False, loss_chunk=8192)
+                o = fwd(tok[:, :-1], tok[:, 1:], return_logits=False, loss_chunk=8192)
                 total = o.loss + o.aux_loss
             total.backward()
-            torch.nn.utils.clip_grad_norm_(params, 0.5)
+            clip_grad_norm(opt, params, 0.5)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        print(f"{c.name} train step: {median_ms(step, 10):.2f} ms")
-        table(step, n=3, rows=30, title=f"{c.name} training step")
+        tag = "compiled" if compiled else "eager"
+        print(f"{c.name} {tag} train step: {median_ms(step, 10):.2f} ms")
+        table(step, n=3, rows=45, title=f"{c.name} {tag} training step")
         del model, opt
         torch.cuda.empty_cache()
 
@@ -113,6 +115,7 @@ def decode() -> None:
 
 
 if __name__ == "__main__":
-    sections = {"moe": moe_layer, "train": train_steps, "decode": decode}
+    sections = {"moe": moe_layer, "train": train_steps, "train-compiled": lambda: train_steps(True),
+                "decode": decode}
     for s in sys.argv[1:] or list(sections):
         sections[s]()

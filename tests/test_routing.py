@@ -15,6 +15,16 @@ pytestmark = pytest.mark.skipif(
     not routing.HAS_TRITON or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),
     reason="needs triton (on a CPU, under TRITON_INTERPRET=1)")
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _on_device():
+    # CPU (interpreter) in CI; the compiled kernels on a GPU machine
+    with torch.device(DEV):
+        yield
+
+
 CASES = [  # (T, E, K, capacity_factor, masked)
     (96, 4, 1, 1.0, False),
     (96, 4, 2, 1.0, True),
@@ -78,12 +88,13 @@ def test_dropped_rows_are_never_read():
 
 @pytest.mark.parametrize("T,K,E,cap,masked", [
     (96, 1, 4, 20, False), (96, 2, 4, 30, True), (80, 2, 8, None, False), (700, 1, 32, "tensor", True),
-    (600, 3, 5, 100, False), (300, 1, 7, 0, True), (2600, 2, 8, 500, True)])   # the last: 256-wide chunks
+    (600, 3, 5, 100, False), (300, 1, 7, 0, True),
+    (2600, 2, 8, 500, True), (9000, 2, 8, 2000, True)])   # 256-wide chunks; 71 of them, scanned 64 at a time
 def test_fused_plan_is_the_torch_plan_bitwise(T, K, E, cap, masked):
     from moebench.models.moe import plan_grouped
     gen = torch.Generator().manual_seed(T + K + E)
-    top_i = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
-    valid = torch.rand(T, generator=gen) > 0.3 if masked else None
+    top_i = torch.stack([torch.randperm(E, generator=gen, device="cpu")[:K] for _ in range(T)]).to(DEV)
+    valid = (torch.rand(T, generator=gen, device="cpu") > 0.3).to(DEV) if masked else None
     if cap == "tensor":
         cap = torch.floor(0.9 * valid.sum().double() * K / E).long()
     ref, fused = plan_grouped(top_i, valid, E, cap, fused=False), plan_grouped(top_i, valid, E, cap, fused=True)

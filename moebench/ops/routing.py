@@ -118,7 +118,8 @@ if HAS_TRITON:
     # ---- the routing plan: a counting sort of the assignments by column, in three kernels -------
     # Column c of assignment n is its expert, or E for an invalid token. (1) per chunk of BLOCK
     # assignments, in parallel: the rank of n among its chunk's assignments of column c, and the
-    # chunk's histogram; (2) one program: the count of c in earlier chunks (before_BC), the totals,
+    # chunk's histogram; (2) one program: the count of c in earlier chunks (before_BC, a scan over the
+    # chunks, SB at a time), the totals,
     # and per column its kept count and the first buffer row of its kept and of its dropped rows;
     # (3) per chunk, in parallel: each assignment's rank, keep flag and row, by plain gathers.
 
@@ -134,12 +135,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _plan_scan_kernel(hist_ptr, before_ptr, table_ptr, offs_ptr, counts_ptr, cap_ptr, cap, E, n_blocks,
-                          CAP_MODE: tl.constexpr, CP: tl.constexpr):
+                          CAP_MODE: tl.constexpr, CP: tl.constexpr, SB: tl.constexpr):
+        # SB chunks' histograms at a time, scanned along the chunks (a loop over single chunks
+        # waits on one load after another: 23 µs for 128 chunks on an H100)
         c = tl.arange(0, CP)
         counts = tl.zeros((CP,), dtype=tl.int32)
-        for b in range(n_blocks):
-            tl.store(before_ptr + b * CP + c, counts)
-            counts += tl.load(hist_ptr + b * CP + c)
+        for b0 in range(0, n_blocks, SB):
+            b = b0 + tl.arange(0, SB)
+            at = b[:, None] * CP + c[None, :]
+            ok = (b < n_blocks)[:, None]
+            h = tl.load(hist_ptr + at, mask=ok, other=0)
+            tl.store(before_ptr + at, tl.cumsum(h, axis=0) - h + counts[None, :], mask=ok)
+            counts += tl.sum(h, axis=0)
         if CAP_MODE == 0:
             kept = counts
         elif CAP_MODE == 1:
@@ -192,7 +199,7 @@ if HAS_TRITON:
         wrap_triton(_plan_count_kernel)[(n_blocks,)](col_N, rank_N, hist_BC, N, BLOCK=BLOCK, CP=CP)
         wrap_triton(_plan_scan_kernel)[(1,)](hist_BC, before_BC, table_3C, offs_E, counts_E,
                                              cap_t if cap_t is not None else offs_E, cap, E, n_blocks,
-                                             CAP_MODE=cap_mode, CP=CP)
+                                             CAP_MODE=cap_mode, CP=CP, SB=min(64, triton.next_power_of_2(n_blocks)))
         wrap_triton(_plan_rows_kernel)[(n_blocks,)](col_N, rank_N, before_BC, table_3C, row_N, keep_N, n_S, tok_S,
                                                     N, T, BLOCK=BLOCK, CP=CP)
         return row_N, keep_N, n_S, tok_S, offs_E, counts_E
