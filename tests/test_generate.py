@@ -3,6 +3,7 @@ generation is the argmax of the full forward token by token, sampling is reprodu
 logits are never materialised, and `moebench generate` samples from a saved checkpoint."""
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import replace
 
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 from moebench import checkpoint
 from moebench.generate import Decoder, decoding, generate, prefill, sample
 from moebench.models.lm import build_model
+from moebench.ops import moe_decode
 from moebench.registry import get
 
 FAMILIES = ["Mamba_25M", "MoE-Mamba_25M", "ParMoE-Mamba_25M-e8", "InnerMoE_25M-conv+gate+out-all",
@@ -49,6 +51,32 @@ def test_step_decoding_equals_full_forward(name, static):
         for t in range(P, idx_BL.shape[1]):
             logits_BV = dec.step(idx_BL[:, t])
             assert_close(f"{name} step at {t}", logits_BV, full_BLV[:, t])
+
+
+@pytest.mark.skipif(not moe_decode.HAS_TRITON, reason="needs triton (on a CPU, its interpreter)")
+@pytest.mark.parametrize("name", ["MoE-Mamba_25M", "InnerMoE_25M-conv+gate+out-all", "Transformer-MoE_25M"])
+def test_step_decoding_with_decode_kernels_equals_full_forward(name, monkeypatch):
+    """With fused routing, each decode step's MoE layers take ops/moe_decode.py's Triton kernels
+    (router, experts): the steps still equal the full forward (which takes the grouped path)."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton on a CPU needs TRITON_INTERPRET=1")
+    model = tiny_model(name)
+    moes = [m for m in model.modules() if hasattr(m, "fused_routing")]
+    for m in moes:
+        m.impl, m.fused_routing = "grouped", True
+    calls = []
+    real = moe_decode.decode_experts
+    monkeypatch.setattr(moe_decode, "decode_experts", lambda *a: calls.append(1) or real(*a))
+    idx_BL = torch.randint(0, 50257, (3, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full_BLV = model(idx_BL).logits
+    assert not calls, "the full forward must take the grouped path"
+    with decoding(model):
+        dec = Decoder(model, 3, idx_BL.shape[1], static=True)
+        assert_close(f"{name} prefill", dec.prefill(idx_BL[:, :4]), full_BLV[:, 3])
+        for t in range(4, idx_BL.shape[1]):
+            assert_close(f"{name} step at {t}", dec.step(idx_BL[:, t]), full_BLV[:, t])
+    assert len(calls) == len(moes) * (idx_BL.shape[1] - 4)
 
 
 @pytest.mark.parametrize("name", ["MoE-Mamba_25M", "InnerMoE_25M-conv+gate+out-all", "Transformer-MoE_25M"])

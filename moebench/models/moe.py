@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moebench.ops import routing
+from moebench.ops import moe_decode, routing
 from moebench.ops.experts import Impl, experts_grouped, experts_loop_ref, resolve_impl
 
 
@@ -49,6 +49,8 @@ class MoE(nn.Module):
         self.eval_capacity_factor: float | None = None   # dropless in eval mode
         # the grouped path's gathers: None = fused Triton kernels on CUDA when triton imports, else torch
         self.fused_routing: bool | None = None
+        # decode steps (few tokens, eval, no grad) through ops/moe_decode.py: None = when fused_routing
+        self.decode_kernels: bool | None = None
         self.impl = impl                       # resolved by the setter below
         self.reset_parameters()
 
@@ -99,6 +101,11 @@ class MoE(nn.Module):
         x_TD = x_TD.to(dtype)
         w1_EDF, w2_EFD = self.w1_EDF.to(dtype), self.w2_EFD.to(dtype)
 
+        if not need_aux and self._decode_kernel(x_TD, valid_T):
+            # a decode step: router, experts and combine in three Triton launches (ops/moe_decode.py)
+            p_T, expert_T = moe_decode.decode_router(x_TD, self.router_DE.to(dtype))
+            return moe_decode.decode_experts(x_TD, expert_T, p_T, w1_EDF, w2_EFD, self.activation), None
+
         # router: logits in the compute dtype, softmax in fp32
         probs_TE = F.softmax(x_TD @ self.router_DE.to(dtype), dim=-1, dtype=torch.float32)
         # raw probabilities, no renormalisation; top-1 is a max (one reduction, not a top-k kernel)
@@ -144,6 +151,15 @@ class MoE(nn.Module):
         lb_loss = self.aux_loss_coef * E * (f_E * P_E).sum()
         dropped_frac = ((n_valid * K - n_kept) / n_assign).float()   # 0, not 1, when no token is valid
         return y_TD, MoEAux(lb_loss, dropped_frac, counts_E.float())
+
+
+    def _decode_kernel(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None) -> bool:
+        """The decode kernels apply to a few tokens, top-1, every assignment kept (eval mode without
+        a capacity), no gradient, on the grouped path with fused routing (the same switch)."""
+        fused = self.fused_routing if self.fused_routing is not None else routing.fused_available(x_TD.device)
+        return (fused and self.decode_kernels is not False and moe_decode.HAS_TRITON and self.impl == "grouped" and self.top_k == 1
+                and not self.training and self.eval_capacity_factor is None and valid_T is None
+                and x_TD.shape[0] <= moe_decode.MAX_DECODE_T and not torch.is_grad_enabled())
 
 
 # ---- grouped path ------------------------------------------------------------------------------
