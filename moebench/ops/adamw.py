@@ -25,7 +25,7 @@ try:
 except ImportError:
     HAS_TRITON = False
 
-BLOCK = 4096
+BLOCK, NUM_WARPS = 4096, 8         # scripts/bench_optim.py measures alternatives
 SUMSQ_BLOCK = 8192
 
 if HAS_TRITON:
@@ -77,7 +77,7 @@ def adamw_step_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_
         p, grad, exp_avg, exp_avg_sq, step, grad_scale if grad_scale is not None else step, n,
         float(lr), float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, math.log(beta1), math.log(beta2),
         float(weight_decay), float(eps),
-        HAS_SCALE=grad_scale is not None, BLOCK=BLOCK, num_warps=8)
+        HAS_SCALE=grad_scale is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 def sum_of_squares(x: torch.Tensor) -> torch.Tensor:

@@ -166,7 +166,10 @@ if HAS_TRITON:
         # Static configs (no autotune: CUDA-graph capture). Measured on an H100 at E=32, D=N=512,
         # F=1536, T=64 and 128: 128-wide blocks (256-byte weight rows), 64-deep K steps, 4 warps were
         # best, at ~1.6-1.7 TB/s per kernel with L2 flushed; narrower blocks (more programs), deeper
-        # pipelines, 8 warps, and swapping the dot's operands (so that wgmma runs) were no faster.
+        # pipelines, 8 warps, and swapping the dot's operands (so that wgmma runs) were no faster; nor
+        # was splitting the down projection over F into 2 or 4 programs (fp32 partials and a sum:
+        # 2-3.5 µs slower at T = 64, 11b00d3 + split). The two kernels' K loops stay inline: a pointer
+        # passed to a tl function counts as written for torch's mutation analysis (see _up_kernel).
         # BLOCK_M = 16 (tl.dot's minimum): a few tokens per expert at decode.
         TP = max(16, triton.next_power_of_2(T))
         precision = "ieee" if x_TD.dtype == torch.float32 else "tf32"   # bf16/fp16 ignore it
