@@ -102,14 +102,27 @@ def make_optimizer(model: nn.Module, tcfg: TrainConfig, lr: float, device: torch
                  fused=cuda, triton_large=triton_large)
 
 
+def grad_norm(grads: list[torch.Tensor], triton_large: bool = False, large: int = 1 << 20) -> torch.Tensor:
+    """The 2-norm of all gradients together, as torch.nn.utils.get_total_norm; with triton_large the
+    large fp32 ones are summed by one bandwidth-bound Triton kernel each (same value to rounding)."""
+    big = [g for g in grads if triton_large and g.numel() >= large and adamw_ops.supported(g)]
+    if not big:
+        return torch.nn.utils.get_total_norm(grads)
+    ids = {id(g) for g in big}
+    small = [g for g in grads if id(g) not in ids]
+    sq = torch.stack([adamw_ops.sum_of_squares(g) for g in big]).sum()
+    if small:
+        sq = sq + torch.nn.utils.get_total_norm(small).float() ** 2
+    return sq.sqrt()
+
+
 def clip_grad_norm(opt: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ (same norm, same clip factor), with the scaling of the gradients
     folded into a fused optimizer's next step(): fused AdamW divides each gradient by `grad_scale` as
     it reads it, which saves a read and a write of every gradient (1.6 GB per step for
     MoE-Mamba_25M-e32's 400M fp32 parameters). Returns the total norm before clipping."""
     grads = [p.grad for p in params if p.grad is not None]
-    # (torch's foreach norm: a Triton sum of squares per large tensor measured slower, bench_optim.py)
-    norm = torch.nn.utils.get_total_norm(grads)
+    norm = grad_norm(grads, getattr(opt, "triton_large", False), getattr(opt, "large", 1 << 20))
     if opt.defaults.get("fused"):
         # 1 / clip_grads_with_norm_'s factor min(max_norm / (norm + 1e-6), 1)
         opt.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp(min=1.0)

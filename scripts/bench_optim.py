@@ -1,6 +1,6 @@
 """The optimizer step and the clipping norm of MoE-Mamba_25M-e32 (470M fp32 parameters, 402M of
 them in expert tensors) on a GPU: torch's fused AdamW against optim.AdamW's Triton step for the
-large tensors, at a few block sizes; and the clipping norm (torch's foreach norm). Random gradients; CUDA-synchronised medians.
+large tensors, at a few block sizes. Random gradients; CUDA-synchronised medians.
 
     usage (device machine, repo root, after `. scripts/device_env.sh`):  python3 scripts/bench_optim.py
 """

@@ -1,4 +1,5 @@
-"""optim.AdamW's Triton step for large tensors (moebench/ops/adamw.py) against torch's AdamW. On a CPU the kernels run under Triton's interpreter (conftest.py);
+"""optim.AdamW's Triton step for large tensors (moebench/ops/adamw.py) and optim.grad_norm against
+torch's AdamW and get_total_norm. On a CPU the kernels run under Triton's interpreter (conftest.py);
 tests/test_gpu_moe.py checks the same on CUDA."""
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from moebench.ops import adamw as adamw_ops
-from moebench.optim import AdamW, clip_grad_norm
+from moebench.optim import AdamW, clip_grad_norm, grad_norm
 
 pytestmark = pytest.mark.skipif(
     not adamw_ops.HAS_TRITON or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),
@@ -79,3 +80,13 @@ def test_large_params_are_the_big_fp32_ones_and_grads_are_untouched():
     # the Triton step divides by grad_scale as it reads and never writes the gradient back
     torch.testing.assert_close(model[0].weight.grad, grads[0], rtol=0, atol=0)
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("n", [1, 8191, 8192, 20001])
+def test_grad_norm_equals_get_total_norm(n):
+    g = torch.Generator().manual_seed(n)
+    grads = [torch.randn(n, generator=g).to(DEV), torch.randn(3, 5, generator=g).to(DEV),
+             torch.randn(40, 250, generator=g).to(DEV)]
+    want = torch.nn.utils.get_total_norm(grads)
+    torch.testing.assert_close(grad_norm(grads, triton_large=True, large=4096), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(adamw_ops.sum_of_squares(grads[0]), grads[0].square().sum(), rtol=1e-5, atol=1e-6)

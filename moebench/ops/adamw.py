@@ -1,4 +1,4 @@
-"""AdamW's step for large fp32 tensors, in Triton.
+"""AdamW's step and the gradient's sum of squares for large fp32 tensors, in Triton.
 
 Why: MoE-Mamba_25M-e32 has 402M expert parameters beside 70M others, so per training step the
 optimizer streams ~15 GB. torch's fused AdamW, given a grad_scale (our folded gradient clipping,
@@ -26,6 +26,7 @@ except ImportError:
     HAS_TRITON = False
 
 BLOCK, NUM_WARPS = 4096, 8         # scripts/bench_optim.py measures alternatives
+SUMSQ_BLOCK = 8192
 
 if HAS_TRITON:
     @triton.jit
@@ -53,6 +54,12 @@ if HAS_TRITON:
         tl.store(m_ptr + i, m, mask=ok)
         tl.store(v_ptr + i, v, mask=ok)
 
+    @triton.jit
+    def _sumsq_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + i, mask=i < n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + tl.program_id(0), tl.sum(x * x, axis=0))
+
 
 def supported(p: torch.Tensor) -> bool:
     """The kernel's tensors: fp32 and contiguous, with triton importable (on CPU: interpreter)."""
@@ -71,3 +78,12 @@ def adamw_step_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_
         float(lr), float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, math.log(beta1), math.log(beta2),
         float(weight_decay), float(eps),
         HAS_SCALE=grad_scale is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+    """Σ x² in fp32 as a 0-d tensor: per-block partial sums, then one sum (deterministic, no atomics)."""
+    assert supported(x), "fp32 contiguous tensors only"
+    n = x.numel()
+    parts = torch.empty(triton.cdiv(n, SUMSQ_BLOCK), dtype=torch.float32, device=x.device)
+    _sumsq_kernel[(parts.numel(),)](x, parts, n, BLOCK=SUMSQ_BLOCK, num_warps=8)
+    return parts.sum()

@@ -121,37 +121,40 @@ if HAS_TRITON:
         return max(16, min(cap, triton.next_power_of_2(width)))     # tl.dot wants every side >= 16
 
     @triton.jit
-    def _router_kernel(x_ptr, r_ptr, p_ptr, e_ptr, D, E, BLOCK_K: tl.constexpr, EP: tl.constexpr):
-        # one token per program: logits in x's dtype (as x @ router under autocast), softmax in fp32,
-        # top-1 by max. A broadcast multiply and a sum, not tl.dot: tl.dot needs 16 tokens per program,
-        # and 4 programs for 64 tokens took 8.9 µs on an H100 (latency of one long K loop each)
-        t = tl.program_id(0).to(tl.int64)
+    def _router_kernel(x_ptr, r_ptr, p_ptr, e_ptr, T, D, E, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, EP: tl.constexpr):
+        # logits in x's dtype (as x @ router under autocast), softmax in fp32, top-1 by max
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         c = tl.arange(0, EP)
-        c_ok = c < E
-        acc = tl.zeros((EP,), dtype=tl.float32)
+        t_ok, c_ok = t < T, c < E
+        acc = tl.zeros((BLOCK_T, EP), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < D
-            a = tl.load(x_ptr + t * D + k, mask=k_ok, other=0.0).to(tl.float32)
+            a = tl.load(x_ptr + t.to(tl.int64)[:, None] * D + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(r_ptr + k[:, None] * E + c[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-            acc += tl.sum(a[:, None] * b.to(tl.float32), axis=0)
-        logit = tl.where(c_ok, acc.to(x_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
-        top = tl.max(logit, axis=0)
-        total = tl.sum(tl.exp(logit - top), axis=0)
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        logit = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+        logit = tl.where(c_ok[None, :], logit, float("-inf"))
+        top = tl.max(logit, axis=1)
+        total = tl.sum(tl.exp(logit - top[:, None]), axis=1)
         # the largest probability is exp(0) / total; its expert, the first of the largest logits
-        first = tl.min(tl.where(logit == top, c, EP), axis=0)
-        tl.store(p_ptr + t, 1.0 / total)
-        tl.store(e_ptr + t, first.to(tl.int64))
+        first = tl.min(tl.where(logit == top[:, None], c[None, :], EP), axis=1)
+        tl.store(p_ptr + t, 1.0 / total, mask=t_ok)
+        tl.store(e_ptr + t, first.to(tl.int64), mask=t_ok)
 
     @triton_op("moebench::decode_router", mutates_args=())
     def _decode_router_op(x_TD: torch.Tensor, router_DE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (T, D), E = x_TD.shape, router_DE.shape[1]
         p_T = torch.empty(T, dtype=torch.float32, device=x_TD.device)
         expert_T = torch.empty(T, dtype=torch.int64, device=x_TD.device)
-        EP = triton.next_power_of_2(E)
-        wrap_triton(_router_kernel)[(T,)](x_TD, router_DE, p_T, expert_T, D, E,
-                                         BLOCK_K=max(16, min(triton.next_power_of_2(D), 4096 // EP)), EP=EP,
-                                         num_warps=4)
+        precision = "ieee" if x_TD.dtype == torch.float32 else "tf32"
+        upcast = type(_router_kernel).__name__ == "InterpretedFunction"    # see _decode_experts_op
+        wrap_triton(_router_kernel)[(triton.cdiv(T, 16),)](
+            x_TD, router_DE, p_T, expert_T, T, D, E, PRECISION=precision, UPCAST=upcast, BLOCK_T=16,
+            BLOCK_K=_block(D, 64), EP=max(16, triton.next_power_of_2(E)), num_warps=4)
         return p_T, expert_T
 
     @triton_op("moebench::decode_experts", mutates_args=())
