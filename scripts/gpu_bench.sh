@@ -15,8 +15,9 @@
 #   generate_graph.json   bench generate: batch 64, prompts 1k..8k, 128 new tokens, CUDA graphs
 #   generate_eager.json   the same without CUDA graphs
 #   memory.json           bench memory: batch 1, lengths 512..65536, training and prefill
-#   train_compile.json    bench train MoE-Mamba_25M-e32 --compile (only if time is left; not in SMOKE mode,
-#                         where fp32 grouped_mm does not trace under torch.compile)
+#   train_compile.json    bench train MoE-Mamba_25M-e32 --compile, with its baselines (only if time is left;
+#                         not in SMOKE mode, where fp32 grouped_mm does not trace under torch.compile)
+#   (log only)            scripts/bench_moe_decode.py (one MoE layer at decode) and scripts/bench_optim.py
 #   bench.md, bench.log   the rendered report (plots left out: render them locally) and every section's output
 #                         (including `pytest -m gpu tests/test_generate.py`: CUDA-graph decode == eager decode)
 set -u
@@ -30,7 +31,7 @@ else
   T=""; DEV=""
   TRAIN="--batch 32 --ctx 1024 --dtype bf16 --steps 20 --warmup 5"; MOE="--tokens 32768 --d 512 --hidden 1536 --experts 32"
   GEN="--batch 64 --prompt-len 1024,2048,4096,8192 --gen-len 128"; GRAPH="--cuda-graph"
-  MEM="--batch 1 --lengths 512,1024,2048,4096,8192,16384,32768,65536"; COMPILE="--steps 10 --warmup 5"
+  MEM="--batch 1 --lengths 512,1024,2048,4096,8192,16384,32768,65536"; COMPILE="--steps 10 --warmup 20"
 fi
 OUT=${OUT:-results/bench/gpu-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
@@ -65,8 +66,14 @@ section generate-graph 90 $MB bench generate --variants "$FAMILY" $GEN $GRAPH $D
 section generate-eager 90 $MB bench generate --variants "$FAMILY" $GEN $DEV --out "$OUT/generate_eager.json"
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
 section memory 120 $MB bench memory --variants "$FAMILY" $MEM $DEV --out "$OUT/memory.json"
-[ -n "$COMPILE" ] && section compile 120 $MB bench train MoE-Mamba_25M-e32$T --compile --no-baselines $COMPILE $DEV \
+# compiled, with both baselines: the run in which the training targets can hold together (the
+# compiled loop recompiles for a while, hence the longer warm-up)
+[ -n "$COMPILE" ] && section compile 180 $MB bench train MoE-Mamba_25M-e32$T --compile $COMPILE $DEV \
   --out "$OUT/train_compile.json"
+if [ "${SMOKE:-0}" != 1 ]; then     # GPU-only scripts, output in the log
+  section moe-decode 60 python3 scripts/bench_moe_decode.py
+  section optimizer 60 python3 scripts/bench_optim.py
+fi
 
 python3 -m moebench report-bench --results "$OUT" --out /tmp/moebench_report --no-plots >>"$LOG" 2>&1 \
   && cp /tmp/moebench_report/bench.md "$OUT/bench.md"
