@@ -155,6 +155,13 @@ def has_moe(cfg: ModelConfig) -> bool:
     return cfg.ffn == "moe" or bool(cfg.inner_moe)
 
 
+def moe_decode_of(model) -> str | list[str] | None:
+    """The decode path of the model's MoE layers (MoE.decode_path): 'triton', 'grouped' or 'loop'."""
+    dev = next(model.parameters()).device
+    paths = sorted({m.decode_path(dev) for m in moe_modules(model)})
+    return (paths[0] if len(paths) == 1 else paths) if paths else None
+
+
 def impl_of(model, compiled: bool = False) -> dict:
     moe = sorted({m.impl for m in moe_modules(model)})
     return {"mixer": model.impl, "moe": (moe[0] if len(moe) == 1 else moe) if moe else None, "compile": compiled}
@@ -534,7 +541,8 @@ def bench_generate(cfgs: list[ModelConfig], *, prompt_lens: list[int], gen_len: 
             _generate_point(model, cfg, Decoder, 16, 4, batch, cuda_graph, dev)
             for L in sorted(prompt_lens):
                 res = {"variant": cfg.name, "family": cfg.family, "mixer": cfg.mixer, "prompt_len": L,
-                       "gen_len": gen_len, "batch": batch, "impl": {**impl_of(model), "cuda_graph": cuda_graph}}
+                       "gen_len": gen_len, "batch": batch,
+                       "impl": {**impl_of(model), "moe_decode": moe_decode_of(model), "cuda_graph": cuda_graph}}
                 res.update(_generate_point(model, cfg, Decoder, L, gen_len, batch, cuda_graph, dev))
                 if res["status"] == "ok":
                     res["prompt_logits_gib"] = batch * L * cfg.vocab_size * elt / GiB   # what prefill avoids

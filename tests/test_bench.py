@@ -106,6 +106,8 @@ def test_bench_generate_state_and_kv():
     assert tm32["kv_bytes_per_step"] == 2 * 2 * 2 * 64 * (32 + 2) * 4
     assert rec["bandwidth"]["used_bytes_s"] is None          # CPU: no bound, and no guess
     assert mm32["prompt_logits_gib"] == pytest.approx(2 * 32 * 256 * 4 / 2**30)
+    # on a CPU the decode steps take the MoE's training path, not the Triton decode kernels
+    assert mm8["impl"]["moe_decode"] in ("grouped", "loop") and tm8["impl"]["moe_decode"] == mm8["impl"]["moe_decode"]
 
 
 # ---- CLI + report -------------------------------------------------------------------------------

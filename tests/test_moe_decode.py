@@ -123,3 +123,20 @@ def test_router_tie_takes_the_first_expert():
     r[:, 1] = r[:, 3] = 1.0                      # experts 1 and 3 tie
     p, e = moe_decode.decode_router(x, r)
     assert e.tolist() == [1, 1]
+
+
+def test_decode_path_says_when_the_kernels_apply():
+    moe = MoE(16, 32, 16, 4, top_k=1, capacity_factor=1.0, impl="grouped")
+    cpu = torch.device("cpu")
+    assert moe.decode_path(cpu) == "grouped"             # no fused routing on a CPU by default
+    moe.fused_routing = True
+    assert moe.decode_path(cpu) == "triton"
+    moe.decode_kernels = False
+    assert moe.decode_path(cpu) == "grouped"
+    moe.decode_kernels = None
+    moe.eval_capacity_factor = 1.0                       # a capacity at eval: the kernels keep everything
+    assert moe.decode_path(cpu) == "grouped"
+    moe.eval_capacity_factor = None
+    moe.impl = "loop"
+    assert moe.decode_path(cpu) == "loop"
+    assert MoE(16, 32, 16, 4, top_k=2, impl="grouped").decode_path(cpu) == "grouped"

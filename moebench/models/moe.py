@@ -153,13 +153,19 @@ class MoE(nn.Module):
         return y_TD, MoEAux(lb_loss, dropped_frac, counts_E.float())
 
 
+    def decode_path(self, device: torch.device) -> str:
+        """What a decode step (a few tokens, eval, no gradient) runs on `device`: 'triton', the
+        kernels of ops/moe_decode.py (top-1, no eval capacity, grouped path with fused routing, the
+        same switch), or else the layer's impl ('grouped' or 'loop')."""
+        fused = self.fused_routing if self.fused_routing is not None else routing.fused_available(device)
+        if (fused and self.decode_kernels is not False and moe_decode.HAS_TRITON and self.impl == "grouped"
+                and self.top_k == 1 and self.eval_capacity_factor is None):
+            return "triton"
+        return self.impl
+
     def _decode_kernel(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None) -> bool:
-        """The decode kernels apply to a few tokens, top-1, every assignment kept (eval mode without
-        a capacity), no gradient, on the grouped path with fused routing (the same switch)."""
-        fused = self.fused_routing if self.fused_routing is not None else routing.fused_available(x_TD.device)
-        return (fused and self.decode_kernels is not False and moe_decode.HAS_TRITON and self.impl == "grouped" and self.top_k == 1
-                and not self.training and self.eval_capacity_factor is None and valid_T is None
-                and x_TD.shape[0] <= moe_decode.MAX_DECODE_T and not torch.is_grad_enabled())
+        return (not self.training and valid_T is None and x_TD.shape[0] <= moe_decode.MAX_DECODE_T
+                and not torch.is_grad_enabled() and self.decode_path(x_TD.device) == "triton")
 
 
 # ---- grouped path ------------------------------------------------------------------------------
