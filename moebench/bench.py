@@ -155,16 +155,20 @@ def has_moe(cfg: ModelConfig) -> bool:
     return cfg.ffn == "moe" or bool(cfg.inner_moe)
 
 
+def _one_or_all(values: set[str]) -> str | list[str] | None:
+    """A record field for what the model's MoE layers use: the value they share, else all of them."""
+    v = sorted(values)
+    return (v[0] if len(v) == 1 else v) if v else None
+
+
 def moe_decode_of(model) -> str | list[str] | None:
     """The decode path of the model's MoE layers (MoE.decode_path): 'triton', 'grouped' or 'loop'."""
     dev = next(model.parameters()).device
-    paths = sorted({m.decode_path(dev) for m in moe_modules(model)})
-    return (paths[0] if len(paths) == 1 else paths) if paths else None
+    return _one_or_all({m.decode_path(dev) for m in moe_modules(model)})
 
 
 def impl_of(model, compiled: bool = False) -> dict:
-    moe = sorted({m.impl for m in moe_modules(model)})
-    return {"mixer": model.impl, "moe": (moe[0] if len(moe) == 1 else moe) if moe else None, "compile": compiled}
+    return {"mixer": model.impl, "moe": _one_or_all({m.impl for m in moe_modules(model)}), "compile": compiled}
 
 
 def build(cfg: ModelConfig, impl: str, moe_impl: str, device: torch.device, moe_override: str | None = None):
@@ -355,7 +359,7 @@ def bench_moe(*, tokens: int = 32768, d: int = 512, hidden: int = 1536, experts:
         try:
             moe.impl = impl
         except RuntimeError as e:                        # grouped_mm missing in this torch
-            record["results"].append({"name": impl, "status": "unavailable", "error": str(e)})
+            _add(record, {"name": impl, "status": "unavailable", "error": str(e)}, on_update)
             continue
         with torch.no_grad(), amp():
             dropped = float(moe(x_TD)[1].dropped_frac)
@@ -385,7 +389,7 @@ def bench_moe(*, tokens: int = 32768, d: int = 512, hidden: int = 1536, experts:
         res.update(fwd_ms=stats([t * 1e3 for t in fwd]), fwd_bwd_ms=stats([t * 1e3 for t in both]),
                    tflops_fwd_bwd=3 * flops_fwd * top_k / statistics.median(both) / 1e12,
                    kernel_ms_fwd_bwd=kernel_ms(gemm_fwd_bwd, dev))
-        record["results"].append(res)
+        _add(record, res, on_update)
     ms = {r["name"]: r["fwd_bwd_ms"]["median"] for r in record["results"] if r.get("status") == "ok"}
     kern = {r["name"]: r["kernel_ms_fwd_bwd"] for r in record["results"] if r.get("kernel_ms_fwd_bwd")}
     record["ratios"] = {k: v for k, v in {

@@ -35,13 +35,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+LARGE = 1 << 20     # elements: from here on an fp32 tensor takes the Triton step (the experts)
+
+
+def _on_triton(t: torch.Tensor, large: int) -> bool:
+    """A tensor of the Triton path: large enough, fp32, contiguous (the step's and the norm's rule)."""
+    return t.numel() >= large and adamw_ops.supported(t)
+
+
 class AdamW(torch.optim.AdamW):
     """torch's AdamW (same state, same state_dict), whose tensors of >= `large` fp32 elements (the
     experts' weights) are stepped by moebench/ops/adamw.py when `triton_large`: one kernel per tensor
     that does not write the gradient back, as torch's fused step does when given a grad_scale.
     The rest, and everything when triton_large is False, go through torch's step unchanged."""
 
-    def __init__(self, params, *, triton_large: bool = False, large: int = 1 << 20, **kw):
+    def __init__(self, params, *, triton_large: bool = False, large: int = LARGE, **kw):
         super().__init__(params, **kw)
         self.triton_large, self.large = triton_large, large
 
@@ -49,8 +57,7 @@ class AdamW(torch.optim.AdamW):
         if not self.triton_large:
             return []
         return [(g, p) for g in self.param_groups if not (g["amsgrad"] or g["maximize"]) for p in g["params"]
-                if p.grad is not None and p.numel() >= self.large and adamw_ops.supported(p)
-                and adamw_ops.supported(p.grad)]
+                if p.grad is not None and _on_triton(p, self.large) and adamw_ops.supported(p.grad)]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -102,10 +109,10 @@ def make_optimizer(model: nn.Module, tcfg: TrainConfig, lr: float, device: torch
                  fused=cuda, triton_large=triton_large)
 
 
-def grad_norm(grads: list[torch.Tensor], triton_large: bool = False, large: int = 1 << 20) -> torch.Tensor:
+def grad_norm(grads: list[torch.Tensor], triton_large: bool = False, large: int = LARGE) -> torch.Tensor:
     """The 2-norm of all gradients together, as torch.nn.utils.get_total_norm; with triton_large the
     large fp32 ones are summed by one bandwidth-bound Triton kernel each (same value to rounding)."""
-    big = [g for g in grads if triton_large and g.numel() >= large and adamw_ops.supported(g)]
+    big = [g for g in grads if triton_large and _on_triton(g, large)]
     if not big:
         return torch.nn.utils.get_total_norm(grads)
     ids = {id(g) for g in big}
@@ -122,7 +129,7 @@ def clip_grad_norm(opt: torch.optim.Optimizer, params: list[torch.Tensor], max_n
     it reads it, which saves a read and a write of every gradient (1.6 GB per step for
     MoE-Mamba_25M-e32's 400M fp32 parameters). Returns the total norm before clipping."""
     grads = [p.grad for p in params if p.grad is not None]
-    norm = grad_norm(grads, getattr(opt, "triton_large", False), getattr(opt, "large", 1 << 20))
+    norm = grad_norm(grads, getattr(opt, "triton_large", False), getattr(opt, "large", LARGE))
     if opt.defaults.get("fused"):
         # 1 / clip_grads_with_norm_'s factor min(max_norm / (norm + 1e-6), 1)
         opt.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp(min=1.0)

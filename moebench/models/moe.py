@@ -127,11 +127,8 @@ class MoE(nn.Module):
             capacity = torch.floor(capacity_factor * n_valid.double() * K / E).long()
 
         if self.impl == "grouped":
-            fused = self.fused_routing
-            if fused is None:
-                fused = routing.fused_available(x_TD.device)
             y_TD, counts_E, n_kept = _forward_grouped(x_TD, valid_T, top_p_TK, top_i_TK, w1_EDF, w2_EFD,
-                                                      capacity, self.activation, fused)
+                                                      capacity, self.activation, self._fused(x_TD.device))
         else:
             y_TD, counts_E, n_kept = _forward_loop(x_TD, valid_T, top_p_TK, top_i_TK, w1_EDF, w2_EFD,
                                                    capacity, self.activation)
@@ -152,13 +149,15 @@ class MoE(nn.Module):
         dropped_frac = ((n_valid * K - n_kept) / n_assign).float()   # 0, not 1, when no token is valid
         return y_TD, MoEAux(lb_loss, dropped_frac, counts_E.float())
 
+    def _fused(self, device: torch.device) -> bool:
+        """Whether the grouped path runs its Triton routing on `device` (fused_routing None: the default)."""
+        return self.fused_routing if self.fused_routing is not None else routing.fused_available(device)
 
     def decode_path(self, device: torch.device) -> str:
         """What a decode step (a few tokens, eval, no gradient) runs on `device`: 'triton', the
         kernels of ops/moe_decode.py (top-1, no eval capacity, grouped path with fused routing, the
         same switch), or else the layer's impl ('grouped' or 'loop')."""
-        fused = self.fused_routing if self.fused_routing is not None else routing.fused_available(device)
-        if (fused and self.decode_kernels is not False and moe_decode.HAS_TRITON and self.impl == "grouped"
+        if (self._fused(device) and self.decode_kernels is not False and moe_decode.HAS_TRITON and self.impl == "grouped"
                 and self.top_k == 1 and self.eval_capacity_factor is None):
             return "triton"
         return self.impl

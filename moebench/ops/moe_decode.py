@@ -1,9 +1,10 @@
-"""The top-1, dropless MoE layer at decode time (a handful of tokens per step) in two Triton launches:
+"""The top-1, dropless MoE layer at decode time (a handful of tokens per step) in three Triton
+launches: the router (logits, softmax, max), then the experts in two:
 
     y_TD[t] = p_T[t] · ( act(x_TD[t] @ w1_EDF[e_t]) @ w2_EFD[e_t] )      e_t = expert_T[t]
 
-The grouped path (moebench/models/moe.py) takes about a dozen launches for this: a counting-sort plan,
-a gather, two grouped GEMMs, the activation, a combine. Here each program of the up kernel (grid E ×
+The grouped path (moebench/models/moe.py) takes about a dozen launches for this: the router's three,
+a counting-sort plan, a gather, two grouped GEMMs, the activation, a combine. Here each program of the up kernel (grid E ×
 F-blocks) and of the down kernel (grid E × Dout-blocks) finds its expert's tokens itself, from the T
 expert ids, and streams its slice of that expert's weights once (when the expert has <= BLOCK_M
 tokens, the common case at decode). An expert without tokens is skipped: its weights are never read.
@@ -120,6 +121,13 @@ if HAS_TRITON:
     def _block(width: int, cap: int) -> int:
         return max(16, min(cap, triton.next_power_of_2(width)))     # tl.dot wants every side >= 16
 
+    def _dot_args(dtype: torch.dtype, kernel) -> dict:
+        # fp32 inputs: IEEE dots, not TF32 (bf16/fp16 ignore the precision). Triton's interpreter
+        # (3.9) multiplies bf16 dot operands as their raw uint16 bits: when interpreted, upcast first.
+        # Exact: a product of two bf16 values fits in fp32, as in the GPU's MMA.
+        return dict(PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                    UPCAST=type(kernel).__name__ == "InterpretedFunction")
+
     @triton.jit
     def _router_kernel(x_ptr, r_ptr, p_ptr, e_ptr, T, D, E, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, EP: tl.constexpr):
@@ -150,11 +158,9 @@ if HAS_TRITON:
         (T, D), E = x_TD.shape, router_DE.shape[1]
         p_T = torch.empty(T, dtype=torch.float32, device=x_TD.device)
         expert_T = torch.empty(T, dtype=torch.int64, device=x_TD.device)
-        precision = "ieee" if x_TD.dtype == torch.float32 else "tf32"
-        upcast = type(_router_kernel).__name__ == "InterpretedFunction"    # see _decode_experts_op
         wrap_triton(_router_kernel)[(triton.cdiv(T, 16),)](
-            x_TD, router_DE, p_T, expert_T, T, D, E, PRECISION=precision, UPCAST=upcast, BLOCK_T=16,
-            BLOCK_K=_block(D, 64), EP=max(16, triton.next_power_of_2(E)), num_warps=4)
+            x_TD, router_DE, p_T, expert_T, T, D, E, BLOCK_T=16, BLOCK_K=_block(D, 64),
+            EP=max(16, triton.next_power_of_2(E)), num_warps=4, **_dot_args(x_TD.dtype, _router_kernel))
         return p_T, expert_T
 
     @triton_op("moebench::decode_experts", mutates_args=())
@@ -172,11 +178,7 @@ if HAS_TRITON:
         # passed to a tl function counts as written for torch's mutation analysis (see _up_kernel).
         # BLOCK_M = 16 (tl.dot's minimum): a few tokens per expert at decode.
         TP = max(16, triton.next_power_of_2(T))
-        precision = "ieee" if x_TD.dtype == torch.float32 else "tf32"   # bf16/fp16 ignore it
-        # Triton's interpreter (3.9) multiplies bf16 dot operands as their raw uint16 bits: when
-        # interpreted, upcast first. Exact: a product of two bf16 values fits in fp32, as in the GPU's MMA.
-        upcast = type(_up_kernel).__name__ == "InterpretedFunction"
-        common = dict(PRECISION=precision, UPCAST=upcast, TP=TP, BLOCK_M=16, num_warps=4)
+        common = dict(TP=TP, BLOCK_M=16, num_warps=4, **_dot_args(x_TD.dtype, _up_kernel))
         BLOCK_F = _block(F, 128)
         wrap_triton(_up_kernel)[(E, triton.cdiv(F, BLOCK_F))](
             x_TD, expert_T, w1_EDF, h_TF, T, D, F, ACT=_ACT_IDS[activation], BLOCK_K=_block(D, 64),
@@ -227,7 +229,7 @@ def decode_router(x_TD: torch.Tensor, router_DE: torch.Tensor) -> tuple[torch.Te
     exactly unless two logits tie (then the first, as torch's max)."""
     if not HAS_TRITON:
         raise RuntimeError("decode_router needs triton; use decode_router_ref")
-    T, E = x_TD.shape[0], router_DE.shape[1]
+    T = x_TD.shape[0]
     if not 1 <= T <= MAX_DECODE_T or router_DE.shape[0] != x_TD.shape[1] or router_DE.dtype != x_TD.dtype:
         raise ValueError(f"decode_router: x {tuple(x_TD.shape)} {x_TD.dtype}, router {tuple(router_DE.shape)} "
                          f"{router_DE.dtype}; 1..{MAX_DECODE_T} tokens, same dtype")
