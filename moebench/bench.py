@@ -100,6 +100,12 @@ def time_repeats(fn: Callable[[], object], repeats: int, warmup: int, device: to
     return [start.elapsed_time(end) / 1e3 for start, end in events]
 
 
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int = 20, warmup: int = 5) -> float:
+    """Milliseconds per call of fn: the middle of `repeats` timings (the upper one of two), for scripts."""
+    t = sorted(time_repeats(fn, repeats, warmup, device))
+    return t[len(t) // 2] * 1e3
+
+
 def kernel_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float | None:
     """Milliseconds of GPU kernels per call of fn (torch.profiler, CUDA activity only): the device's
     share of the work, whatever the host's launch overhead. None off CUDA."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from moebench.bench import time_repeats
+from moebench.bench import median_ms as bench_median_ms
 from moebench.config import TrainConfig
 from moebench.models.lm import build_model
 from moebench.ops import adamw as adamw_ops
@@ -19,8 +19,7 @@ DEV = torch.device("cuda")
 
 
 def median_ms(fn, repeats: int = 20) -> float:
-    t = sorted(time_repeats(fn, repeats, 3, DEV))
-    return t[len(t) // 2] * 1e3
+    return bench_median_ms(fn, DEV, repeats, warmup=3)
 
 
 def main() -> None:

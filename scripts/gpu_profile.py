@@ -12,7 +12,8 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from moebench.bench import dense_equivalent, time_repeats
+from moebench.bench import dense_equivalent
+from moebench.bench import median_ms as bench_median_ms
 from moebench.registry import get as get_variant
 
 DEV = torch.device("cuda")
@@ -34,8 +35,7 @@ def table(fn, n: int = 5, rows: int = 25, title: str = "") -> None:
 
 
 def median_ms(fn, repeats: int = 20) -> float:
-    t = sorted(time_repeats(fn, repeats, 5, DEV))
-    return t[len(t) // 2] * 1e3
+    return bench_median_ms(fn, DEV, repeats, warmup=5)
 
 
 def moe_layer() -> None:
