@@ -17,10 +17,9 @@ weights of the used experts (2 matrices each), the bytes the decode kernels must
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from moebench.models.moe import MoE
-from moebench.ops.moe_decode import decode_experts, decode_experts_ref
+from moebench.ops.moe_decode import decode_experts, decode_experts_ref, decode_router_ref
 
 DEV = torch.device("cuda")
 E, D, FH, N = 32, 512, 1536, 512
@@ -67,8 +66,7 @@ def cold_us(graph: torch.cuda.CUDAGraph, flush: torch.Tensor) -> float:
 
 
 def router(moe: MoE, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # as MoE.forward: logits in bf16, softmax in fp32, top-1 by max, raw probability
-    p_T, expert_T = F.softmax(x_TD @ moe.router_DE, dim=-1, dtype=torch.float32).max(-1)
+    p_T, expert_T = decode_router_ref(x_TD, moe.router_DE)     # as MoE.forward, in torch
     return expert_T, p_T            # decode_experts' argument order
 
 
