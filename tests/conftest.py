@@ -76,6 +76,19 @@ def torch_threads(n: int):
 
 
 @pytest.fixture
+def triton_runs():
+    """Skip unless moebench's Triton kernels can run here: triton imports, and a GPU is present or
+    (on a CPU) the interpreter was chosen above."""
+    import importlib.util
+
+    import torch
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton on a CPU needs TRITON_INTERPRET=1")
+
+
+@pytest.fixture
 def one_thread():
     with torch_threads(1):
         yield

@@ -1,9 +1,7 @@
 """optim.AdamW's Triton step for large tensors (moebench/ops/adamw.py) and optim.grad_norm against
-torch's AdamW and get_total_norm. On a CPU the kernels run under Triton's interpreter (conftest.py);
-tests/test_gpu_moe.py checks the same on CUDA."""
+torch's AdamW and get_total_norm. On a CPU the kernels run under Triton's interpreter (conftest.py),
+on a GPU machine compiled, on CUDA."""
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -12,9 +10,7 @@ from torch import nn
 from moebench.ops import adamw as adamw_ops
 from moebench.optim import AdamW, clip_grad_norm, grad_norm
 
-pytestmark = pytest.mark.skipif(
-    not adamw_ops.HAS_TRITON or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="needs triton (on a CPU, under TRITON_INTERPRET=1)")
+pytestmark = pytest.mark.usefixtures("triton_runs")   # conftest.py: a GPU, or the interpreter on a CPU
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

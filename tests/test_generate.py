@@ -3,7 +3,6 @@ generation is the argmax of the full forward token by token, sampling is reprodu
 logits are never materialised, and `moebench generate` samples from a saved checkpoint."""
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import replace
 
@@ -53,13 +52,11 @@ def test_step_decoding_equals_full_forward(name, static):
             assert_close(f"{name} step at {t}", logits_BV, full_BLV[:, t])
 
 
-@pytest.mark.skipif(not moe_decode.HAS_TRITON, reason="needs triton (on a CPU, its interpreter)")
+@pytest.mark.usefixtures("triton_runs")
 @pytest.mark.parametrize("name", ["MoE-Mamba_25M", "InnerMoE_25M-conv+gate+out-all", "Transformer-MoE_25M"])
 def test_step_decoding_with_decode_kernels_equals_full_forward(name, monkeypatch):
     """With fused routing, each decode step's MoE layers take ops/moe_decode.py's Triton kernels
     (router, experts): the steps still equal the full forward (which takes the grouped path)."""
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton on a CPU needs TRITON_INTERPRET=1")
     model = tiny_model(name)
     moes = [m for m in model.modules() if hasattr(m, "fused_routing")]
     for m in moes:

@@ -3,8 +3,6 @@ against the repo's MoE layer. On a CPU they run under Triton's interpreter (set 
 the shapes are tiny; scripts/bench_moe_decode.py compares them with the grouped path on an H100."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,9 +11,7 @@ from moebench.models.moe import MoE
 from moebench.ops import moe_decode
 from moebench.ops.moe_decode import decode_experts, decode_experts_ref
 
-pytestmark = pytest.mark.skipif(
-    not moe_decode.HAS_TRITON or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="needs triton (on a CPU, under TRITON_INTERPRET=1)")
+pytestmark = pytest.mark.usefixtures("triton_runs")   # conftest.py: a GPU, or the interpreter on a CPU
 
 # compiled on a GPU; on a CPU, interpreted
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")

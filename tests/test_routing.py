@@ -3,17 +3,13 @@ gathers they replace, forward and backward. On a CPU they run under Triton's int
 conftest.py); tests/test_gpu_moe.py runs them compiled, in bf16, on CUDA."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from moebench.models.moe import MoE
 from moebench.ops import routing
 
-pytestmark = pytest.mark.skipif(
-    not routing.HAS_TRITON or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="needs triton (on a CPU, under TRITON_INTERPRET=1)")
+pytestmark = pytest.mark.usefixtures("triton_runs")   # conftest.py: a GPU, or the interpreter on a CPU
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
