@@ -173,6 +173,12 @@ def moe_decode_of(model) -> str | list[str] | None:
     return _one_or_all({m.decode_path(dev) for m in moe_modules(model)})
 
 
+def mamba_decode_of(model) -> str | list[str] | None:
+    """The decode path of the model's Mamba mixers (Mamba.decode_path): 'triton', 'fast' or 'ref'."""
+    dev = next(model.parameters()).device
+    return _one_or_all({b.mixer.decode_path(dev) for b in model.blocks if hasattr(b.mixer, "decode_path")})
+
+
 def impl_of(model, compiled: bool = False) -> dict:
     return {"mixer": model.impl, "moe": _one_or_all({m.impl for m in moe_modules(model)}), "compile": compiled}
 
@@ -552,7 +558,8 @@ def bench_generate(cfgs: list[ModelConfig], *, prompt_lens: list[int], gen_len: 
             for L in sorted(prompt_lens):
                 res = {"variant": cfg.name, "family": cfg.family, "mixer": cfg.mixer, "prompt_len": L,
                        "gen_len": gen_len, "batch": batch,
-                       "impl": {**impl_of(model), "moe_decode": moe_decode_of(model), "cuda_graph": cuda_graph}}
+                       "impl": {**impl_of(model), "moe_decode": moe_decode_of(model),
+                                "mamba_decode": mamba_decode_of(model), "cuda_graph": cuda_graph}}
                 res.update(_generate_point(model, cfg, Decoder, L, gen_len, batch, cuda_graph, dev))
                 if res["status"] == "ok":
                     res["prompt_logits_gib"] = batch * L * cfg.vocab_size * elt / GiB   # what prefill avoids

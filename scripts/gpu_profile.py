@@ -98,6 +98,8 @@ def train_steps(compiled: bool = False) -> None:
 
 
 def decode() -> None:
+    """One decode step at batch 64: CUDA-graph time with the Mamba decode kernels on and off
+    (Mamba.decode_kernels), then the kernel table of the step as the models run by default."""
     from moebench.generate import Decoder, cast_for_inference, decoding
     from moebench.models.lm import build_model
     for name in ("MoE-Mamba_25M", "Mamba_25M"):
@@ -105,10 +107,15 @@ def decode() -> None:
         model = cast_for_inference(build_model(cfg, device=DEV), torch.bfloat16)
         tok = torch.randint(0, cfg.vocab_size, (64,), device=DEV)
         with decoding(model):
+            for on in (False, None):
+                for b in model.blocks:
+                    b.mixer.decode_kernels = on
+                graph = Decoder(model, 64, 1024, cuda_graph=True)
+                print(f"{name} decode step, Mamba decode kernels {'off' if on is False else 'on'}: "
+                      f"graph {median_ms(lambda: graph.step(tok)):.3f} ms")
+                del graph
             dec = Decoder(model, 64, 1024, static=True)
-            graph = Decoder(model, 64, 1024, cuda_graph=True)
-            print(f"{name} decode step: eager-static {median_ms(lambda: dec.step(tok)):.3f} ms, "
-                  f"graph {median_ms(lambda: graph.step(tok)):.3f} ms")
+            print(f"{name} decode step: eager-static {median_ms(lambda: dec.step(tok)):.3f} ms")
             table(lambda: dec.step(tok), n=5, rows=40, title=f"{name} decode step (static, eager)")
         del model
         torch.cuda.empty_cache()

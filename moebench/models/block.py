@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from moebench.config import ModelConfig
+from moebench.ops import mamba_decode
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -56,6 +57,18 @@ class Block(nn.Module):
             aux.append(moe_aux)
         return y_TD.view(B, L, D)
 
+    def _mixer_kernels(self, x_BD: torch.Tensor, state) -> bool:
+        """Whether this step's mixer sublayer takes ops/mamba_decode.py's kernels: a Mamba mixer
+        whose decode_path says so, no gradient, no autocast, weights and conv state in x's dtype
+        (generate.cast_for_inference); otherwise the unfused step, which handles every case."""
+        mixer, dev = self.mixer, x_BD.device
+        if not hasattr(mixer, "d_state") or torch.is_grad_enabled() or mixer.decode_path(dev) != "triton":
+            return False
+        if dev.type in ("cuda", "cpu") and torch.is_autocast_enabled(dev.type):
+            return False
+        return (x_BD.shape[0] <= mamba_decode.MAX_DECODE_T and state[0].dtype == x_BD.dtype
+                and self.norm1.weight.dtype == x_BD.dtype == mixer.in_proj.weight.dtype)
+
     def forward(self, x_BLD: torch.Tensor, valid_BL: torch.Tensor | None = None,
                 return_state: bool = False):
         """-> (x, moe_aux) or, with return_state, (x, moe_aux, mixer state after the last position)
@@ -77,6 +90,11 @@ class Block(nn.Module):
 
     # --- recurrent / cached decoding: one token per call --------------------------------------
     def step(self, x_BD: torch.Tensor, state):
+        if self.layout != "parallel" and self._mixer_kernels(x_BD, state):
+            x_BD = mamba_decode.mamba_decode_residual(x_BD, self.norm1, self.mixer, state)
+            if self.ffn is None:
+                return x_BD, state
+            return x_BD + self._ffn(self.norm2(x_BD)[:, None], None, None)[:, 0], state
         h = self.norm1(x_BD)
         y, state = self.mixer.step(h, state)
         if self.ffn is None:

@@ -47,6 +47,9 @@ class Mamba(nn.Module):
             if impl != "auto":
                 raise RuntimeError(f"impl='fast' needs 2 <= d_conv <= 4, got {d_conv}")
             self.impl = "ref"
+        # decode steps through ops/mamba_decode.py (Block.step): None = on CUDA, True = anywhere
+        # (a CPU runs them under Triton's interpreter, as the tests do), False = never
+        self.decode_kernels: bool | None = None
 
         # Modules are created in mamba_ssm.Mamba's order so that, with the same seed, a vanilla
         # mixer draws the same initial weights.
@@ -209,6 +212,13 @@ class Mamba(nn.Module):
             with torch.no_grad():
                 self._A_cache = cache = (key, -torch.exp(self.A_log.float()))
         return cache[1]
+
+    def decode_path(self, device: torch.device) -> str:
+        """What a decode step inside Block.step runs on `device`: 'triton', the whole residual
+        sublayer in ops/mamba_decode.py's kernels (a mixer without inner MoEs), else self.impl."""
+        from moebench.ops import mamba_decode
+        on = self.decode_kernels if self.decode_kernels is not None else device.type == "cuda"
+        return "triton" if on and mamba_decode.HAS_TRITON and not self.inner_places else self.impl
 
     def step(self, x_BD: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
         """One token: returns (y_BD, state), the state updated in place. Inner MoEs route the B

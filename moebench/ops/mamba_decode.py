@@ -1,0 +1,199 @@
+"""One decode step of a Mamba residual sublayer, out = x + mixer(norm(x)), in three launches:
+
+    1. norm + in_proj + causal conv update:   x_BD -> u_BI = silu(conv(x-half)), z_BI   (conv state shifted)
+    2. x_proj + dt_proj + selective state update + gate:   u_BI, z_BI -> y_BI            (ssm state updated)
+    3. out_proj + residual:   out_BD = x_BD + y_BI @ out_proj.weight.T                   (one GEMM, beta = 1)
+
+The unfused step (Block.step -> Mamba.step) takes eight: a norm, four GEMMs, the conv and state
+kernels of causal-conv1d and mamba-ssm, and the residual add. At decode (a few tokens, weights of a
+few MB) each of those is a few µs of launch latency, more than its work.
+
+Rounding follows the unfused step: the norm's output, in_proj's output, x_proj's and dt_proj's
+outputs are rounded to the activations' dtype; the conv, the softplus, the recurrence and the gate
+run in fp32 (as the causal-conv1d and mamba-ssm kernels do); out_proj and the residual add round
+once (the unfused step rounds out_proj's output, then the sum). The ssm state is fp32; the conv
+state is in the activations' dtype.
+
+Kernel 2's programs each recompute x_proj for their tokens (the product is small: R + 2N columns)
+rather than wait for a separate launch. Shape suffixes: B tokens, D d_model, I d_inner, N d_state,
+R dt_rank, W d_conv. On a CPU the kernels run under Triton's interpreter (as the tests do).
+"""
+from __future__ import annotations
+
+import torch
+
+from moebench.ops.moe_decode import HAS_TRITON, MAX_DECODE_T
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+    from moebench.ops.moe_decode import _dot_args
+
+    @triton.jit
+    def _in_conv_kernel(x_ptr, nw_ptr, nb_ptr, w_ptr, cw_ptr, cb_ptr, conv_ptr, u_ptr, z_ptr, B, D, I, eps,
+                        RMS: tl.constexpr, HAS_NB: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr,
+                        UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_I: tl.constexpr):
+        # program (i-block, half, b-block): half 0 = the conv branch (in_proj rows 0..I), 1 = the gate
+        i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+        half = tl.program_id(1)
+        b = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
+        i_ok, b_ok = i < I, b < B
+        row = b.to(tl.int64)[:, None] * D
+        # the norm's statistics in fp32, two passes (mean, then squared deviations) as a norm kernel
+        s = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            s += tl.sum(tl.load(x_ptr + row + k[None, :], mask=b_ok[:, None] & (k < D)[None, :], other=0.0)
+                        .to(tl.float32), axis=1)
+        if RMS:
+            mean = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        else:
+            mean = s / D
+        s = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            m = b_ok[:, None] & (k < D)[None, :]
+            dev = tl.where(m, tl.load(x_ptr + row + k[None, :], mask=m, other=0.0).to(tl.float32) - mean[:, None], 0.0)
+            s += tl.sum(dev * dev, axis=1)
+        rstd = 1.0 / tl.sqrt(s / D + eps)
+        acc = tl.zeros((BLOCK_B, BLOCK_I), dtype=tl.float32)
+        f = half * I + i
+        for k0 in range(0, D, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < D
+            a = tl.load(x_ptr + row + k[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            a = (a - mean[:, None]) * rstd[:, None] * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_NB:
+                a += tl.load(nb_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            a = a.to(x_ptr.dtype.element_ty)            # the norm's output, in the activations' dtype
+            w = tl.load(w_ptr + f.to(tl.int64)[None, :] * D + k[:, None], mask=i_ok[None, :] & k_ok[:, None], other=0.0)
+            if UPCAST:
+                a, w = a.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        xz = acc.to(u_ptr.dtype.element_ty)
+        bi = b.to(tl.int64)[:, None] * I + i[None, :]
+        ok = b_ok[:, None] & i_ok[None, :]
+        if half == 1:
+            tl.store(z_ptr + bi, xz, mask=ok)
+        else:
+            # shift x into the conv state (B, I, W) and filter the window; each (b, i) belongs to one
+            # program, which reads slot w+1 before it overwrites it in the next iteration
+            c = tl.load(cb_ptr + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
+            for w in tl.static_range(W):
+                if w < W - 1:
+                    v = tl.load(conv_ptr + bi * W + w + 1, mask=ok, other=0.0)
+                else:
+                    v = xz.to(conv_ptr.dtype.element_ty)
+                tl.store(conv_ptr + bi * W + w, v, mask=ok)
+                c += v.to(tl.float32) * tl.load(cw_ptr + i * W + w, mask=i_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(u_ptr + bi, (c / (1.0 + tl.exp(-c))).to(u_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _ssm_kernel(u_ptr, z_ptr, xw_ptr, dtw_ptr, dtb_ptr, A_ptr, D_ptr, ssm_ptr, y_ptr, B, I, R, N,
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_I: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr):
+        i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+        b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+        r, n = tl.arange(0, RP), tl.arange(0, NP)
+        i_ok, b_ok, r_ok, n_ok = i < I, b < B, r < R, n < N
+        # x_proj's rows (dt_r, B, C) of these tokens, over all I channels of u
+        acc_r = tl.zeros((BLOCK_B, RP), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_B, NP), dtype=tl.float32)
+        acc_c = tl.zeros((BLOCK_B, NP), dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < I
+            a = tl.load(u_ptr + b.to(tl.int64)[:, None] * I + k[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0)
+            wr = tl.load(xw_ptr + r[None, :] * I + k[:, None], mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+            wb = tl.load(xw_ptr + (R + n)[None, :] * I + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            wc = tl.load(xw_ptr + (R + N + n)[None, :] * I + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            if UPCAST:
+                a, wr, wb, wc = a.to(tl.float32), wr.to(tl.float32), wb.to(tl.float32), wc.to(tl.float32)
+            acc_r = tl.dot(a, wr, acc_r, input_precision=PRECISION)
+            acc_b = tl.dot(a, wb, acc_b, input_precision=PRECISION)
+            acc_c = tl.dot(a, wc, acc_c, input_precision=PRECISION)
+        dtype = u_ptr.dtype.element_ty
+        Bm = acc_b.to(dtype).to(tl.float32)
+        Cm = acc_c.to(dtype).to(tl.float32)
+        # dt of channels i: dt_proj (no bias: added in fp32 below, as the state update does), softplus
+        dt_r = acc_r.to(dtype)
+        wdt = tl.load(dtw_ptr + i[None, :] * R + r[:, None], mask=i_ok[None, :] & r_ok[:, None], other=0.0)
+        if UPCAST:
+            dt_r, wdt = dt_r.to(tl.float32), wdt.to(tl.float32)
+        dt = tl.dot(dt_r, wdt, input_precision=PRECISION).to(dtype).to(tl.float32)
+        dt += tl.load(dtb_ptr + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
+        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)       # F.softplus, threshold 20
+        bi = b.to(tl.int64)[:, None] * I + i[None, :]
+        ok = b_ok[:, None] & i_ok[None, :]
+        u = tl.load(u_ptr + bi, mask=ok, other=0.0).to(tl.float32)
+        A = tl.load(A_ptr + i[:, None] * N + n[None, :], mask=i_ok[:, None] & n_ok[None, :], other=0.0)
+        s_ptr = ssm_ptr + bi[:, :, None] * N + n[None, None, :]
+        s_ok = ok[:, :, None] & n_ok[None, None, :]
+        h = tl.load(s_ptr, mask=s_ok, other=0.0).to(tl.float32)
+        h = h * tl.exp(dt[:, :, None] * A[None, :, :]) + (dt * u)[:, :, None] * Bm[:, None, :]
+        tl.store(s_ptr, h.to(ssm_ptr.dtype.element_ty), mask=s_ok)
+        y = tl.sum(h * Cm[:, None, :], axis=2) + tl.load(D_ptr + i, mask=i_ok, other=0.0).to(tl.float32)[None, :] * u
+        z = tl.load(z_ptr + bi, mask=ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + bi, (y * z / (1.0 + tl.exp(-z))).to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton_op("moebench::mamba_decode_residual", mutates_args=("conv_state_BIW", "ssm_state_BIN"))
+    def _mamba_decode_residual_op(x_BD: torch.Tensor, norm_w_D: torch.Tensor, norm_b_D: torch.Tensor | None,
+                                  eps: float, rms: bool, in_w_ED: torch.Tensor, conv_w_IW: torch.Tensor,
+                                  conv_b_I: torch.Tensor, xproj_w_EI: torch.Tensor, dtproj_w_IR: torch.Tensor,
+                                  dtproj_b_I: torch.Tensor, A_IN: torch.Tensor, D_I: torch.Tensor,
+                                  out_w_DI: torch.Tensor, conv_state_BIW: torch.Tensor,
+                                  ssm_state_BIN: torch.Tensor) -> torch.Tensor:
+        (B, D), (I, N), R, W = x_BD.shape, A_IN.shape, dtproj_w_IR.shape[1], conv_w_IW.shape[1]
+        u_BI = torch.empty(B, I, dtype=x_BD.dtype, device=x_BD.device)
+        z_BI = torch.empty_like(u_BI)
+        y_BI = torch.empty_like(u_BI)
+        dots = _dot_args(x_BD.dtype, _in_conv_kernel)
+        # 32 channels per program: 2·I/32 programs each stream a (D, 32) slice of in_proj
+        BLOCK_B, BLOCK_I = min(64, max(16, triton.next_power_of_2(B))), 32
+        wrap_triton(_in_conv_kernel)[(triton.cdiv(I, BLOCK_I), 2, triton.cdiv(B, BLOCK_B))](
+            x_BD, norm_w_D, norm_b_D if norm_b_D is not None else norm_w_D, in_w_ED, conv_w_IW, conv_b_I,
+            conv_state_BIW, u_BI, z_BI, B, D, I, eps, RMS=rms, HAS_NB=norm_b_D is not None, W=W,
+            BLOCK_B=BLOCK_B, BLOCK_K=64, BLOCK_I=BLOCK_I, num_warps=4, **dots)
+        # 16 tokens × 64 channels per program: the state tile (16, 64, N) in fp32 spread over 8 warps
+        BLOCK_B2, BLOCK_I2 = 16, 64
+        wrap_triton(_ssm_kernel)[(triton.cdiv(I, BLOCK_I2), triton.cdiv(B, BLOCK_B2))](
+            u_BI, z_BI, xproj_w_EI, dtproj_w_IR, dtproj_b_I, A_IN, D_I, ssm_state_BIN, y_BI, B, I, R, N,
+            BLOCK_B=BLOCK_B2, BLOCK_K=64, BLOCK_I=BLOCK_I2, RP=max(16, triton.next_power_of_2(R)),
+            NP=max(16, triton.next_power_of_2(N)), num_warps=8, **dots)
+        return torch.addmm(x_BD, y_BI, out_w_DI.t())
+
+
+def mamba_decode_residual(x_BD: torch.Tensor, norm: torch.nn.Module, mixer, state) -> torch.Tensor:
+    """x_BD + mixer(norm(x_BD)) for one token per sequence, the mixer's state (conv_state_BIW,
+    ssm_state_BIN) updated in place. norm: nn.LayerNorm (with or without bias) or nn.RMSNorm over D;
+    mixer: a moebench Mamba without inner MoEs, weights in x's dtype except A_log and D (fp32).
+    Forward only (decoding, no gradient); 1 <= B <= MAX_DECODE_T."""
+    if not HAS_TRITON:
+        raise RuntimeError("mamba_decode_residual needs triton")
+    if mixer.inner_places:
+        raise ValueError("mamba_decode_residual takes a Mamba mixer without inner MoEs")
+    conv_state_BIW, ssm_state_BIN = state
+    (B, D), I, W = x_BD.shape, mixer.d_inner, mixer.d_conv
+    if not 1 <= B <= MAX_DECODE_T or D != mixer.d_model:
+        raise ValueError(f"mamba_decode_residual: x {tuple(x_BD.shape)}; 1..{MAX_DECODE_T} tokens of width {mixer.d_model}")
+    if tuple(conv_state_BIW.shape) != (B, I, W) or tuple(ssm_state_BIN.shape) != (B, I, mixer.d_state):
+        raise ValueError(f"state shapes {tuple(conv_state_BIW.shape)}, {tuple(ssm_state_BIN.shape)} for "
+                         f"batch {B}, d_inner {I}, d_conv {W}, d_state {mixer.d_state}")
+    if not (conv_state_BIW.is_contiguous() and ssm_state_BIN.is_contiguous()):
+        raise ValueError("the decoding states must be contiguous (they are updated in place)")
+    weights = (norm.weight, mixer.in_proj.weight, mixer.conv1d.weight, mixer.x_proj.weight,
+               mixer.dt_proj.weight, mixer.out_proj.weight)
+    if any(w.dtype != x_BD.dtype for w in weights) or conv_state_BIW.dtype != x_BD.dtype:
+        raise TypeError(f"mamba_decode_residual wants the weights and conv state in x's dtype {x_BD.dtype} "
+                        f"(generate.cast_for_inference), got {sorted({str(w.dtype) for w in weights})}, "
+                        f"conv state {conv_state_BIW.dtype}")
+    rms = isinstance(norm, torch.nn.RMSNorm)
+    eps = norm.eps if norm.eps is not None else torch.finfo(x_BD.dtype).eps   # RMSNorm's default eps
+    bias = None if rms else norm.bias
+    return torch.ops.moebench.mamba_decode_residual(
+        x_BD.contiguous(), norm.weight, bias, float(eps), rms, mixer.in_proj.weight,
+        mixer.conv1d.weight[:, 0].contiguous(), mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight,
+        mixer.dt_proj.bias, mixer._A_for_decoding(), mixer.D, mixer.out_proj.weight, conv_state_BIW, ssm_state_BIN)
