@@ -56,15 +56,17 @@ def test_step_decoding_equals_full_forward(name, static):
 @pytest.mark.parametrize("name", ["MoE-Mamba_25M", "InnerMoE_25M-conv+gate+out-all", "Transformer-MoE_25M"])
 def test_step_decoding_with_decode_kernels_equals_full_forward(name, monkeypatch):
     """With fused routing, each decode step's MoE layers take ops/moe_decode.py's Triton kernels
-    (router, experts): the steps still equal the full forward (which takes the grouped path)."""
-    model = tiny_model(name)
+    (router, experts): the steps still equal the full forward (which takes the grouped path).
+    On a GPU machine the model runs on the GPU: compiled Triton kernels take no CPU tensors."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = tiny_model(name).to(dev)
     moes = [m for m in model.modules() if hasattr(m, "fused_routing")]
     for m in moes:
         m.impl, m.fused_routing = "grouped", True
     calls = []
     real = moe_decode.decode_experts
     monkeypatch.setattr(moe_decode, "decode_experts", lambda *a: calls.append(1) or real(*a))
-    idx_BL = torch.randint(0, 50257, (3, 9), generator=torch.Generator().manual_seed(4))
+    idx_BL = torch.randint(0, 50257, (3, 9), generator=torch.Generator().manual_seed(4)).to(dev)
     with torch.no_grad():
         full_BLV = model(idx_BL).logits
     assert not calls, "the full forward must take the grouped path"

@@ -85,14 +85,14 @@ def test_model_decoding_takes_the_kernels(name, monkeypatch):
     """Block.step sends every Mamba sublayer through the kernels (decode_kernels=True forces them on
     a CPU); the steps equal the full forward, as the unfused steps do (tests/test_generate.py)."""
     from test_generate import assert_close, tiny_model   # tests/ is on sys.path (pytest prepend mode)
-    model = tiny_model(name)
+    model = tiny_model(name).to(DEV)
     mixers = [b.mixer for b in model.blocks]
     for m in mixers:
         m.decode_kernels = True
     calls = []
     real = mamba_decode.mamba_decode_residual
     monkeypatch.setattr(mamba_decode, "mamba_decode_residual", lambda *a: calls.append(1) or real(*a))
-    idx_BL = torch.randint(0, 50257, (3, 8), generator=torch.Generator().manual_seed(5))
+    idx_BL = torch.randint(0, 50257, (3, 8), generator=torch.Generator().manual_seed(5)).to(DEV)
     with torch.no_grad():
         full_BLV = model(idx_BL).logits
     assert not calls, "the full forward must not take the decode kernels"

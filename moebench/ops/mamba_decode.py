@@ -2,7 +2,7 @@
 
     1. norm + in_proj + causal conv update:   x_BD -> u_BI = silu(conv(x-half)), z_BI   (conv state shifted)
     2. x_proj + dt_proj + selective state update + gate:   u_BI, z_BI -> y_BI            (ssm state updated)
-    3. out_proj + residual:   out_BD = x_BD + y_BI @ out_proj.weight.T                   (one GEMM, beta = 1)
+    3. out_proj + residual:   out_BD = x_BD + y_BI @ out_proj.weight.T
 
 The unfused step (Block.step -> Mamba.step) takes eight: a norm, four GEMMs, the conv and state
 kernels of causal-conv1d and mamba-ssm, and the residual add. At decode (a few tokens, weights of a
@@ -33,62 +33,49 @@ if HAS_TRITON:
 
     @triton.jit
     def _in_conv_kernel(x_ptr, nw_ptr, nb_ptr, w_ptr, cw_ptr, cb_ptr, conv_ptr, u_ptr, z_ptr, B, D, I, eps,
-                        RMS: tl.constexpr, HAS_NB: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr,
-                        UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_I: tl.constexpr):
-        # program (i-block, half, b-block): half 0 = the conv branch (in_proj rows 0..I), 1 = the gate
+                        RMS: tl.constexpr, HAS_NB: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                        PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr):
+        # program (i-block, half, b-block): half 0 = the conv branch (in_proj rows 0..I), 1 = the gate.
+        # Whole rows in one load, no K loop: at decode each program's work is a few µs of latency,
+        # and every serial load in a loop adds one.
         i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
         half = tl.program_id(1)
         b = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
-        i_ok, b_ok = i < I, b < B
-        row = b.to(tl.int64)[:, None] * D
-        # the norm's statistics in fp32, two passes (mean, then squared deviations) as a norm kernel
-        s = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            s += tl.sum(tl.load(x_ptr + row + k[None, :], mask=b_ok[:, None] & (k < D)[None, :], other=0.0)
-                        .to(tl.float32), axis=1)
+        k = tl.arange(0, BLOCK_D)
+        i_ok, b_ok, k_ok = i < I, b < B, k < D
+        w = tl.load(w_ptr + (half * I + i).to(tl.int64)[None, :] * D + k[:, None],
+                    mask=i_ok[None, :] & k_ok[:, None], other=0.0)
+        m = b_ok[:, None] & k_ok[None, :]
+        a = tl.load(x_ptr + b.to(tl.int64)[:, None] * D + k[None, :], mask=m, other=0.0).to(tl.float32)
+        # the norm in fp32, mean then squared deviations (as a norm kernel), output in x's dtype
         if RMS:
-            mean = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            dev = a
         else:
-            mean = s / D
-        s = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            m = b_ok[:, None] & (k < D)[None, :]
-            dev = tl.where(m, tl.load(x_ptr + row + k[None, :], mask=m, other=0.0).to(tl.float32) - mean[:, None], 0.0)
-            s += tl.sum(dev * dev, axis=1)
-        rstd = 1.0 / tl.sqrt(s / D + eps)
-        acc = tl.zeros((BLOCK_B, BLOCK_I), dtype=tl.float32)
-        f = half * I + i
-        for k0 in range(0, D, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < D
-            a = tl.load(x_ptr + row + k[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            a = (a - mean[:, None]) * rstd[:, None] * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            if HAS_NB:
-                a += tl.load(nb_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            a = a.to(x_ptr.dtype.element_ty)            # the norm's output, in the activations' dtype
-            w = tl.load(w_ptr + f.to(tl.int64)[None, :] * D + k[:, None], mask=i_ok[None, :] & k_ok[:, None], other=0.0)
-            if UPCAST:
-                a, w = a.to(tl.float32), w.to(tl.float32)
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
-        xz = acc.to(u_ptr.dtype.element_ty)
+            dev = tl.where(m, a - (tl.sum(a, axis=1) / D)[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=1) / D + eps)
+        a = dev * rstd[:, None] * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_NB:
+            a += tl.load(nb_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        a = a.to(x_ptr.dtype.element_ty)
+        if UPCAST:
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        xz = tl.dot(a, w, input_precision=PRECISION).to(u_ptr.dtype.element_ty)
         bi = b.to(tl.int64)[:, None] * I + i[None, :]
         ok = b_ok[:, None] & i_ok[None, :]
         if half == 1:
             tl.store(z_ptr + bi, xz, mask=ok)
         else:
-            # shift x into the conv state (B, I, W) and filter the window; each (b, i) belongs to one
-            # program, which reads slot w+1 before it overwrites it in the next iteration
-            c = tl.load(cb_ptr + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
-            for w in tl.static_range(W):
-                if w < W - 1:
-                    v = tl.load(conv_ptr + bi * W + w + 1, mask=ok, other=0.0)
-                else:
-                    v = xz.to(conv_ptr.dtype.element_ty)
-                tl.store(conv_ptr + bi * W + w, v, mask=ok)
-                c += v.to(tl.float32) * tl.load(cw_ptr + i * W + w, mask=i_ok, other=0.0).to(tl.float32)[None, :]
+            # shift x into the conv state (B, I, W) and filter the window (W taps, fp32 as causal-conv1d)
+            j = tl.arange(0, WP)
+            s_ptr = conv_ptr + bi[:, :, None] * W + j[None, None, :]
+            s_ok = ok[:, :, None] & (j < W)[None, None, :]
+            win = tl.load(s_ptr + 1, mask=ok[:, :, None] & (j < W - 1)[None, None, :], other=0.0)
+            win = tl.where((j == W - 1)[None, None, :], xz.to(conv_ptr.dtype.element_ty)[:, :, None], win)
+            tl.store(s_ptr, win, mask=s_ok)
+            taps = tl.load(cw_ptr + i[:, None] * W + j[None, :], mask=i_ok[:, None] & (j < W)[None, :], other=0.0)
+            c = tl.sum(win.to(tl.float32) * taps.to(tl.float32)[None, :, :], axis=2)
+            c += tl.load(cb_ptr + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(u_ptr + bi, (c / (1.0 + tl.exp(-c))).to(u_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
@@ -99,7 +86,17 @@ if HAS_TRITON:
         b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
         r, n = tl.arange(0, RP), tl.arange(0, NP)
         i_ok, b_ok, r_ok, n_ok = i < I, b < B, r < R, n < N
-        # x_proj's rows (dt_r, B, C) of these tokens, over all I channels of u
+        bi = b.to(tl.int64)[:, None] * I + i[None, :]
+        ok = b_ok[:, None] & i_ok[None, :]
+        # loads that do not depend on x_proj first, so that their latency overlaps its loop
+        u = tl.load(u_ptr + bi, mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + bi, mask=ok, other=0.0).to(tl.float32)
+        A = tl.load(A_ptr + i[:, None] * N + n[None, :], mask=i_ok[:, None] & n_ok[None, :], other=0.0)
+        s_ptr = ssm_ptr + bi[:, :, None] * N + n[None, None, :]
+        s_ok = ok[:, :, None] & n_ok[None, None, :]
+        h = tl.load(s_ptr, mask=s_ok, other=0.0).to(tl.float32)
+        wdt = tl.load(dtw_ptr + i[None, :] * R + r[:, None], mask=i_ok[None, :] & r_ok[:, None], other=0.0)
+        # x_proj's rows (dt_r, B, C) of these tokens, over all I channels of u (BLOCK_K wide steps)
         acc_r = tl.zeros((BLOCK_B, RP), dtype=tl.float32)
         acc_b = tl.zeros((BLOCK_B, NP), dtype=tl.float32)
         acc_c = tl.zeros((BLOCK_B, NP), dtype=tl.float32)
@@ -120,24 +117,34 @@ if HAS_TRITON:
         Cm = acc_c.to(dtype).to(tl.float32)
         # dt of channels i: dt_proj (no bias: added in fp32 below, as the state update does), softplus
         dt_r = acc_r.to(dtype)
-        wdt = tl.load(dtw_ptr + i[None, :] * R + r[:, None], mask=i_ok[None, :] & r_ok[:, None], other=0.0)
         if UPCAST:
             dt_r, wdt = dt_r.to(tl.float32), wdt.to(tl.float32)
         dt = tl.dot(dt_r, wdt, input_precision=PRECISION).to(dtype).to(tl.float32)
         dt += tl.load(dtb_ptr + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
         dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)       # F.softplus, threshold 20
-        bi = b.to(tl.int64)[:, None] * I + i[None, :]
-        ok = b_ok[:, None] & i_ok[None, :]
-        u = tl.load(u_ptr + bi, mask=ok, other=0.0).to(tl.float32)
-        A = tl.load(A_ptr + i[:, None] * N + n[None, :], mask=i_ok[:, None] & n_ok[None, :], other=0.0)
-        s_ptr = ssm_ptr + bi[:, :, None] * N + n[None, None, :]
-        s_ok = ok[:, :, None] & n_ok[None, None, :]
-        h = tl.load(s_ptr, mask=s_ok, other=0.0).to(tl.float32)
         h = h * tl.exp(dt[:, :, None] * A[None, :, :]) + (dt * u)[:, :, None] * Bm[:, None, :]
         tl.store(s_ptr, h.to(ssm_ptr.dtype.element_ty), mask=s_ok)
         y = tl.sum(h * Cm[:, None, :], axis=2) + tl.load(D_ptr + i, mask=i_ok, other=0.0).to(tl.float32)[None, :] * u
-        z = tl.load(z_ptr + bi, mask=ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + bi, (y * z / (1.0 + tl.exp(-z))).to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _out_kernel(y_ptr, w_ptr, x_ptr, out_ptr, B, I, D, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        # out[b, n] = x[b, n] + y[b] @ w[n]: out_proj with the residual added before the one rounding
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+        n_ok, b_ok = n < D, b < B
+        bn = b.to(tl.int64)[:, None] * D + n[None, :]
+        acc = tl.load(x_ptr + bn, mask=b_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < I
+            a = tl.load(y_ptr + b.to(tl.int64)[:, None] * I + k[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + n.to(tl.int64)[None, :] * I + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            if UPCAST:
+                a, w = a.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        tl.store(out_ptr + bn, acc.to(out_ptr.dtype.element_ty), mask=b_ok[:, None] & n_ok[None, :])
 
     @triton_op("moebench::mamba_decode_residual", mutates_args=("conv_state_BIW", "ssm_state_BIN"))
     def _mamba_decode_residual_op(x_BD: torch.Tensor, norm_w_D: torch.Tensor, norm_b_D: torch.Tensor | None,
@@ -151,19 +158,27 @@ if HAS_TRITON:
         z_BI = torch.empty_like(u_BI)
         y_BI = torch.empty_like(u_BI)
         dots = _dot_args(x_BD.dtype, _in_conv_kernel)
-        # 32 channels per program: 2·I/32 programs each stream a (D, 32) slice of in_proj
-        BLOCK_B, BLOCK_I = min(64, max(16, triton.next_power_of_2(B))), 32
-        wrap_triton(_in_conv_kernel)[(triton.cdiv(I, BLOCK_I), 2, triton.cdiv(B, BLOCK_B))](
+        # 16 tokens × 32 channels per program: (I/32, 2, B/16) programs, each a (D, 32) slice of
+        # in_proj (from L2 after the first token block) and whole rows of x
+        BLOCK_D = triton.next_power_of_2(D)
+        wrap_triton(_in_conv_kernel)[(triton.cdiv(I, 32), 2, triton.cdiv(B, 16))](
             x_BD, norm_w_D, norm_b_D if norm_b_D is not None else norm_w_D, in_w_ED, conv_w_IW, conv_b_I,
             conv_state_BIW, u_BI, z_BI, B, D, I, eps, RMS=rms, HAS_NB=norm_b_D is not None, W=W,
-            BLOCK_B=BLOCK_B, BLOCK_K=64, BLOCK_I=BLOCK_I, num_warps=4, **dots)
-        # 16 tokens × 64 channels per program: the state tile (16, 64, N) in fp32 spread over 8 warps
-        BLOCK_B2, BLOCK_I2 = 16, 64
-        wrap_triton(_ssm_kernel)[(triton.cdiv(I, BLOCK_I2), triton.cdiv(B, BLOCK_B2))](
+            WP=triton.next_power_of_2(W), BLOCK_B=16, BLOCK_D=BLOCK_D, BLOCK_I=32,
+            num_warps=4 if BLOCK_D <= 512 else 8, **dots)
+        # 16 tokens × 64 channels per program: the state tile (16, 64, N) in fp32 over 8 warps;
+        # x_proj in 512-wide steps (two at I = 1024)
+        wrap_triton(_ssm_kernel)[(triton.cdiv(I, 64), triton.cdiv(B, 16))](
             u_BI, z_BI, xproj_w_EI, dtproj_w_IR, dtproj_b_I, A_IN, D_I, ssm_state_BIN, y_BI, B, I, R, N,
-            BLOCK_B=BLOCK_B2, BLOCK_K=64, BLOCK_I=BLOCK_I2, RP=max(16, triton.next_power_of_2(R)),
-            NP=max(16, triton.next_power_of_2(N)), num_warps=8, **dots)
-        return torch.addmm(x_BD, y_BI, out_w_DI.t())
+            BLOCK_B=16, BLOCK_K=min(512, triton.next_power_of_2(I)), BLOCK_I=64,
+            RP=max(16, triton.next_power_of_2(R)), NP=max(16, triton.next_power_of_2(N)), num_warps=8, **dots)
+        # 16 tokens × 32 outputs per program, 512-wide K steps (torch.addmm would copy x into its
+        # output first: one more launch)
+        out_BD = torch.empty_like(x_BD)
+        wrap_triton(_out_kernel)[(triton.cdiv(D, 32), triton.cdiv(B, 16))](
+            y_BI, out_w_DI, x_BD, out_BD, B, I, D, BLOCK_B=16, BLOCK_K=min(512, triton.next_power_of_2(I)),
+            BLOCK_N=32, num_warps=4, **dots)
+        return out_BD
 
 
 def mamba_decode_residual(x_BD: torch.Tensor, norm: torch.nn.Module, mixer, state) -> torch.Tensor:
