@@ -1,7 +1,8 @@
 """One decode step of a Mamba residual sublayer, out = x + mixer(norm(x)), in three launches:
 
-    1. norm + in_proj + causal conv update:   x_BD -> u_BI = silu(conv(x-half)), z_BI   (conv state shifted)
-    2. x_proj + dt_proj + selective state update + gate:   u_BI, z_BI -> y_BI            (ssm state updated)
+    1. norm + in_proj + causal conv update + x_proj's partial products over each channel block:
+       x_BD -> u_BI = silu(conv(x-half)), z_BI, part_PBE                               (conv state shifted)
+    2. the sum of x_proj's partials + dt_proj + selective state update + gate -> y_BI   (ssm state updated)
     3. out_proj + residual:   out_BD = x_BD + y_BI @ out_proj.weight.T
 
 The unfused step (Block.step -> Mamba.step) takes eight: a norm, four GEMMs, the conv and state
@@ -14,8 +15,10 @@ run in fp32 (as the causal-conv1d and mamba-ssm kernels do); out_proj and the re
 once (the unfused step rounds out_proj's output, then the sum). The ssm state is fp32; the conv
 state is in the activations' dtype.
 
-Kernel 2's programs each recompute x_proj for their tokens (the product is small: R + 2N columns)
-rather than wait for a separate launch. Shape suffixes: B tokens, D d_model, I d_inner, N d_state,
+x_proj (E = R + 2N columns) reduces over all I channels, which no program of kernel 1 holds: each
+writes its block's partial product in fp32, and every program of kernel 2 sums the P partials of its
+tokens in a fixed order (deterministic, no atomics). Recomputing x_proj in every program of kernel 2
+instead was 18 µs per layer on an H100 (a long K loop over u and the weights). Shape suffixes: B tokens, D d_model, I d_inner, N d_state,
 R dt_rank, W d_conv. On a CPU the kernels run under Triton's interpreter (as the tests do).
 """
 from __future__ import annotations
@@ -23,6 +26,10 @@ from __future__ import annotations
 import torch
 
 from moebench.ops.moe_decode import HAS_TRITON, MAX_DECODE_T
+
+# Tokens (b) and channels (i) or outputs (n) per program of each kernel. Static (a CUDA graph
+# captures one configuration); scripts/bench_mamba_decode.py times alternatives on a GPU.
+BLOCKS = dict(in_b=16, in_i=32, ssm_b=16, ssm_i=64, ssm_warps=8, out_b=16, out_n=32)
 
 if HAS_TRITON:
     import triton
@@ -32,8 +39,9 @@ if HAS_TRITON:
     from moebench.ops.moe_decode import _dot_args
 
     @triton.jit
-    def _in_conv_kernel(x_ptr, nw_ptr, nb_ptr, w_ptr, cw_ptr, cb_ptr, conv_ptr, u_ptr, z_ptr, B, D, I, eps,
-                        RMS: tl.constexpr, HAS_NB: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+    def _in_conv_kernel(x_ptr, nw_ptr, nb_ptr, w_ptr, cw_ptr, cb_ptr, conv_ptr, xw_ptr, u_ptr, z_ptr, part_ptr,
+                        B, D, I, E, eps, RMS: tl.constexpr, HAS_NB: tl.constexpr, W: tl.constexpr,
+                        WP: tl.constexpr, EP: tl.constexpr,
                         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr):
         # program (i-block, half, b-block): half 0 = the conv branch (in_proj rows 0..I), 1 = the gate.
@@ -76,11 +84,20 @@ if HAS_TRITON:
             taps = tl.load(cw_ptr + i[:, None] * W + j[None, :], mask=i_ok[:, None] & (j < W)[None, :], other=0.0)
             c = tl.sum(win.to(tl.float32) * taps.to(tl.float32)[None, :, :], axis=2)
             c += tl.load(cb_ptr + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(u_ptr + bi, (c / (1.0 + tl.exp(-c))).to(u_ptr.dtype.element_ty), mask=ok)
+            u = tl.where(ok, c / (1.0 + tl.exp(-c)), 0.0).to(u_ptr.dtype.element_ty)
+            tl.store(u_ptr + bi, u, mask=ok)
+            # this block's share of x_proj (u @ x_proj.weight.T over channels i), summed in kernel 2
+            e = tl.arange(0, EP)
+            wx = tl.load(xw_ptr + e[None, :] * I + i[:, None], mask=(e < E)[None, :] & i_ok[:, None], other=0.0)
+            if UPCAST:
+                u, wx = u.to(tl.float32), wx.to(tl.float32)
+            part = tl.dot(u, wx, input_precision=PRECISION)
+            row = tl.program_id(0).to(tl.int64) * B + b
+            tl.store(part_ptr + row[:, None] * E + e[None, :], part, mask=b_ok[:, None] & (e < E)[None, :])
 
     @triton.jit
-    def _ssm_kernel(u_ptr, z_ptr, xw_ptr, dtw_ptr, dtb_ptr, A_ptr, D_ptr, ssm_ptr, y_ptr, B, I, R, N,
-                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    def _ssm_kernel(part_ptr, u_ptr, z_ptr, dtw_ptr, dtb_ptr, A_ptr, D_ptr, ssm_ptr, y_ptr, B, I, R, N, P,
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
                     BLOCK_I: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr):
         i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
         b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -88,7 +105,18 @@ if HAS_TRITON:
         i_ok, b_ok, r_ok, n_ok = i < I, b < B, r < R, n < N
         bi = b.to(tl.int64)[:, None] * I + i[None, :]
         ok = b_ok[:, None] & i_ok[None, :]
-        # loads that do not depend on x_proj first, so that their latency overlaps its loop
+        # x_proj's rows (dt_r, B, C) of these tokens: the sum of kernel 1's P partial products
+        E = R + 2 * N
+        acc_r = tl.zeros((BLOCK_B, RP), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_B, NP), dtype=tl.float32)
+        acc_c = tl.zeros((BLOCK_B, NP), dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            pb = (p.to(tl.int64)[:, None] * B + b[None, :])[:, :, None] * E
+            pb_ok = ((p < P)[:, None] & b_ok[None, :])[:, :, None]
+            acc_r += tl.sum(tl.load(part_ptr + pb + r[None, None, :], mask=pb_ok & r_ok[None, None, :], other=0.0), axis=0)
+            acc_b += tl.sum(tl.load(part_ptr + pb + R + n[None, None, :], mask=pb_ok & n_ok[None, None, :], other=0.0), axis=0)
+            acc_c += tl.sum(tl.load(part_ptr + pb + R + N + n[None, None, :], mask=pb_ok & n_ok[None, None, :], other=0.0), axis=0)
         u = tl.load(u_ptr + bi, mask=ok, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + bi, mask=ok, other=0.0).to(tl.float32)
         A = tl.load(A_ptr + i[:, None] * N + n[None, :], mask=i_ok[:, None] & n_ok[None, :], other=0.0)
@@ -96,22 +124,6 @@ if HAS_TRITON:
         s_ok = ok[:, :, None] & n_ok[None, None, :]
         h = tl.load(s_ptr, mask=s_ok, other=0.0).to(tl.float32)
         wdt = tl.load(dtw_ptr + i[None, :] * R + r[:, None], mask=i_ok[None, :] & r_ok[:, None], other=0.0)
-        # x_proj's rows (dt_r, B, C) of these tokens, over all I channels of u (BLOCK_K wide steps)
-        acc_r = tl.zeros((BLOCK_B, RP), dtype=tl.float32)
-        acc_b = tl.zeros((BLOCK_B, NP), dtype=tl.float32)
-        acc_c = tl.zeros((BLOCK_B, NP), dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < I
-            a = tl.load(u_ptr + b.to(tl.int64)[:, None] * I + k[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0)
-            wr = tl.load(xw_ptr + r[None, :] * I + k[:, None], mask=r_ok[None, :] & k_ok[:, None], other=0.0)
-            wb = tl.load(xw_ptr + (R + n)[None, :] * I + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-            wc = tl.load(xw_ptr + (R + N + n)[None, :] * I + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-            if UPCAST:
-                a, wr, wb, wc = a.to(tl.float32), wr.to(tl.float32), wb.to(tl.float32), wc.to(tl.float32)
-            acc_r = tl.dot(a, wr, acc_r, input_precision=PRECISION)
-            acc_b = tl.dot(a, wb, acc_b, input_precision=PRECISION)
-            acc_c = tl.dot(a, wc, acc_c, input_precision=PRECISION)
         dtype = u_ptr.dtype.element_ty
         Bm = acc_b.to(dtype).to(tl.float32)
         Cm = acc_c.to(dtype).to(tl.float32)
@@ -158,26 +170,25 @@ if HAS_TRITON:
         z_BI = torch.empty_like(u_BI)
         y_BI = torch.empty_like(u_BI)
         dots = _dot_args(x_BD.dtype, _in_conv_kernel)
-        # 16 tokens × 32 channels per program: (I/32, 2, B/16) programs, each a (D, 32) slice of
-        # in_proj (from L2 after the first token block) and whole rows of x
-        BLOCK_D = triton.next_power_of_2(D)
-        wrap_triton(_in_conv_kernel)[(triton.cdiv(I, 32), 2, triton.cdiv(B, 16))](
+        BLOCK_D, E = triton.next_power_of_2(D), R + 2 * N
+        cfg = BLOCKS
+        P = triton.cdiv(I, cfg["in_i"])
+        part_PBE = torch.empty(P, B, E, dtype=torch.float32, device=x_BD.device)
+        wrap_triton(_in_conv_kernel)[(P, 2, triton.cdiv(B, cfg["in_b"]))](
             x_BD, norm_w_D, norm_b_D if norm_b_D is not None else norm_w_D, in_w_ED, conv_w_IW, conv_b_I,
-            conv_state_BIW, u_BI, z_BI, B, D, I, eps, RMS=rms, HAS_NB=norm_b_D is not None, W=W,
-            WP=triton.next_power_of_2(W), BLOCK_B=16, BLOCK_D=BLOCK_D, BLOCK_I=32,
-            num_warps=4 if BLOCK_D <= 512 else 8, **dots)
-        # 16 tokens × 64 channels per program: the state tile (16, 64, N) in fp32 over 8 warps;
-        # x_proj in 512-wide steps (two at I = 1024)
-        wrap_triton(_ssm_kernel)[(triton.cdiv(I, 64), triton.cdiv(B, 16))](
-            u_BI, z_BI, xproj_w_EI, dtproj_w_IR, dtproj_b_I, A_IN, D_I, ssm_state_BIN, y_BI, B, I, R, N,
-            BLOCK_B=16, BLOCK_K=min(512, triton.next_power_of_2(I)), BLOCK_I=64,
-            RP=max(16, triton.next_power_of_2(R)), NP=max(16, triton.next_power_of_2(N)), num_warps=8, **dots)
-        # 16 tokens × 32 outputs per program, 512-wide K steps (torch.addmm would copy x into its
-        # output first: one more launch)
+            conv_state_BIW, xproj_w_EI, u_BI, z_BI, part_PBE, B, D, I, E, eps, RMS=rms, HAS_NB=norm_b_D is not None,
+            W=W, WP=triton.next_power_of_2(W), EP=max(16, triton.next_power_of_2(E)), BLOCK_B=cfg["in_b"],
+            BLOCK_D=BLOCK_D, BLOCK_I=cfg["in_i"], num_warps=4 if BLOCK_D <= 512 else 8, **dots)
+        wrap_triton(_ssm_kernel)[(triton.cdiv(I, cfg["ssm_i"]), triton.cdiv(B, cfg["ssm_b"]))](
+            part_PBE, u_BI, z_BI, dtproj_w_IR, dtproj_b_I, A_IN, D_I, ssm_state_BIN, y_BI, B, I, R, N, P,
+            BLOCK_B=cfg["ssm_b"], BLOCK_P=min(16, triton.next_power_of_2(P)), BLOCK_I=cfg["ssm_i"],
+            RP=max(16, triton.next_power_of_2(R)), NP=max(16, triton.next_power_of_2(N)),
+            num_warps=cfg["ssm_warps"], **dots)
+        # (torch.addmm would copy x into its output first: one more launch)
         out_BD = torch.empty_like(x_BD)
-        wrap_triton(_out_kernel)[(triton.cdiv(D, 32), triton.cdiv(B, 16))](
-            y_BI, out_w_DI, x_BD, out_BD, B, I, D, BLOCK_B=16, BLOCK_K=min(512, triton.next_power_of_2(I)),
-            BLOCK_N=32, num_warps=4, **dots)
+        wrap_triton(_out_kernel)[(triton.cdiv(D, cfg["out_n"]), triton.cdiv(B, cfg["out_b"]))](
+            y_BI, out_w_DI, x_BD, out_BD, B, I, D, BLOCK_B=cfg["out_b"], BLOCK_K=min(512, triton.next_power_of_2(I)),
+            BLOCK_N=cfg["out_n"], num_warps=4, **dots)
         return out_BD
 
 
