@@ -29,7 +29,7 @@ from moebench.ops.moe_decode import HAS_TRITON, MAX_DECODE_T
 
 # Tokens (b) and channels (i) or outputs (n) per program of each kernel. Static (a CUDA graph
 # captures one configuration); scripts/bench_mamba_decode.py times alternatives on a GPU.
-BLOCKS = dict(in_b=16, in_i=32, ssm_b=16, ssm_i=64, ssm_warps=8, out_b=16, out_n=32)
+BLOCKS = dict(in_b=16, in_i=32, in_warps=4, ssm_i=64, ssm_warps=4, out_b=16, out_n=32)
 
 if HAS_TRITON:
     import triton
@@ -97,47 +97,38 @@ if HAS_TRITON:
 
     @triton.jit
     def _ssm_kernel(part_ptr, u_ptr, z_ptr, dtw_ptr, dtb_ptr, A_ptr, D_ptr, ssm_ptr, y_ptr, B, I, R, N, P,
-                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
-                    BLOCK_I: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_I: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr):
+        # program (i-block, token): 2-D tiles (channels × state), as mamba-ssm's state update; the
+        # token's few x_proj and dt_proj products need no tl.dot (and no 16-row minimum)
         i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
-        b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-        r, n = tl.arange(0, RP), tl.arange(0, NP)
-        i_ok, b_ok, r_ok, n_ok = i < I, b < B, r < R, n < N
-        bi = b.to(tl.int64)[:, None] * I + i[None, :]
-        ok = b_ok[:, None] & i_ok[None, :]
-        # x_proj's rows (dt_r, B, C) of these tokens: the sum of kernel 1's P partial products
+        b = tl.program_id(1).to(tl.int64)
+        p, r, n = tl.arange(0, BLOCK_P), tl.arange(0, RP), tl.arange(0, NP)
+        i_ok, p_ok, r_ok, n_ok = i < I, p < P, r < R, n < N
+        # x_proj's row (dt_r, B, C) of this token: the sum of kernel 1's P partial products
         E = R + 2 * N
-        acc_r = tl.zeros((BLOCK_B, RP), dtype=tl.float32)
-        acc_b = tl.zeros((BLOCK_B, NP), dtype=tl.float32)
-        acc_c = tl.zeros((BLOCK_B, NP), dtype=tl.float32)
-        for p0 in range(0, P, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            pb = (p.to(tl.int64)[:, None] * B + b[None, :])[:, :, None] * E
-            pb_ok = ((p < P)[:, None] & b_ok[None, :])[:, :, None]
-            acc_r += tl.sum(tl.load(part_ptr + pb + r[None, None, :], mask=pb_ok & r_ok[None, None, :], other=0.0), axis=0)
-            acc_b += tl.sum(tl.load(part_ptr + pb + R + n[None, None, :], mask=pb_ok & n_ok[None, None, :], other=0.0), axis=0)
-            acc_c += tl.sum(tl.load(part_ptr + pb + R + N + n[None, None, :], mask=pb_ok & n_ok[None, None, :], other=0.0), axis=0)
-        u = tl.load(u_ptr + bi, mask=ok, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + bi, mask=ok, other=0.0).to(tl.float32)
-        A = tl.load(A_ptr + i[:, None] * N + n[None, :], mask=i_ok[:, None] & n_ok[None, :], other=0.0)
-        s_ptr = ssm_ptr + bi[:, :, None] * N + n[None, None, :]
-        s_ok = ok[:, :, None] & n_ok[None, None, :]
-        h = tl.load(s_ptr, mask=s_ok, other=0.0).to(tl.float32)
-        wdt = tl.load(dtw_ptr + i[None, :] * R + r[:, None], mask=i_ok[None, :] & r_ok[:, None], other=0.0)
+        row = (p.to(tl.int64) * B + b)[:, None] * E
+        dt_r = tl.sum(tl.load(part_ptr + row + r[None, :], mask=p_ok[:, None] & r_ok[None, :], other=0.0), axis=0)
+        Bm = tl.sum(tl.load(part_ptr + row + R + n[None, :], mask=p_ok[:, None] & n_ok[None, :], other=0.0), axis=0)
+        Cm = tl.sum(tl.load(part_ptr + row + R + N + n[None, :], mask=p_ok[:, None] & n_ok[None, :], other=0.0), axis=0)
         dtype = u_ptr.dtype.element_ty
-        Bm = acc_b.to(dtype).to(tl.float32)
-        Cm = acc_c.to(dtype).to(tl.float32)
+        dt_r = dt_r.to(dtype).to(tl.float32)
+        Bm = Bm.to(dtype).to(tl.float32)
+        Cm = Cm.to(dtype).to(tl.float32)
         # dt of channels i: dt_proj (no bias: added in fp32 below, as the state update does), softplus
-        dt_r = acc_r.to(dtype)
-        if UPCAST:
-            dt_r, wdt = dt_r.to(tl.float32), wdt.to(tl.float32)
-        dt = tl.dot(dt_r, wdt, input_precision=PRECISION).to(dtype).to(tl.float32)
-        dt += tl.load(dtb_ptr + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
+        wdt = tl.load(dtw_ptr + i[:, None] * R + r[None, :], mask=i_ok[:, None] & r_ok[None, :], other=0.0)
+        dt = tl.sum(wdt.to(tl.float32) * dt_r[None, :], axis=1).to(dtype).to(tl.float32)
+        dt += tl.load(dtb_ptr + i, mask=i_ok, other=0.0).to(tl.float32)
         dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)       # F.softplus, threshold 20
-        h = h * tl.exp(dt[:, :, None] * A[None, :, :]) + (dt * u)[:, :, None] * Bm[:, None, :]
+        u = tl.load(u_ptr + b * I + i, mask=i_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + b * I + i, mask=i_ok, other=0.0).to(tl.float32)
+        A = tl.load(A_ptr + i[:, None] * N + n[None, :], mask=i_ok[:, None] & n_ok[None, :], other=0.0)
+        s_ptr = ssm_ptr + (b * I + i)[:, None] * N + n[None, :]
+        s_ok = i_ok[:, None] & n_ok[None, :]
+        h = tl.load(s_ptr, mask=s_ok, other=0.0).to(tl.float32)
+        h = h * tl.exp(dt[:, None] * A) + (dt * u)[:, None] * Bm[None, :]
         tl.store(s_ptr, h.to(ssm_ptr.dtype.element_ty), mask=s_ok)
-        y = tl.sum(h * Cm[:, None, :], axis=2) + tl.load(D_ptr + i, mask=i_ok, other=0.0).to(tl.float32)[None, :] * u
-        tl.store(y_ptr + bi, (y * z / (1.0 + tl.exp(-z))).to(y_ptr.dtype.element_ty), mask=ok)
+        y = tl.sum(h * Cm[None, :], axis=1) + tl.load(D_ptr + i, mask=i_ok, other=0.0).to(tl.float32) * u
+        tl.store(y_ptr + b * I + i, (y * z / (1.0 + tl.exp(-z))).to(y_ptr.dtype.element_ty), mask=i_ok)
 
     @triton.jit
     def _out_kernel(y_ptr, w_ptr, x_ptr, out_ptr, B, I, D, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -178,12 +169,11 @@ if HAS_TRITON:
             x_BD, norm_w_D, norm_b_D if norm_b_D is not None else norm_w_D, in_w_ED, conv_w_IW, conv_b_I,
             conv_state_BIW, xproj_w_EI, u_BI, z_BI, part_PBE, B, D, I, E, eps, RMS=rms, HAS_NB=norm_b_D is not None,
             W=W, WP=triton.next_power_of_2(W), EP=max(16, triton.next_power_of_2(E)), BLOCK_B=cfg["in_b"],
-            BLOCK_D=BLOCK_D, BLOCK_I=cfg["in_i"], num_warps=4 if BLOCK_D <= 512 else 8, **dots)
-        wrap_triton(_ssm_kernel)[(triton.cdiv(I, cfg["ssm_i"]), triton.cdiv(B, cfg["ssm_b"]))](
+            BLOCK_D=BLOCK_D, BLOCK_I=cfg["in_i"], num_warps=cfg["in_warps"] * max(1, BLOCK_D // 512), **dots)
+        wrap_triton(_ssm_kernel)[(triton.cdiv(I, cfg["ssm_i"]), B)](
             part_PBE, u_BI, z_BI, dtproj_w_IR, dtproj_b_I, A_IN, D_I, ssm_state_BIN, y_BI, B, I, R, N, P,
-            BLOCK_B=cfg["ssm_b"], BLOCK_P=min(16, triton.next_power_of_2(P)), BLOCK_I=cfg["ssm_i"],
-            RP=max(16, triton.next_power_of_2(R)), NP=max(16, triton.next_power_of_2(N)),
-            num_warps=cfg["ssm_warps"], **dots)
+            BLOCK_P=triton.next_power_of_2(P), BLOCK_I=cfg["ssm_i"], RP=triton.next_power_of_2(R),
+            NP=triton.next_power_of_2(N), num_warps=cfg["ssm_warps"])
         # (torch.addmm would copy x into its output first: one more launch)
         out_BD = torch.empty_like(x_BD)
         wrap_triton(_out_kernel)[(triton.cdiv(D, cfg["out_n"]), triton.cdiv(B, cfg["out_b"]))](
