@@ -56,7 +56,7 @@ def test_step_decoding_equals_full_forward(name, static):
 @pytest.mark.parametrize("name", ["MoE-Mamba_25M", "InnerMoE_25M-conv+gate+out-all", "Transformer-MoE_25M"])
 def test_step_decoding_with_decode_kernels_equals_full_forward(name, monkeypatch):
     """With fused routing, each decode step's MoE layers take ops/moe_decode.py's Triton kernels
-    (router, experts): the steps still equal the full forward (which takes the grouped path).
+    (the whole sublayer with its norm in a sequential block; router and experts in an inner MoE): the steps still equal the full forward (which takes the grouped path).
     On a GPU machine the model runs on the GPU: compiled Triton kernels take no CPU tensors."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = tiny_model(name).to(dev)
@@ -64,8 +64,11 @@ def test_step_decoding_with_decode_kernels_equals_full_forward(name, monkeypatch
     for m in moes:
         m.impl, m.fused_routing = "grouped", True
     calls = []
-    real = moe_decode.decode_experts
-    monkeypatch.setattr(moe_decode, "decode_experts", lambda *a: calls.append(1) or real(*a))
+    # a sequential block's MoE sublayer goes through decode_moe_residual (Block.step); inner MoEs
+    # through MoE.forward's decode_experts
+    for fn in ("decode_experts", "decode_moe_residual"):
+        real = getattr(moe_decode, fn)
+        monkeypatch.setattr(moe_decode, fn, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     idx_BL = torch.randint(0, 50257, (3, 9), generator=torch.Generator().manual_seed(4)).to(dev)
     with torch.no_grad():
         full_BLV = model(idx_BL).logits

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from moebench.config import ModelConfig
-from moebench.ops import mamba_decode
+from moebench.ops import mamba_decode, moe_decode
+from moebench.ops.moe_decode import MAX_DECODE_T
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -37,6 +38,15 @@ def make_ffn(cfg: ModelConfig, moe_impl: str) -> nn.Module | None:
                activation=cfg.activation, impl=moe_impl)
 
 
+def _kernels_apply(x_BD: torch.Tensor, norm: nn.Module) -> bool:
+    """What every decode-sublayer kernel needs: no gradient, no autocast (the weights cast once,
+    generate.cast_for_inference), a decode-sized batch, the norm's weight in x's dtype."""
+    dev = x_BD.device.type
+    if torch.is_grad_enabled() or (dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)):
+        return False
+    return x_BD.shape[0] <= MAX_DECODE_T and norm.weight.dtype == x_BD.dtype
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, impl: str = "auto", moe_impl: str = "auto"):
         super().__init__()
@@ -59,15 +69,20 @@ class Block(nn.Module):
 
     def _mixer_kernels(self, x_BD: torch.Tensor, state) -> bool:
         """Whether this step's mixer sublayer takes ops/mamba_decode.py's kernels: a Mamba mixer
-        whose decode_path says so, no gradient, no autocast, weights and conv state in x's dtype
-        (generate.cast_for_inference); otherwise the unfused step, which handles every case."""
-        mixer, dev = self.mixer, x_BD.device
-        if not hasattr(mixer, "d_state") or torch.is_grad_enabled() or mixer.decode_path(dev) != "triton":
-            return False
-        if dev.type in ("cuda", "cpu") and torch.is_autocast_enabled(dev.type):
-            return False
-        return (x_BD.shape[0] <= mamba_decode.MAX_DECODE_T and state[0].dtype == x_BD.dtype
-                and self.norm1.weight.dtype == x_BD.dtype == mixer.in_proj.weight.dtype)
+        whose decode_path says so, and weights and conv state in x's dtype; otherwise the unfused
+        step, which handles every case."""
+        mixer = self.mixer
+        return (hasattr(mixer, "d_state") and _kernels_apply(x_BD, self.norm1)
+                and mixer.decode_path(x_BD.device) == "triton" and state[0].dtype == x_BD.dtype
+                and mixer.in_proj.weight.dtype == x_BD.dtype)
+
+    def _moe_kernels(self, x_BD: torch.Tensor) -> bool:
+        """Whether the MoE sublayer (sequential layout) takes ops/moe_decode.py's decode_moe_residual:
+        an MoE whose decode_path is 'triton' (top-1, dropless, fused routing), in eval, experts in x's dtype."""
+        moe = self.ffn
+        return (self.norm2 is not None and hasattr(moe, "router_DE") and not moe.training
+                and _kernels_apply(x_BD, self.norm2) and moe.decode_path(x_BD.device) == "triton"
+                and moe.w1_EDF.dtype == x_BD.dtype)
 
     def forward(self, x_BLD: torch.Tensor, valid_BL: torch.Tensor | None = None,
                 return_state: bool = False):
@@ -90,16 +105,23 @@ class Block(nn.Module):
 
     # --- recurrent / cached decoding: one token per call --------------------------------------
     def step(self, x_BD: torch.Tensor, state):
+        """One token per sequence. Each residual sublayer takes the decode kernels of ops/ when it
+        can (a whole sublayer in three launches: _mixer_kernels, _moe_kernels), else the modules."""
         if self.layout != "parallel" and self._mixer_kernels(x_BD, state):
             x_BD = mamba_decode.mamba_decode_residual(x_BD, self.norm1, self.mixer, state)
             if self.ffn is None:
                 return x_BD, state
-            return x_BD + self._ffn(self.norm2(x_BD)[:, None], None, None)[:, 0], state
-        h = self.norm1(x_BD)
-        y, state = self.mixer.step(h, state)
-        if self.ffn is None:
-            return x_BD + y, state
-        if self.layout == "parallel":
-            return x_BD + y + self._ffn(h[:, None], None, None)[:, 0], state
-        x_BD = x_BD + y
+        else:
+            h = self.norm1(x_BD)
+            y, state = self.mixer.step(h, state)
+            if self.ffn is None:
+                return x_BD + y, state
+            if self.layout == "parallel":
+                return x_BD + y + self._ffn(h[:, None], None, None)[:, 0], state
+            x_BD = x_BD + y
+        if self._moe_kernels(x_BD):
+            moe = self.ffn
+            w, b, eps, rms = moe_decode.norm_args(self.norm2)
+            return moe_decode.decode_moe_residual(x_BD, w, b, eps, moe.router_DE.to(x_BD.dtype), moe.w1_EDF,
+                                                  moe.w2_EFD, moe.activation, rms=rms), state
         return x_BD + self._ffn(self.norm2(x_BD)[:, None], None, None)[:, 0], state

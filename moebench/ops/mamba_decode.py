@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from moebench.ops.moe_decode import HAS_TRITON, MAX_DECODE_T
+from moebench.ops.moe_decode import HAS_TRITON, MAX_DECODE_T, norm_args
 
 # Tokens (b) and channels (i) or outputs (n) per program of each kernel. Static (a CUDA graph
 # captures one configuration); scripts/bench_mamba_decode.py times alternatives on a GPU.
@@ -206,10 +206,9 @@ def mamba_decode_residual(x_BD: torch.Tensor, norm: torch.nn.Module, mixer, stat
         raise TypeError(f"mamba_decode_residual wants the weights and conv state in x's dtype {x_BD.dtype} "
                         f"(generate.cast_for_inference), got {sorted({str(w.dtype) for w in weights})}, "
                         f"conv state {conv_state_BIW.dtype}")
-    rms = isinstance(norm, torch.nn.RMSNorm)
-    eps = norm.eps if norm.eps is not None else torch.finfo(x_BD.dtype).eps   # RMSNorm's default eps
-    bias = None if rms else norm.bias
+    norm_w, bias, eps, rms = norm_args(norm)
+    eps = eps if eps is not None else torch.finfo(x_BD.dtype).eps    # RMSNorm's default
     return torch.ops.moebench.mamba_decode_residual(
-        x_BD.contiguous(), norm.weight, bias, float(eps), rms, mixer.in_proj.weight,
+        x_BD.contiguous(), norm_w, bias, float(eps), rms, mixer.in_proj.weight,
         mixer.conv1d.weight[:, 0].contiguous(), mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight,
         mixer.dt_proj.bias, mixer._A_for_decoding(), mixer.D, mixer.out_proj.weight, conv_state_BIW, ssm_state_BIN)
