@@ -54,13 +54,11 @@ _ACT_IDS = {"relu": 0, "gelu": 1}
 DecodeImpl = Literal["fused", "up_down"]
 _IMPLS = ("fused", "up_down")
 # The fused expert kernel's static config (no autotune: CUDA-graph capture); blocks are caps, cut to
-# the widths' powers of 2. Chosen without a GPU, from sm_90 compiles (ptxas registers, shared memory):
-# BLOCK_F=64 gives E × F/64 = 768 programs at E=32, F=1536, each streaming 64 columns of w1
-# (128-byte rows in bf16) and 64 contiguous rows of w2 (64 KB); at 4 warps and 3 stages, bf16, T=64,
-# 128 registers and 42 KB of shared memory a program, so 4 programs an SM, each with 2 weight tiles
-# (16-32 KB) in flight (T=128: 140 registers, 3 programs; BLOCK_F=128: 216, 2 programs; fp32, the
-# tests' dtype, spills). scripts/bench_moe_decode.py times the alternatives.
-EXPERT_CONFIG = dict(BLOCK_F=64, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3)
+# the widths' powers of 2. Measured on an H100 (bf16, E=32, D=N=512, F=1536, L2 flushed; 02ebb29,
+# results/profiles/h100_02ebb29_moe_decode_layer.txt): BLOCK_F=128 (384 programs, 216 registers, 2 an
+# SM) read the used experts at 2.41 TB/s at T=64 and 2.46 at T=128, the best of seven; BLOCK_F=64
+# (768 programs, 4 an SM) 2.24-2.42, 32 2.0-2.1, 8 warps or 4 stages no better.
+EXPERT_CONFIG = dict(BLOCK_F=128, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3)
 
 
 def decode_experts_ref(x_TD: torch.Tensor, expert_T: torch.Tensor, p_T: torch.Tensor, w1_EDF: torch.Tensor,
@@ -123,56 +121,44 @@ if HAS_TRITON:
     # ---- the sublayer's kernels (impl="fused") ------------------------------------------------
 
     @triton.jit
-    def _norm_router_kernel(x_ptr, nw_ptr, nb_ptr, r_ptr, h_ptr, p_ptr, e_ptr, D, E, eps, NORM: tl.constexpr,
-                            HAS_NB: tl.constexpr, RTNE_BY_HAND: tl.constexpr, BLOCK_D: tl.constexpr,
-                            EP: tl.constexpr):
-        # One token a program (T programs, not T/16: the router's work is too small to fill the GPU
-        # otherwise). NORM 0: h = x (no store); 1: LayerNorm; 2: RMSNorm. Statistics in fp32, two
-        # passes (mean, then squared deviations) as torch's norms; the row is re-read from L1/L2.
-        t = tl.program_id(0).to(tl.int64)
-        x_row = x_ptr + t * D
-        if NORM != 0:
-            mean = 0.0
-            if NORM == 1:
-                s = tl.zeros((BLOCK_D,), dtype=tl.float32)
-                for k0 in range(0, D, BLOCK_D):
-                    k = k0 + tl.arange(0, BLOCK_D)
-                    s += tl.load(x_row + k, mask=k < D, other=0.0).to(tl.float32)
-                mean = tl.sum(s, axis=0) / D
-            s = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            for k0 in range(0, D, BLOCK_D):
-                k = k0 + tl.arange(0, BLOCK_D)
-                dev = tl.where(k < D, tl.load(x_row + k, mask=k < D, other=0.0).to(tl.float32) - mean, 0.0)
-                s += dev * dev
-            rstd = 1.0 / tl.sqrt(tl.sum(s, axis=0) / D + eps)
+    def _norm_router_kernel(x_ptr, nw_ptr, nb_ptr, r_ptr, h_ptr, p_ptr, e_ptr, T, D, E, eps, NORM: tl.constexpr,
+                            HAS_NB: tl.constexpr, RTNE_BY_HAND: tl.constexpr, PRECISION: tl.constexpr,
+                            UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EP: tl.constexpr):
+        # BLOCK_T tokens a program, whole rows in one load and one tl.dot: no K loop (at decode each
+        # serial load is about a µs; a loop of them, one token a program, measured 12 µs on an H100).
+        # NORM 0: h = x (no store); 1: LayerNorm; 2: RMSNorm. Statistics in fp32, mean then squared
+        # deviations, as torch's norms.
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        k = tl.arange(0, BLOCK_D)
         c = tl.arange(0, EP)
-        c_ok = c < E
-        # a (BLOCK_D, EP) product on the CUDA cores, reduced over D once at the end: one token is
-        # too few rows for tl.dot (>= 16)
-        acc = tl.zeros((BLOCK_D, EP), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_D):
-            k = k0 + tl.arange(0, BLOCK_D)
-            k_ok = k < D
-            h = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
-            if NORM != 0:
-                h = (h - mean) * rstd * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-                if HAS_NB:
-                    h += tl.load(nb_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-                # the norm's output in x's dtype: what the experts and the logits take, as in torch
-                h = _round_to(h, h_ptr.dtype.element_ty, RTNE_BY_HAND)
-                tl.store(h_ptr + t * D + k, h, mask=k_ok)
-                h = h.to(tl.float32)
-            r = tl.load(r_ptr + k[:, None] * E + c[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-            acc += h[:, None] * r.to(tl.float32)
+        t_ok, k_ok, c_ok = t < T, k < D, c < E
+        m = t_ok[:, None] & k_ok[None, :]
+        rows = t.to(tl.int64)[:, None] * D + k[None, :]
+        a = tl.load(x_ptr + rows, mask=m, other=0.0)
+        r = tl.load(r_ptr + k[:, None] * E + c[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        if NORM != 0:
+            dev = a.to(tl.float32)
+            if NORM == 1:
+                dev = tl.where(m, dev - (tl.sum(dev, axis=1) / D)[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=1) / D + eps)
+            h = dev * rstd[:, None] * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_NB:
+                h += tl.load(nb_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            # the norm's output in x's dtype: what the experts and the logits take, as in torch
+            a = _round_to(h, h_ptr.dtype.element_ty, RTNE_BY_HAND)
+            tl.store(h_ptr + rows, a, mask=m)
+        if UPCAST:
+            a, r = a.to(tl.float32), r.to(tl.float32)
+        acc = tl.dot(a, r, input_precision=PRECISION)
         # logits in x's dtype (as h @ router in torch), softmax in fp32, top-1 by max
-        logit = _round_to(tl.sum(acc, axis=0), x_ptr.dtype.element_ty, RTNE_BY_HAND).to(tl.float32)
-        logit = tl.where(c_ok, logit, float("-inf"))
-        top = tl.max(logit, axis=0)
-        total = tl.sum(tl.exp(logit - top), axis=0)
+        logit = _round_to(acc, x_ptr.dtype.element_ty, RTNE_BY_HAND).to(tl.float32)
+        logit = tl.where(c_ok[None, :], logit, float("-inf"))
+        top = tl.max(logit, axis=1)
+        total = tl.sum(tl.exp(logit - top[:, None]), axis=1)
         # the largest probability is exp(0) / total; its expert, the first of the largest logits
-        first = tl.min(tl.where(logit == top, c, EP), axis=0)
-        tl.store(p_ptr + t, 1.0 / total)
-        tl.store(e_ptr + t, first.to(tl.int64))
+        first = tl.min(tl.where(logit == top[:, None], c[None, :], EP), axis=1)
+        tl.store(p_ptr + t, 1.0 / total, mask=t_ok)
+        tl.store(e_ptr + t, first.to(tl.int64), mask=t_ok)
 
     @triton.jit
     def _expert_kernel(h_ptr, expert_ptr, w1_ptr, w2_ptr, part_ptr, T, D, F, N, ACT: tl.constexpr,
@@ -356,14 +342,15 @@ if HAS_TRITON:
         h_TD = torch.empty_like(x_TD) if norm else x_TD
         p_T = torch.empty(T, dtype=torch.float32, device=x_TD.device)
         expert_T = torch.empty(T, dtype=torch.int64, device=x_TD.device)
-        EP = max(16, triton.next_power_of_2(E))
-        # a (BLOCK_D, EP) fp32 product of 4096 elements: 32 registers a thread at 4 warps
-        BLOCK_D = max(16, min(triton.next_power_of_2(D), 4096 // EP))
+        EP, BLOCK_D = max(16, triton.next_power_of_2(E)), max(16, triton.next_power_of_2(D))
         nw = norm_w_D if norm_w_D is not None else router_DE        # unread without a norm
-        wrap_triton(_norm_router_kernel)[(T,)](
-            x_TD, nw, norm_b_D if norm_b_D is not None else nw, router_DE, h_TD, p_T, expert_T, D, E, eps,
-            NORM=norm, HAS_NB=norm_b_D is not None, RTNE_BY_HAND=_interpreted(_norm_router_kernel), BLOCK_D=BLOCK_D,
-            EP=EP, num_warps=4)
+        # 16 tokens (tl.dot's minimum) a program, each a (16, D) tile: 64 fp32 registers a thread
+        # at D = 512 and 4 warps, hence more warps for wider rows
+        wrap_triton(_norm_router_kernel)[(triton.cdiv(T, 16),)](
+            x_TD, nw, norm_b_D if norm_b_D is not None else nw, router_DE, h_TD, p_T, expert_T, T, D, E, eps,
+            NORM=norm, HAS_NB=norm_b_D is not None, RTNE_BY_HAND=_interpreted(_norm_router_kernel), BLOCK_T=16,
+            BLOCK_D=BLOCK_D, EP=EP, num_warps=min(16, max(4, BLOCK_D // 128)),
+            **_dot_args(x_TD.dtype, _norm_router_kernel))
         return h_TD, p_T, expert_T
 
     def _expert_partials(h_TD: torch.Tensor, expert_T: torch.Tensor, w1_EDF: torch.Tensor, w2_EFD: torch.Tensor,
