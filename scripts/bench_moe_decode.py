@@ -6,7 +6,7 @@ CUDA graph.
 
 E=32, D=512, F=1536, Dout=512, bf16, relu, top-1, dropless (eval). The router is the MoE's own,
 randomly initialised: its top-1 choice is close to uniform over the experts. Timed per T (64, 128):
-  router up_down / fused      decode_router alone: 16 tokens a program / one token a program
+  router up_down / fused      decode_router alone: 16 tokens a program, a K loop / whole rows, one tl.dot
   experts up_down             decode_experts(impl="up_down"): the up and the down kernel
   experts fused               decode_experts(impl="fused"): the single expert kernel and the combine
   expert kernel <config>      the single expert kernel alone (moe_decode._expert_partials), the
@@ -45,6 +45,12 @@ EXPERT_CONFIGS = [
     dict(BLOCK_F=32, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=4),
     dict(BLOCK_F=128, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3),
     dict(BLOCK_F=128, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=4),
+    # persistent: the grid sized to the GPU (per_sm programs an SM), items strided over it
+    dict(BLOCK_F=128, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3, per_sm=2),
+    dict(BLOCK_F=64, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3, per_sm=4),
+    dict(BLOCK_F=64, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3, per_sm=3),
+    dict(BLOCK_F=32, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3, per_sm=6),
+    dict(BLOCK_F=32, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3, per_sm=4),
 ]
 
 
@@ -131,13 +137,14 @@ def main() -> None:
 
             timed(T, "router up_down (16 tokens a program)", lambda: decode_router(x_TD, r, impl="up_down")[0],
                   flush, None)
-            timed(T, "router fused (one token a program)", lambda: decode_router(x_TD, r)[0], flush, None)
+            timed(T, "router fused (whole rows, one tl.dot)", lambda: decode_router(x_TD, r)[0], flush, None)
             y_old = timed(T, "experts up_down (up + down)",
                           lambda: decode_experts(x_TD, expert_T, p_T, w1, w2, act, impl="up_down"), flush, n_x)
             y_new = timed(T, "experts fused (expert kernel + combine)",
                           lambda: decode_experts(x_TD, expert_T, p_T, w1, w2, act), flush, n_x)
             for cfg in EXPERT_CONFIGS:
                 label = "F{BLOCK_F} K{BLOCK_K} N{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg)
+                label += f" persistent {cfg['per_sm']}/SM" if cfg.get("per_sm") else ""
                 timed(T, f"expert kernel {label}",
                       lambda cfg=cfg: moe_decode._expert_partials(x_TD, expert_T, w1, w2, act, cfg), flush, n_x)
 

@@ -63,6 +63,17 @@ def test_one_expert_takes_every_token(impl):
           decode_experts_ref(x, expert_T.long(), p, w1, w2, "gelu"), torch.float32)
 
 
+@pytest.mark.parametrize("programs", [1, 3, 7])
+def test_expert_kernel_with_fewer_programs_than_items(programs):
+    """A grid sized to the GPU (EXPERT_CONFIG per_sm) strides the (expert, F-block) items over the
+    programs: the partial sums are those of one program per item, bit for bit."""
+    x, expert_T, p, w1, w2 = inputs(20, 5, 32, 96, 48, torch.bfloat16, seed=3)
+    cfg = dict(moe_decode.EXPERT_CONFIG, BLOCK_F=32, BLOCK_N=32)     # 5 experts × 3 F-blocks = 15 items
+    want = moe_decode._expert_partials(x, expert_T, w1, w2, "relu", cfg)
+    got = moe_decode._expert_partials(x, expert_T, w1, w2, "relu", dict(cfg, programs=programs))
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_unused_experts_are_never_read(impl):
     """NaN weights of experts without tokens must not reach the output (a 0 times NaN is NaN). That

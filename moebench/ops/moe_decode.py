@@ -34,6 +34,7 @@ under Triton's interpreter (TRITON_INTERPRET=1 before triton's first import), as
 """
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -161,7 +162,7 @@ if HAS_TRITON:
         tl.store(e_ptr + t, first.to(tl.int64), mask=t_ok)
 
     @triton.jit
-    def _expert_kernel(h_ptr, expert_ptr, w1_ptr, w2_ptr, part_ptr, T, D, F, N, ACT: tl.constexpr,
+    def _expert_kernel(h_ptr, expert_ptr, w1_ptr, w2_ptr, part_ptr, T, E, D, F, N, ACT: tl.constexpr,
                        EVEN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, RTNE_BY_HAND: tl.constexpr,
                        TP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
                        BLOCK_N: tl.constexpr):
@@ -170,53 +171,57 @@ if HAS_TRITON:
         # expert, so each (g, tok) row is written by exactly one program: no atomics, no zero fill.
         # EVEN (the blocks tile D, F and N): weight tiles load unmasked (sm_90, bf16, the target
         # shape: 128 registers a thread instead of 166 in ptxas, so 4 programs an SM instead of 3).
-        e = tl.program_id(0)
-        g = tl.program_id(1)
-        f = g * BLOCK_F + tl.arange(0, BLOCK_F)
-        f_ok = f < F
-        w1_e = w1_ptr + e.to(tl.int64) * D * F
-        w2_e = w2_ptr + e.to(tl.int64) * F * N
-        part_g = part_ptr + g.to(tl.int64) * T * N
-        # expert e's tokens (loaded here, not in a helper: torch's mutation analysis of the kernel
-        # takes a pointer passed to a tl function for written, and would clone it around the call)
-        t = tl.arange(0, TP)
-        match = tl.load(expert_ptr + t, mask=t < T, other=-1) == e
-        rank = tl.cumsum(match.to(tl.int32), axis=0) - 1
-        count = tl.sum(match.to(tl.int32), axis=0)
-        for m0 in range(0, count, BLOCK_M):        # no iteration, no weight read, for an unused expert
-            tok, ok = _expert_rows(match, rank, count, m0, TP, BLOCK_M)
-            acc = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                k_ok = k < D
-                a = tl.load(h_ptr + tok[:, None] * D + k[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
-                if EVEN:
-                    b = tl.load(w1_e + k[:, None] * F + f[None, :])
-                else:
-                    b = tl.load(w1_e + k[:, None] * F + f[None, :], mask=k_ok[:, None] & f_ok[None, :], other=0.0)
+        # items (expert, F-block) e·G + g, strided over the programs: one each when the grid has E·G
+        # programs, several when it is sized to the GPU (config "per_sm": no partial last wave)
+        G = tl.cdiv(F, BLOCK_F)
+        for item in range(tl.program_id(0), E * G, tl.num_programs(0)):
+            e = item // G
+            g = item % G
+            f = g * BLOCK_F + tl.arange(0, BLOCK_F)
+            f_ok = f < F
+            w1_e = w1_ptr + e.to(tl.int64) * D * F
+            w2_e = w2_ptr + e.to(tl.int64) * F * N
+            part_g = part_ptr + g.to(tl.int64) * T * N
+            # expert e's tokens (loaded here, not in a helper: torch's mutation analysis of the kernel
+            # takes a pointer passed to a tl function for written, and would clone it around the call)
+            t = tl.arange(0, TP)
+            match = tl.load(expert_ptr + t, mask=t < T, other=-1) == e
+            rank = tl.cumsum(match.to(tl.int32), axis=0) - 1
+            count = tl.sum(match.to(tl.int32), axis=0)
+            for m0 in range(0, count, BLOCK_M):        # no iteration, no weight read, for an unused expert
+                tok, ok = _expert_rows(match, rank, count, m0, TP, BLOCK_M)
+                acc = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
+                for k0 in range(0, D, BLOCK_K):
+                    k = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = k < D
+                    a = tl.load(h_ptr + tok[:, None] * D + k[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
+                    if EVEN:
+                        b = tl.load(w1_e + k[:, None] * F + f[None, :])
+                    else:
+                        b = tl.load(w1_e + k[:, None] * F + f[None, :], mask=k_ok[:, None] & f_ok[None, :], other=0.0)
+                    if UPCAST:
+                        a, b = a.to(tl.float32), b.to(tl.float32)
+                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                if ACT == 0:
+                    acc = tl.maximum(acc, 0.0)
+                else:                                  # exact gelu, as F.gelu's default (approximate='none')
+                    acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+                # rounded to x's dtype, as the reference (and grouped_mm) store the hidden state; columns
+                # past F are act(0) = 0 and meet zeroed rows of w2
+                hid = _round_to(acc, h_ptr.dtype.element_ty, RTNE_BY_HAND)
                 if UPCAST:
-                    a, b = a.to(tl.float32), b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            if ACT == 0:
-                acc = tl.maximum(acc, 0.0)
-            else:                                  # exact gelu, as F.gelu's default (approximate='none')
-                acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-            # rounded to x's dtype, as the reference (and grouped_mm) store the hidden state; columns
-            # past F are act(0) = 0 and meet zeroed rows of w2
-            hid = _round_to(acc, h_ptr.dtype.element_ty, RTNE_BY_HAND)
-            if UPCAST:
-                hid = hid.to(tl.float32)
-            for n0 in range(0, N, BLOCK_N):
-                n = n0 + tl.arange(0, BLOCK_N)
-                n_ok = n < N
-                if EVEN:
-                    b = tl.load(w2_e + f[:, None] * N + n[None, :])
-                else:
-                    b = tl.load(w2_e + f[:, None] * N + n[None, :], mask=f_ok[:, None] & n_ok[None, :], other=0.0)
-                if UPCAST:
-                    b = b.to(tl.float32)
-                y = tl.dot(hid, b, input_precision=PRECISION)
-                tl.store(part_g + tok[:, None] * N + n[None, :], y, mask=ok[:, None] & n_ok[None, :])
+                    hid = hid.to(tl.float32)
+                for n0 in range(0, N, BLOCK_N):
+                    n = n0 + tl.arange(0, BLOCK_N)
+                    n_ok = n < N
+                    if EVEN:
+                        b = tl.load(w2_e + f[:, None] * N + n[None, :])
+                    else:
+                        b = tl.load(w2_e + f[:, None] * N + n[None, :], mask=f_ok[:, None] & n_ok[None, :], other=0.0)
+                    if UPCAST:
+                        b = b.to(tl.float32)
+                    y = tl.dot(hid, b, input_precision=PRECISION)
+                    tl.store(part_g + tok[:, None] * N + n[None, :], y, mask=ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _combine_kernel(part_ptr, p_ptr, x_ptr, y_ptr, T, N, G, HAS_RES: tl.constexpr, RTNE_BY_HAND: tl.constexpr,
@@ -353,6 +358,10 @@ if HAS_TRITON:
             **_dot_args(x_TD.dtype, _norm_router_kernel))
         return h_TD, p_T, expert_T
 
+    @functools.cache
+    def _sm_count(device: torch.device) -> int:
+        return torch.cuda.get_device_properties(device).multi_processor_count
+
     def _expert_partials(h_TD: torch.Tensor, expert_T: torch.Tensor, w1_EDF: torch.Tensor, w2_EFD: torch.Tensor,
                          activation: str, config: dict = EXPERT_CONFIG) -> torch.Tensor:
         """part_GTN (G = F/BLOCK_F, T, N) fp32: each block of hidden units' share of y, p not applied.
@@ -363,8 +372,12 @@ if HAS_TRITON:
         G = triton.cdiv(F, BLOCK_F)
         part_GTN = torch.empty(G, T, N, dtype=torch.float32, device=h_TD.device)
         # BLOCK_M = 16 (tl.dot's minimum): a few tokens per expert at decode
-        wrap_triton(_expert_kernel)[(E, G)](
-            h_TD, expert_T, w1_EDF, w2_EFD, part_GTN, T, D, F, N, ACT=_ACT_IDS[activation],
+        programs = E * G
+        if config.get("per_sm") and h_TD.is_cuda:
+            programs = min(programs, config["per_sm"] * _sm_count(h_TD.device))
+        programs = config.get("programs", programs)       # tests: a few programs looping over items
+        wrap_triton(_expert_kernel)[(programs,)](
+            h_TD, expert_T, w1_EDF, w2_EFD, part_GTN, T, E, D, F, N, ACT=_ACT_IDS[activation],
             EVEN=D % BLOCK_K == 0 and F % BLOCK_F == 0 and N % BLOCK_N == 0,
             TP=max(16, triton.next_power_of_2(T)), BLOCK_M=16, BLOCK_K=BLOCK_K, BLOCK_F=BLOCK_F, BLOCK_N=BLOCK_N,
             num_warps=config["num_warps"], num_stages=config["num_stages"], RTNE_BY_HAND=_interpreted(_expert_kernel),
