@@ -55,13 +55,13 @@ if HAS_TRITON:
         i_ok, b_ok = i < I, b < B
         row = b.to(tl.int64)[:, None] * D
         m = b_ok[:, None] & (kk < D)[None, :]
-        a = tl.load(x_ptr + row + kk[None, :], mask=m, other=0.0).to(tl.float32)
+        xs = tl.load(x_ptr + row + kk[None, :], mask=m, other=0.0).to(tl.float32)   # not `a`: loop-carried
         # the norm in fp32, mean then squared deviations (as a norm kernel), output in x's dtype
         if RMS:
             mean = tl.zeros((BLOCK_B,), dtype=tl.float32)
         else:
-            mean = tl.sum(a, axis=1) / D
-        dev = tl.where(m, a - mean[:, None], 0.0)
+            mean = tl.sum(xs, axis=1) / D
+        dev = tl.where(m, xs - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=1) / D + eps)
         acc = tl.zeros((BLOCK_B, BLOCK_I), dtype=tl.float32)
         f = (half * I + i).to(tl.int64)

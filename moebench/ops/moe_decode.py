@@ -139,12 +139,12 @@ if HAS_TRITON:
         if NORM != 0:
             kk = tl.arange(0, BLOCK_D)
             m = t_ok[:, None] & (kk < D)[None, :]
-            a = tl.load(x_ptr + row + kk[None, :], mask=m, other=0.0).to(tl.float32)
+            xs = tl.load(x_ptr + row + kk[None, :], mask=m, other=0.0).to(tl.float32)   # not `a`: loop-carried
             if NORM == 1:
-                mean = tl.sum(a, axis=1) / D
+                mean = tl.sum(xs, axis=1) / D
             else:
                 mean = tl.zeros((BLOCK_T,), dtype=tl.float32)
-            dev = tl.where(m, a - mean[:, None], 0.0)
+            dev = tl.where(m, xs - mean[:, None], 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=1) / D + eps)
         acc = tl.zeros((BLOCK_T, EP), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
