@@ -101,8 +101,8 @@ if HAS_TRITON:
             if UPCAST:
                 u, wx = u.to(tl.float32), wx.to(tl.float32)
             part = tl.dot(u, wx, input_precision=PRECISION)
-            row = tl.program_id(0).to(tl.int64) * B + b
-            tl.store(part_ptr + row[:, None] * E + e[None, :], part, mask=b_ok[:, None] & (e < E)[None, :])
+            prow = tl.program_id(0).to(tl.int64) * B + b
+            tl.store(part_ptr + prow[:, None] * E + e[None, :], part, mask=b_ok[:, None] & (e < E)[None, :])
 
     @triton.jit
     def _ssm_kernel(part_ptr, u_ptr, z_ptr, dtw_ptr, dtb_ptr, A_ptr, D_ptr, ssm_ptr, y_ptr, B, I, R, N, P,
