@@ -22,8 +22,8 @@ from moebench.ops import mamba_decode
 
 DEV = torch.device("cuda")
 LAYERS, D = 8, 512
-CONFIGS = [dict(), dict(in_k=64), dict(in_k=256), dict(in_i=64), dict(out_n=32), dict(out_k=256),
-           dict(ssm_i=128)]
+CONFIGS = [dict(), dict(ssm_i=32, ssm_warps=2), dict(ssm_i=128), dict(ssm_i=256, ssm_warps=8), dict(in_i=64),
+           dict(in_b=64, in_i=16, in_warps=8), dict(in_warps=8)]
 
 
 def layers(batch: int):

@@ -27,9 +27,9 @@ import torch
 
 from moebench.ops.moe_decode import HAS_TRITON, MAX_DECODE_T, norm_args
 
-# Tokens (b), channels (i) or outputs (n) per program of each kernel, and K steps (k). Static (a CUDA graph
+# Tokens (b) and channels (i) or outputs (n) per program of each kernel. Static (a CUDA graph
 # captures one configuration); scripts/bench_mamba_decode.py times alternatives on a GPU.
-BLOCKS = dict(in_b=16, in_i=32, in_k=128, in_warps=4, ssm_i=64, ssm_warps=4, out_b=16, out_n=16, out_k=128)
+BLOCKS = dict(in_b=16, in_i=32, in_warps=4, ssm_i=64, ssm_warps=4, out_b=16, out_n=32)
 
 if HAS_TRITON:
     import triton
@@ -43,41 +43,33 @@ if HAS_TRITON:
                         B, D, I, E, eps, RMS: tl.constexpr, HAS_NB: tl.constexpr, W: tl.constexpr,
                         WP: tl.constexpr, EP: tl.constexpr,
                         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_I: tl.constexpr):
+                        BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr):
         # program (i-block, half, b-block): half 0 = the conv branch (in_proj rows 0..I), 1 = the gate.
-        # The norm's statistics from whole rows in one load, then a pipelined K loop (num_stages)
-        # over x and in_proj: at decode every exposed load is about a µs (one 512-deep dot took
-        # 12 µs in Nsight Compute, its operands staged whole through shared memory)
+        # Whole rows in one load, no K loop: at decode each program's work is a few µs of latency,
+        # and every serial load in a loop adds one. (A statistics load then a pipelined 128-wide K
+        # loop was slower in Nsight Compute on an H100: 16.7 against 12.0 µs, 4cdff0f.)
         i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
         half = tl.program_id(1)
         b = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
-        kk = tl.arange(0, BLOCK_D)
-        i_ok, b_ok = i < I, b < B
-        row = b.to(tl.int64)[:, None] * D
-        m = b_ok[:, None] & (kk < D)[None, :]
-        xs = tl.load(x_ptr + row + kk[None, :], mask=m, other=0.0).to(tl.float32)   # not `a`: loop-carried
+        k = tl.arange(0, BLOCK_D)
+        i_ok, b_ok, k_ok = i < I, b < B, k < D
+        w = tl.load(w_ptr + (half * I + i).to(tl.int64)[None, :] * D + k[:, None],
+                    mask=i_ok[None, :] & k_ok[:, None], other=0.0)
+        m = b_ok[:, None] & k_ok[None, :]
+        a = tl.load(x_ptr + b.to(tl.int64)[:, None] * D + k[None, :], mask=m, other=0.0).to(tl.float32)
         # the norm in fp32, mean then squared deviations (as a norm kernel), output in x's dtype
         if RMS:
-            mean = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            dev = a
         else:
-            mean = tl.sum(xs, axis=1) / D
-        dev = tl.where(m, xs - mean[:, None], 0.0)
+            dev = tl.where(m, a - (tl.sum(a, axis=1) / D)[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=1) / D + eps)
-        acc = tl.zeros((BLOCK_B, BLOCK_I), dtype=tl.float32)
-        f = (half * I + i).to(tl.int64)
-        for k0 in range(0, D, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < D
-            a = tl.load(x_ptr + row + k[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            a = (a - mean[:, None]) * rstd[:, None] * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            if HAS_NB:
-                a += tl.load(nb_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            a = a.to(x_ptr.dtype.element_ty)
-            w = tl.load(w_ptr + f[None, :] * D + k[:, None], mask=i_ok[None, :] & k_ok[:, None], other=0.0)
-            if UPCAST:
-                a, w = a.to(tl.float32), w.to(tl.float32)
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
-        xz = acc.to(u_ptr.dtype.element_ty)
+        a = dev * rstd[:, None] * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_NB:
+            a += tl.load(nb_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        a = a.to(x_ptr.dtype.element_ty)
+        if UPCAST:
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        xz = tl.dot(a, w, input_precision=PRECISION).to(u_ptr.dtype.element_ty)
         bi = b.to(tl.int64)[:, None] * I + i[None, :]
         ok = b_ok[:, None] & i_ok[None, :]
         if half == 1:
@@ -101,8 +93,8 @@ if HAS_TRITON:
             if UPCAST:
                 u, wx = u.to(tl.float32), wx.to(tl.float32)
             part = tl.dot(u, wx, input_precision=PRECISION)
-            prow = tl.program_id(0).to(tl.int64) * B + b
-            tl.store(part_ptr + prow[:, None] * E + e[None, :], part, mask=b_ok[:, None] & (e < E)[None, :])
+            row = tl.program_id(0).to(tl.int64) * B + b
+            tl.store(part_ptr + row[:, None] * E + e[None, :], part, mask=b_ok[:, None] & (e < E)[None, :])
 
     @triton.jit
     def _ssm_kernel(part_ptr, u_ptr, z_ptr, dtw_ptr, dtb_ptr, A_ptr, D_ptr, ssm_ptr, y_ptr, B, I, R, N, P,
@@ -178,8 +170,7 @@ if HAS_TRITON:
             x_BD, norm_w_D, norm_b_D if norm_b_D is not None else norm_w_D, in_w_ED, conv_w_IW, conv_b_I,
             conv_state_BIW, xproj_w_EI, u_BI, z_BI, part_PBE, B, D, I, E, eps, RMS=rms, HAS_NB=norm_b_D is not None,
             W=W, WP=triton.next_power_of_2(W), EP=max(16, triton.next_power_of_2(E)), BLOCK_B=cfg["in_b"],
-            BLOCK_D=BLOCK_D, BLOCK_K=min(cfg["in_k"], BLOCK_D), BLOCK_I=cfg["in_i"],
-            num_warps=cfg["in_warps"] * max(1, BLOCK_D // 512), num_stages=3, **dots)
+            BLOCK_D=BLOCK_D, BLOCK_I=cfg["in_i"], num_warps=cfg["in_warps"] * max(1, BLOCK_D // 512), **dots)
         wrap_triton(_ssm_kernel)[(triton.cdiv(I, cfg["ssm_i"]), B)](
             part_PBE, u_BI, z_BI, dtproj_w_IR, dtproj_b_I, A_IN, D_I, ssm_state_BIN, y_BI, B, I, R, N, P,
             BLOCK_P=triton.next_power_of_2(P), BLOCK_I=cfg["ssm_i"], RP=triton.next_power_of_2(R),
@@ -187,8 +178,8 @@ if HAS_TRITON:
         # (torch.addmm would copy x into its output first: one more launch)
         out_BD = torch.empty_like(x_BD)
         wrap_triton(_out_kernel)[(triton.cdiv(D, cfg["out_n"]), triton.cdiv(B, cfg["out_b"]))](
-            y_BI, out_w_DI, x_BD, out_BD, B, I, D, BLOCK_B=cfg["out_b"], BLOCK_K=min(cfg["out_k"], triton.next_power_of_2(I)),
-            BLOCK_N=cfg["out_n"], num_warps=4, num_stages=3, **dots)
+            y_BI, out_w_DI, x_BD, out_BD, B, I, D, BLOCK_B=cfg["out_b"], BLOCK_K=min(512, triton.next_power_of_2(I)),
+            BLOCK_N=cfg["out_n"], num_warps=4, **dots)
         return out_BD
 
 

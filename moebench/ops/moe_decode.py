@@ -124,46 +124,34 @@ if HAS_TRITON:
     @triton.jit
     def _norm_router_kernel(x_ptr, nw_ptr, nb_ptr, r_ptr, h_ptr, p_ptr, e_ptr, T, D, E, eps, NORM: tl.constexpr,
                             HAS_NB: tl.constexpr, RTNE_BY_HAND: tl.constexpr, PRECISION: tl.constexpr,
-                            UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                            BLOCK_K: tl.constexpr, EP: tl.constexpr):
-        # BLOCK_T tokens a program (tl.dot's 16 rows): the norm's statistics from whole rows in one
-        # load, then a pipelined K loop (num_stages) that normalises, stores h and multiplies by the
-        # router. In Nsight Compute on an H100: one token a program with an unpipelined loop, 12 µs;
-        # one 512-deep dot with its operands staged whole through shared memory, 12.9 µs.
+                            UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EP: tl.constexpr):
+        # BLOCK_T tokens a program, whole rows in one load and one tl.dot: no K loop (at decode each
+        # serial load is about a µs; a loop of them, one token a program, measured 12 µs on an H100;
+        # a statistics load then a pipelined 64-wide K loop, 19 against 13 µs in Nsight Compute).
         # NORM 0: h = x (no store); 1: LayerNorm; 2: RMSNorm. Statistics in fp32, mean then squared
         # deviations, as torch's norms.
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        k = tl.arange(0, BLOCK_D)
         c = tl.arange(0, EP)
-        t_ok, c_ok = t < T, c < E
-        row = t.to(tl.int64)[:, None] * D
+        t_ok, k_ok, c_ok = t < T, k < D, c < E
+        m = t_ok[:, None] & k_ok[None, :]
+        rows = t.to(tl.int64)[:, None] * D + k[None, :]
+        a = tl.load(x_ptr + rows, mask=m, other=0.0)
+        r = tl.load(r_ptr + k[:, None] * E + c[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
         if NORM != 0:
-            kk = tl.arange(0, BLOCK_D)
-            m = t_ok[:, None] & (kk < D)[None, :]
-            xs = tl.load(x_ptr + row + kk[None, :], mask=m, other=0.0).to(tl.float32)   # not `a`: loop-carried
+            dev = a.to(tl.float32)
             if NORM == 1:
-                mean = tl.sum(xs, axis=1) / D
-            else:
-                mean = tl.zeros((BLOCK_T,), dtype=tl.float32)
-            dev = tl.where(m, xs - mean[:, None], 0.0)
+                dev = tl.where(m, dev - (tl.sum(dev, axis=1) / D)[:, None], 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(dev * dev, axis=1) / D + eps)
-        acc = tl.zeros((BLOCK_T, EP), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < D
-            mk = t_ok[:, None] & k_ok[None, :]
-            a = tl.load(x_ptr + row + k[None, :], mask=mk, other=0.0)
-            if NORM != 0:
-                h = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
-                h = h * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-                if HAS_NB:
-                    h += tl.load(nb_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-                # the norm's output in x's dtype: what the experts and the logits take, as in torch
-                a = _round_to(h, h_ptr.dtype.element_ty, RTNE_BY_HAND)
-                tl.store(h_ptr + row + k[None, :], a, mask=mk)
-            r = tl.load(r_ptr + k[:, None] * E + c[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-            if UPCAST:
-                a, r = a.to(tl.float32), r.to(tl.float32)
-            acc = tl.dot(a, r, acc, input_precision=PRECISION)
+            h = dev * rstd[:, None] * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_NB:
+                h += tl.load(nb_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            # the norm's output in x's dtype: what the experts and the logits take, as in torch
+            a = _round_to(h, h_ptr.dtype.element_ty, RTNE_BY_HAND)
+            tl.store(h_ptr + rows, a, mask=m)
+        if UPCAST:
+            a, r = a.to(tl.float32), r.to(tl.float32)
+        acc = tl.dot(a, r, input_precision=PRECISION)
         # logits in x's dtype (as h @ router in torch), softmax in fp32, top-1 by max
         logit = _round_to(acc, x_ptr.dtype.element_ty, RTNE_BY_HAND).to(tl.float32)
         logit = tl.where(c_ok[None, :], logit, float("-inf"))
@@ -362,13 +350,13 @@ if HAS_TRITON:
         expert_T = torch.empty(T, dtype=torch.int64, device=x_TD.device)
         EP, BLOCK_D = max(16, triton.next_power_of_2(E)), max(16, triton.next_power_of_2(D))
         nw = norm_w_D if norm_w_D is not None else router_DE        # unread without a norm
-        # 16 tokens (tl.dot's minimum) a program; the statistics' (16, D) tile takes 64 fp32
-        # registers a thread at D = 512 and 4 warps, hence more warps for wider rows
+        # 16 tokens (tl.dot's minimum) a program, each a (16, D) tile: 64 fp32 registers a thread
+        # at D = 512 and 4 warps, hence more warps for wider rows
         wrap_triton(_norm_router_kernel)[(triton.cdiv(T, 16),)](
             x_TD, nw, norm_b_D if norm_b_D is not None else nw, router_DE, h_TD, p_T, expert_T, T, D, E, eps,
             NORM=norm, HAS_NB=norm_b_D is not None, RTNE_BY_HAND=_interpreted(_norm_router_kernel), BLOCK_T=16,
-            BLOCK_D=BLOCK_D, BLOCK_K=min(64, BLOCK_D), EP=EP, num_warps=min(16, max(4, BLOCK_D // 128)),
-            num_stages=3, **_dot_args(x_TD.dtype, _norm_router_kernel))
+            BLOCK_D=BLOCK_D, EP=EP, num_warps=min(16, max(4, BLOCK_D // 128)),
+            **_dot_args(x_TD.dtype, _norm_router_kernel))
         return h_TD, p_T, expert_T
 
     @functools.cache
