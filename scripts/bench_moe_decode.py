@@ -39,18 +39,16 @@ REPEATS, COLD_REPEATS = 200, 50
 # the expert kernel's alternatives to moe_decode.EXPERT_CONFIG (see its comment)
 EXPERT_CONFIGS = [
     moe_decode.EXPERT_CONFIG,
-    dict(BLOCK_F=64, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=4),
-    dict(BLOCK_F=64, BLOCK_K=64, BLOCK_N=128, num_warps=8, num_stages=4),
-    dict(BLOCK_F=64, BLOCK_K=32, BLOCK_N=64, num_warps=4, num_stages=4),
-    dict(BLOCK_F=32, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=4),
-    dict(BLOCK_F=128, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3),
-    dict(BLOCK_F=128, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=4),
+    dict(BLOCK_F=64, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3),
+    dict(BLOCK_F=128, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=2),
+    dict(BLOCK_F=128, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_F=128, BLOCK_K=32, BLOCK_N=128, num_warps=4, num_stages=3),
+    dict(BLOCK_F=128, BLOCK_K=128, BLOCK_N=128, num_warps=4, num_stages=2),
+    dict(BLOCK_F=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    dict(BLOCK_F=256, BLOCK_K=64, BLOCK_N=128, num_warps=8, num_stages=3),
     # persistent: the grid sized to the GPU (per_sm programs an SM), items strided over it
     dict(BLOCK_F=128, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3, per_sm=2),
     dict(BLOCK_F=64, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3, per_sm=4),
-    dict(BLOCK_F=64, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3, per_sm=3),
-    dict(BLOCK_F=32, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3, per_sm=6),
-    dict(BLOCK_F=32, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3, per_sm=4),
 ]
 
 
