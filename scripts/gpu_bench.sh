@@ -17,7 +17,8 @@
 #   memory.json           bench memory: batch 1, lengths 512..65536, training and prefill
 #   train_compile.json    bench train MoE-Mamba_25M-e32 --compile, with its baselines (only if time is left;
 #                         not in SMOKE mode, where fp32 grouped_mm does not trace under torch.compile)
-#   (log only)            scripts/bench_moe_decode.py (one MoE layer at decode) and scripts/bench_optim.py
+#   (log only)            scripts/bench_moe_decode.py (one MoE layer at decode), scripts/bench_mamba_decode.py
+#                         (Mamba sublayers at decode) and scripts/bench_optim.py
 #   bench.md, bench.log   the rendered report (plots left out: render them locally) and every section's output
 #                         (including `pytest -m gpu tests/test_generate.py`: CUDA-graph decode == eager decode)
 set -u
@@ -72,6 +73,7 @@ section memory 120 $MB bench memory --variants "$FAMILY" $MEM $DEV --out "$OUT/m
   --out "$OUT/train_compile.json"
 if [ "${SMOKE:-0}" != 1 ]; then     # GPU-only scripts, output in the log
   section moe-decode 60 python3 scripts/bench_moe_decode.py
+  section mamba-decode 60 python3 scripts/bench_mamba_decode.py
   section optimizer 60 python3 scripts/bench_optim.py
 fi
 

@@ -55,10 +55,11 @@ _ACT_IDS = {"relu": 0, "gelu": 1}
 DecodeImpl = Literal["fused", "up_down"]
 _IMPLS = ("fused", "up_down")
 # The fused expert kernel's static config (no autotune: CUDA-graph capture); blocks are caps, cut to
-# the widths' powers of 2. Measured on an H100 (bf16, E=32, D=N=512, F=1536, L2 flushed; 02ebb29,
-# results/profiles/h100_02ebb29_moe_decode_layer.txt): BLOCK_F=128 (384 programs, 216 registers, 2 an
-# SM) read the used experts at 2.41 TB/s at T=64 and 2.46 at T=128, the best of seven; BLOCK_F=64
-# (768 programs, 4 an SM) 2.24-2.42, 32 2.0-2.1, 8 warps or 4 stages no better.
+# the widths' powers of 2. Measured on an H100 (bf16, E=32, D=N=512, F=1536, L2 flushed;
+# results/profiles/h100_b8922c7_moe_decode_layer.txt): BLOCK_F=128 (384 programs, 2 an SM: 255
+# registers, 78 KB of shared memory in Nsight Compute) read the used experts at 2.41 TB/s at T=64 and
+# 2.44 at T=128, the best of ten; BLOCK_F=64 or 256, 8 warps, 2 or 4 stages, other K/N blocks and
+# persistent grids (per_sm) were 2.0-2.33 at T=64.
 EXPERT_CONFIG = dict(BLOCK_F=128, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3)
 
 
