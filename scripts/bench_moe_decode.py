@@ -1,21 +1,19 @@
-"""The MoE sublayer of a decode step on a GPU: moebench/ops/moe_decode.py's fused kernels against its
-earlier ones, against the grouped path (moebench/models/moe.py, impl='grouped'), each captured in a
-CUDA graph.
+"""The MoE sublayer of a decode step on a GPU: moebench/ops/moe_decode.py's kernels against the
+grouped path (moebench/models/moe.py, impl='grouped') and against torch's LayerNorm and add around
+them, each captured in a CUDA graph.
 
     usage (device machine, repo root):  PYTHONPATH=$PWD python3 scripts/bench_moe_decode.py
 
 E=32, D=512, F=1536, Dout=512, bf16, relu, top-1, dropless (eval). The router is the MoE's own,
 randomly initialised: its top-1 choice is close to uniform over the experts. Timed per T (64, 128):
-  router up_down / fused      decode_router alone: 16 tokens a program, a K loop / whole rows, one tl.dot
-  experts up_down             decode_experts(impl="up_down"): the up and the down kernel
-  experts fused               decode_experts(impl="fused"): the single expert kernel and the combine
+  router                      decode_router alone (whole rows, one tl.dot, 16 tokens a program)
+  experts                     decode_experts: the expert kernel and the combine
   expert kernel <config>      the single expert kernel alone (moe_decode._expert_partials), the
                               default EXPERT_CONFIG first, then the alternatives it was chosen over
                               without a GPU: pick the fastest, and set EXPERT_CONFIG to it
-  router+experts up_down      the earlier kernels, router then experts (the old MoE layer)
   grouped                     MoE.forward(need_aux=False) on the grouped path (a dozen launches)
   layer                       MoE.forward(need_aux=False) on its decode path (fused kernels)
-  sublayer torch-ln+up_down   x + MoE(LayerNorm(x)): F.layer_norm, router, up, down, an add (5 launches)
+  sublayer torch-ln + add     x + MoE(LayerNorm(x)): F.layer_norm, router, experts, combine, an add
   sublayer fused              decode_moe_residual: norm + router, experts, combine (3 launches)
 Each is replayed 200 times back to back ("warm": the used weights, up to 100 MB, are less than twice
 the 50 MB L2 of an H100, so some reads may hit it), and 50 times one by one after reading 256 MB,
@@ -133,12 +131,8 @@ def main() -> None:
             p_T, expert_T = decode_router_ref(x_TD, r)
             n_x = weight_bytes(expert_T)
 
-            timed(T, "router up_down (16 tokens a program)", lambda: decode_router(x_TD, r, impl="up_down")[0],
-                  flush, None)
-            timed(T, "router fused (whole rows, one tl.dot)", lambda: decode_router(x_TD, r)[0], flush, None)
-            y_old = timed(T, "experts up_down (up + down)",
-                          lambda: decode_experts(x_TD, expert_T, p_T, w1, w2, act, impl="up_down"), flush, n_x)
-            y_new = timed(T, "experts fused (expert kernel + combine)",
+            timed(T, "router", lambda: decode_router(x_TD, r)[0], flush, None)
+            y_new = timed(T, "experts (expert kernel + combine)",
                           lambda: decode_experts(x_TD, expert_T, p_T, w1, w2, act), flush, n_x)
             for cfg in EXPERT_CONFIGS:
                 label = "F{BLOCK_F} K{BLOCK_K} N{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg)
@@ -146,32 +140,26 @@ def main() -> None:
                 timed(T, f"expert kernel {label}",
                       lambda cfg=cfg: moe_decode._expert_partials(x_TD, expert_T, w1, w2, act, cfg), flush, n_x)
 
-            def old_layer():
-                p_T, expert_T = decode_router(x_TD, r, impl="up_down")
-                return decode_experts(x_TD, expert_T, p_T, w1, w2, act, impl="up_down")
-
-            timed(T, "router+experts up_down", old_layer, flush, n_x)
             y_grouped = timed(T, "grouped (MoE.forward)", lambda: moe(x_TD, need_aux=False)[0], flush, n_x)
             timed(T, "layer (MoE.forward, decode path)", lambda: fused(x_TD, need_aux=False)[0], flush, n_x)
 
             h_TD = F.layer_norm(x_TD, (D,), ln_w, ln_b, eps)
             n_h = weight_bytes(decode_router_ref(h_TD, r)[1])
 
-            def old_sublayer():
+            def torch_norm_sublayer():
                 h_TD = F.layer_norm(x_TD, (D,), ln_w, ln_b, eps)
-                ph_T, eh_T = decode_router(h_TD, r, impl="up_down")
-                return x_TD + decode_experts(h_TD, eh_T, ph_T, w1, w2, act, impl="up_down")
+                ph_T, eh_T = decode_router(h_TD, r)
+                return x_TD + decode_experts(h_TD, eh_T, ph_T, w1, w2, act)
 
-            out_old = timed(T, "sublayer torch-ln + up_down + add", old_sublayer, flush, n_h)
+            out_old = timed(T, "sublayer torch-ln + add", torch_norm_sublayer, flush, n_h)
             out_new = timed(T, "sublayer fused (decode_moe_residual)",
                             lambda: decode_moe_residual(x_TD, ln_w, ln_b, eps, r, w1, w2, act), flush, n_h)
 
             y_ref = decode_experts_ref(x_TD, expert_T, p_T, w1, w2, act)
-            for name, y in (("experts fused - ref", y_new), ("experts up_down - ref", y_old),
-                            ("grouped - ref", y_grouped)):
+            for name, y in (("experts - ref", y_new), ("grouped - ref", y_grouped)):
                 max_diff(name, T, y, y_ref)
             out_ref = decode_moe_residual_ref(x_TD, ln_w, ln_b, eps, r, w1, w2, act)
-            for name, out in (("sublayer fused - ref", out_new), ("sublayer torch-ln+up_down - ref", out_old)):
+            for name, out in (("sublayer fused - ref", out_new), ("sublayer torch-ln + add - ref", out_old)):
                 max_diff(name, T, out, out_ref)
 
 

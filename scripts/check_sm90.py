@@ -72,9 +72,8 @@ def main() -> None:
             r = torch.randn(D, E, dtype=dtype)
             w1, w2 = torch.randn(E, D, F, dtype=dtype), torch.randn(E, F, D, dtype=dtype)
             expert_T, p_T = torch.zeros(T, dtype=torch.long), torch.ones(T)
-            for impl in ("fused", "up_down"):
-                calls.append(lambda impl=impl: moe_decode.decode_router(x, r, impl=impl))
-                calls.append(lambda impl=impl: moe_decode.decode_experts(x, expert_T, p_T, w1, w2, "gelu", impl=impl))
+            calls.append(lambda: moe_decode.decode_router(x, r))
+            calls.append(lambda: moe_decode.decode_experts(x, expert_T, p_T, w1, w2, "gelu"))
             for call in calls:
                 try:
                     with torch.no_grad():

@@ -17,7 +17,6 @@ pytestmark = pytest.mark.usefixtures("triton_runs")   # conftest.py: a GPU, or t
 # compiled on a GPU; on a CPU, interpreted
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
-IMPLS = ["fused", "up_down"]
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 
 
@@ -40,26 +39,24 @@ def check(got, want, dtype):
 
 @DTYPES
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("T,E,D,Fh,N", [(1, 4, 32, 64, 32), (5, 8, 32, 64, 48), (64, 4, 32, 64, 32),
                                          (9, 4, 80, 160, 160), (9, 4, 64, 128, 256)],
                          ids=["T1", "T5", "T64", "ragged", "even-multiblock"])
-def test_matches_reference(T, E, D, Fh, N, impl, activation, dtype):
+def test_matches_reference(T, E, D, Fh, N, activation, dtype):
     # T <= 5: some experts get no token; T=64 on 4 experts: one gets 25 (two BLOCK_M=16 row blocks).
     # ragged: D, F, N blocks of 64, 64, 128 with partial last blocks (masked loads); even: 2 F-blocks
     # and 2 N-blocks that tile exactly (the fused kernel's unmasked EVEN path)
     x, expert_T, p, w1, w2 = inputs(T, E, D, Fh, N, dtype, seed=T + E)
-    y = decode_experts(x, expert_T, p, w1, w2, activation, impl=impl)
+    y = decode_experts(x, expert_T, p, w1, w2, activation)
     assert y.shape == (T, N) and y.dtype == dtype
     check(y, decode_experts_ref(x, expert_T, p, w1, w2, activation), dtype)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_one_expert_takes_every_token(impl):
+def test_one_expert_takes_every_token():
     """40 tokens on one expert: three BLOCK_M=16 row blocks, the last one partial (int32 ids)."""
     expert_T = torch.full((40,), 2, dtype=torch.int32)
     x, expert_T, p, w1, w2 = inputs(40, 4, 32, 64, 32, torch.float32, expert_T)
-    check(decode_experts(x, expert_T, p, w1, w2, "gelu", impl=impl),
+    check(decode_experts(x, expert_T, p, w1, w2, "gelu"),
           decode_experts_ref(x, expert_T.long(), p, w1, w2, "gelu"), torch.float32)
 
 
@@ -74,8 +71,7 @@ def test_expert_kernel_with_fewer_programs_than_items(programs):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_unused_experts_are_never_read(impl):
+def test_unused_experts_are_never_read():
     """NaN weights of experts without tokens must not reach the output (a 0 times NaN is NaN). That
     they are not even loaded (the kernels' skip of an expert without tokens) no output can show:
     scripts/bench_moe_decode.py's bandwidth does."""
@@ -84,7 +80,7 @@ def test_unused_experts_are_never_read(impl):
     want = decode_experts_ref(x, expert_T, p, w1, w2, "relu")
     for e in (0, 2, 4):
         w1[e], w2[e] = float("nan"), float("nan")
-    y = decode_experts(x, expert_T, p, w1, w2, "relu", impl=impl)
+    y = decode_experts(x, expert_T, p, w1, w2, "relu")
     assert torch.isfinite(y).all()
     check(y, want, torch.float32)
 
@@ -116,20 +112,17 @@ def test_rejects_what_it_cannot_do():
         decode_experts(x, expert_T, p, w1, w2, "silu")
     with pytest.raises(ValueError, match="contiguous"):
         decode_experts(x, expert_T, p, w1.transpose(1, 2).contiguous().transpose(1, 2), w2, "relu")
-    with pytest.raises(ValueError, match="impl"):
-        decode_experts(x, expert_T, p, w1, w2, "relu", impl="grouped")
     with pytest.raises(TypeError, match="dtypes"):
         decode_experts(x, expert_T, p, w1.double(), w2.double(), "relu")
 
 
 @DTYPES
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("T,E,D", [(1, 4, 32), (37, 8, 48), (64, 32, 64), (5, 128, 40)])
-def test_router_equals_softmax_max(T, E, D, impl, dtype):
+def test_router_equals_softmax_max(T, E, D, dtype):
     gen = torch.Generator().manual_seed(T + E)
     x = torch.randn(T, D, generator=gen).to(dtype).to(DEV)
     r = (torch.randn(D, E, generator=gen) / D ** 0.5).to(dtype).to(DEV)
-    p, e = moe_decode.decode_router(x, r, impl=impl)
+    p, e = moe_decode.decode_router(x, r)
     p_ref, e_ref = moe_decode.decode_router_ref(x, r)
     assert p.dtype == torch.float32 and e.dtype == torch.int64
     # bf16: one rounding of an fp32 sum against the CPU's blocked bf16 matmul, a logit's last bit apart
@@ -141,12 +134,11 @@ def test_router_equals_softmax_max(T, E, D, impl, dtype):
     assert apart.any() and torch.equal(e[apart], e_ref[apart])
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_router_tie_takes_the_first_expert(impl):
+def test_router_tie_takes_the_first_expert():
     x = torch.ones(2, 16, device=DEV)
     r = torch.zeros(16, 4, device=DEV)
     r[:, 1] = r[:, 3] = 1.0                      # experts 1 and 3 tie
-    p, e = moe_decode.decode_router(x, r, impl=impl)
+    p, e = moe_decode.decode_router(x, r)
     assert e.tolist() == [1, 1]
 
 

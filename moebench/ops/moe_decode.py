@@ -11,10 +11,10 @@ whole pre-norm MoE residual sublayer of a decode step, out = x + MoE(norm(x)), i
     y_TD[t] = p_T[t] · ( act(h_TD[t] @ w1_EDF[e_t]) @ w2_EFD[e_t] )      e_t = expert_T[t]
 
 decode_router and decode_experts (MoE.forward's decode step, for MoEs without a norm of their own,
-e.g. inner MoEs) take kernels 1 and 2-3 without the norm and the residual. impl="up_down" keeps the
-earlier kernels (a router of 16 tokens a program; the experts as an up launch, grid E × F-blocks,
-storing h_TF, then a down launch, grid E × N-blocks) so that scripts/bench_moe_decode.py can time
-old against new. The grouped path (moebench/models/moe.py) takes about a dozen launches for this.
+e.g. inner MoEs) take kernels 1 and 2-3 without the norm and the residual. The grouped path
+(moebench/models/moe.py) takes about a dozen launches for this. (An earlier pair of expert kernels,
+an up launch storing h_TF and a down launch, was 42.1 µs against 41.1 for kernels 2-3 at T = 64 on
+an H100, and the sublayer 51 µs with a torch LayerNorm and add against 46.6: removed after b8922c7.)
 
 Each expert program finds its expert's tokens itself, from the T expert ids, and streams its slice of
 that expert's weights once (when the expert has <= BLOCK_M tokens, the common case at decode). An
@@ -35,7 +35,6 @@ under Triton's interpreter (TRITON_INTERPRET=1 before triton's first import), as
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +51,6 @@ except ImportError:                    # a CPU box without triton: the torch ref
 
 MAX_DECODE_T = 256      # every program holds all T expert ids in registers (padded to a power of 2)
 _ACT_IDS = {"relu": 0, "gelu": 1}
-DecodeImpl = Literal["fused", "up_down"]
-_IMPLS = ("fused", "up_down")
 # The fused expert kernel's static config (no autotune: CUDA-graph capture); blocks are caps, cut to
 # the widths' powers of 2. Measured on an H100 (bf16, E=32, D=N=512, F=1536, L2 flushed;
 # results/profiles/h100_b8922c7_moe_decode_layer.txt): BLOCK_F=128 (384 programs, 2 an SM: 255
@@ -119,8 +116,6 @@ if HAS_TRITON:
             bits = v.to(tl.uint32, bitcast=True)
             v = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
         return v.to(dtype)
-
-    # ---- the sublayer's kernels (impl="fused") ------------------------------------------------
 
     @triton.jit
     def _norm_router_kernel(x_ptr, nw_ptr, nb_ptr, r_ptr, h_ptr, p_ptr, e_ptr, T, D, E, eps, NORM: tl.constexpr,
@@ -242,94 +237,6 @@ if HAS_TRITON:
             y += tl.load(x_ptr + t * N + n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + t * N + n, _round_to(y, y_ptr.dtype.element_ty, RTNE_BY_HAND), mask=n_ok)
 
-    # ---- the earlier kernels (impl="up_down"), kept for scripts/bench_moe_decode.py ---------------
-
-    @triton.jit
-    def _up_kernel(x_ptr, expert_ptr, w1_ptr, h_ptr, T, D, F, ACT: tl.constexpr, PRECISION: tl.constexpr,
-                   UPCAST: tl.constexpr, TP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_F: tl.constexpr):
-        # h[tok, fblock] = act(x[tok] @ w1[e][:, fblock]) for the tokens tok of expert e
-        e = tl.program_id(0)
-        f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-        f_ok = f < F
-        w_ptr = w1_ptr + e.to(tl.int64) * D * F
-        # expert e's tokens (loaded here, not in a helper: torch's mutation analysis of the kernel
-        # takes a pointer passed to a tl function for written, and would clone it around the call)
-        t = tl.arange(0, TP)
-        match = tl.load(expert_ptr + t, mask=t < T, other=-1) == e
-        rank = tl.cumsum(match.to(tl.int32), axis=0) - 1
-        count = tl.sum(match.to(tl.int32), axis=0)
-        for m0 in range(0, count, BLOCK_M):        # no iteration, no weight read, for an unused expert
-            tok, ok = _expert_rows(match, rank, count, m0, TP, BLOCK_M)
-            acc = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                k_ok = k < D
-                a = tl.load(x_ptr + tok[:, None] * D + k[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(w_ptr + k[:, None] * F + f[None, :], mask=k_ok[:, None] & f_ok[None, :], other=0.0)
-                if UPCAST:
-                    a, b = a.to(tl.float32), b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            if ACT == 0:
-                acc = tl.maximum(acc, 0.0)
-            else:                                  # exact gelu, as F.gelu's default (approximate='none')
-                acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-            tl.store(h_ptr + tok[:, None] * F + f[None, :], acc.to(h_ptr.dtype.element_ty),
-                     mask=ok[:, None] & f_ok[None, :])
-
-    @triton.jit
-    def _down_kernel(h_ptr, expert_ptr, p_ptr, w2_ptr, y_ptr, T, F, N, PRECISION: tl.constexpr,
-                     UPCAST: tl.constexpr, TP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
-        # y[tok, nblock] = p[tok] · h[tok] @ w2[e][:, nblock] for the tokens tok of expert e
-        e = tl.program_id(0)
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
-        w_ptr = w2_ptr + e.to(tl.int64) * F * N
-        t = tl.arange(0, TP)
-        match = tl.load(expert_ptr + t, mask=t < T, other=-1) == e
-        rank = tl.cumsum(match.to(tl.int32), axis=0) - 1
-        count = tl.sum(match.to(tl.int32), axis=0)
-        for m0 in range(0, count, BLOCK_M):
-            tok, ok = _expert_rows(match, rank, count, m0, TP, BLOCK_M)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, F, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                k_ok = k < F
-                a = tl.load(h_ptr + tok[:, None] * F + k[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(w_ptr + k[:, None] * N + n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                if UPCAST:
-                    a, b = a.to(tl.float32), b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            p = tl.load(p_ptr + tok, mask=ok, other=0.0).to(tl.float32)
-            tl.store(y_ptr + tok[:, None] * N + n[None, :], (acc * p[:, None]).to(y_ptr.dtype.element_ty),
-                     mask=ok[:, None] & n_ok[None, :])
-
-    @triton.jit
-    def _router_kernel(x_ptr, r_ptr, p_ptr, e_ptr, T, D, E, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, EP: tl.constexpr):
-        # logits in x's dtype (as x @ router under autocast), softmax in fp32, top-1 by max
-        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        c = tl.arange(0, EP)
-        t_ok, c_ok = t < T, c < E
-        acc = tl.zeros((BLOCK_T, EP), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < D
-            a = tl.load(x_ptr + t.to(tl.int64)[:, None] * D + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(r_ptr + k[:, None] * E + c[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-            if UPCAST:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        logit = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
-        logit = tl.where(c_ok[None, :], logit, float("-inf"))
-        top = tl.max(logit, axis=1)
-        total = tl.sum(tl.exp(logit - top[:, None]), axis=1)
-        # the largest probability is exp(0) / total; its expert, the first of the largest logits
-        first = tl.min(tl.where(logit == top[:, None], c[None, :], EP), axis=1)
-        tl.store(p_ptr + t, 1.0 / total, mask=t_ok)
-        tl.store(e_ptr + t, first.to(tl.int64), mask=t_ok)
-
     def _block(width: int, cap: int) -> int:
         return max(16, min(cap, triton.next_power_of_2(width)))     # tl.dot wants every side >= 16
 
@@ -398,46 +305,15 @@ if HAS_TRITON:
         return y_TN
 
     @triton_op("moebench::decode_router", mutates_args=())
-    def _decode_router_op(x_TD: torch.Tensor, router_DE: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if impl == "fused":
-            _, p_T, expert_T = _norm_router(x_TD, None, None, 0.0, 0, router_DE)
-            return p_T, expert_T
-        (T, D), E = x_TD.shape, router_DE.shape[1]
-        p_T = torch.empty(T, dtype=torch.float32, device=x_TD.device)
-        expert_T = torch.empty(T, dtype=torch.int64, device=x_TD.device)
-        wrap_triton(_router_kernel)[(triton.cdiv(T, 16),)](
-            x_TD, router_DE, p_T, expert_T, T, D, E, BLOCK_T=16, BLOCK_K=_block(D, 64),
-            EP=max(16, triton.next_power_of_2(E)), num_warps=4, **_dot_args(x_TD.dtype, _router_kernel))
+    def _decode_router_op(x_TD: torch.Tensor, router_DE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, p_T, expert_T = _norm_router(x_TD, None, None, 0.0, 0, router_DE)
         return p_T, expert_T
 
     @triton_op("moebench::decode_experts", mutates_args=())
     def _decode_experts_op(x_TD: torch.Tensor, expert_T: torch.Tensor, p_T: torch.Tensor, w1_EDF: torch.Tensor,
-                           w2_EFD: torch.Tensor, activation: str, impl: str) -> torch.Tensor:
-        if impl == "fused":
-            part_GTN = _expert_partials(x_TD, expert_T, w1_EDF, w2_EFD, activation)
-            return _combine(part_GTN, p_T, x_TD, residual=False)
-        (T, D), (E, _, F), N = x_TD.shape, w1_EDF.shape, w2_EFD.shape[2]
-        h_TF = torch.empty(T, F, dtype=x_TD.dtype, device=x_TD.device)
-        y_TD = torch.empty(T, N, dtype=x_TD.dtype, device=x_TD.device)
-        # Static configs (no autotune: CUDA-graph capture). Measured on an H100 at E=32, D=N=512,
-        # F=1536, T=64 and 128: 128-wide blocks (256-byte weight rows), 64-deep K steps, 4 warps were
-        # best, at ~1.6-1.7 TB/s per kernel with L2 flushed; narrower blocks (more programs), deeper
-        # pipelines, 8 warps, and swapping the dot's operands (so that wgmma runs) were no faster; nor
-        # was splitting the down projection over F into 2 or 4 programs (fp32 partials and a sum:
-        # 2-3.5 µs slower at T = 64, 11b00d3 + split). The two kernels' K loops stay inline: a pointer
-        # passed to a tl function counts as written for torch's mutation analysis (see _up_kernel).
-        # BLOCK_M = 16 (tl.dot's minimum): a few tokens per expert at decode.
-        TP = max(16, triton.next_power_of_2(T))
-        common = dict(TP=TP, BLOCK_M=16, num_warps=4, **_dot_args(x_TD.dtype, _up_kernel))
-        BLOCK_F = _block(F, 128)
-        wrap_triton(_up_kernel)[(E, triton.cdiv(F, BLOCK_F))](
-            x_TD, expert_T, w1_EDF, h_TF, T, D, F, ACT=_ACT_IDS[activation], BLOCK_K=_block(D, 64),
-            BLOCK_F=BLOCK_F, num_stages=3, **common)
-        BLOCK_N = _block(N, 128)
-        wrap_triton(_down_kernel)[(E, triton.cdiv(N, BLOCK_N))](
-            h_TF, expert_T, p_T, w2_EFD, y_TD, T, F, N, BLOCK_K=_block(F, 64), BLOCK_N=BLOCK_N, num_stages=4,
-            **common)
-        return y_TD
+                           w2_EFD: torch.Tensor, activation: str) -> torch.Tensor:
+        part_GTN = _expert_partials(x_TD, expert_T, w1_EDF, w2_EFD, activation)
+        return _combine(part_GTN, p_T, x_TD, residual=False)
 
     @triton_op("moebench::decode_moe_residual", mutates_args=())
     def _decode_moe_residual_op(x_TD: torch.Tensor, norm_w_D: torch.Tensor, norm_b_D: torch.Tensor | None, eps: float,
@@ -473,41 +349,35 @@ def _check_experts(fn: str, x_TD: torch.Tensor, w1_EDF: torch.Tensor, w2_EFD: to
 
 
 def decode_experts(x_TD: torch.Tensor, expert_T: torch.Tensor, p_T: torch.Tensor, w1_EDF: torch.Tensor,
-                   w2_EFD: torch.Tensor, activation: str = "relu", *, impl: DecodeImpl = "fused") -> torch.Tensor:
+                   w2_EFD: torch.Tensor, activation: str = "relu") -> torch.Tensor:
     """y_TD (T, Dout) in x's dtype: token t through expert expert_T[t], scaled by p_T[t] (top-1, dropless).
 
     x_TD (T, D) bf16/fp16/fp32; expert_T (T,) int64/int32, every id in [0, E) (not checked: that would
     sync; a row with another id is left uninitialised); p_T (T,) float; w1_EDF (E, D, F) and w2_EFD
     (E, F, Dout) contiguous, in x's dtype. 1 <= T <= MAX_DECODE_T. Forward only (decoding, no_grad).
-    impl "fused": one expert kernel and a combine (see the module docstring); "up_down": the earlier
-    up and down kernels."""
+    One expert kernel and a combine (kernels 2 and 3 of the module docstring)."""
     _check_experts("decode_experts", x_TD, w1_EDF, w2_EFD, activation, (x_TD, p_T, w1_EDF, w2_EFD))
-    if impl not in _IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; expected one of {_IMPLS}")
     T = x_TD.shape[0]
     if tuple(expert_T.shape) != (T,) or tuple(p_T.shape) != (T,):
         raise ValueError(f"shapes: x {tuple(x_TD.shape)}, expert {tuple(expert_T.shape)}, p {tuple(p_T.shape)}")
     if expert_T.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"expert_T must be int64 or int32, got {expert_T.dtype}")
     return torch.ops.moebench.decode_experts(x_TD.contiguous(), expert_T.contiguous(), p_T.contiguous(),
-                                             w1_EDF, w2_EFD, activation, impl)
+                                             w1_EDF, w2_EFD, activation)
 
 
-def decode_router(x_TD: torch.Tensor, router_DE: torch.Tensor, *,
-                  impl: DecodeImpl = "fused") -> tuple[torch.Tensor, torch.Tensor]:
+def decode_router(x_TD: torch.Tensor, router_DE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(p_T fp32, expert_T int64): decode_router_ref's top-1 routing in one launch (a matmul, the
     softmax and the max, where torch takes three kernels); p agrees to fp32 rounding, the expert
-    exactly unless two logits tie (then the first, as torch's max). impl "fused": one token a
-    program (the sublayer's router without its norm); "up_down": the earlier 16 tokens a program."""
+    exactly unless two logits tie (then the first, as torch's max). The sublayer's router kernel
+    without its norm."""
     if not HAS_TRITON:
         raise RuntimeError("decode_router needs triton; use decode_router_ref")
-    if impl not in _IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; expected one of {_IMPLS}")
     T = x_TD.shape[0]
     if not 1 <= T <= MAX_DECODE_T or router_DE.shape[0] != x_TD.shape[1] or router_DE.dtype != x_TD.dtype:
         raise ValueError(f"decode_router: x {tuple(x_TD.shape)} {x_TD.dtype}, router {tuple(router_DE.shape)} "
                          f"{router_DE.dtype}; 1..{MAX_DECODE_T} tokens, same dtype")
-    return torch.ops.moebench.decode_router(x_TD.contiguous(), router_DE.contiguous(), impl)
+    return torch.ops.moebench.decode_router(x_TD.contiguous(), router_DE.contiguous())
 
 
 def decode_moe_residual(x_TD: torch.Tensor, norm_w_D: torch.Tensor, norm_b_D: torch.Tensor | None,
