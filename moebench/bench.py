@@ -100,6 +100,23 @@ def time_repeats(fn: Callable[[], object], repeats: int, warmup: int, device: to
     return [start.elapsed_time(end) / 1e3 for start, end in events]
 
 
+def capture_cuda_graph(fn: Callable[[], object], warmup: int = 3):
+    """(graph, fn's output): fn captured in a CUDA graph after `warmup` calls on a side stream (which
+    compile Triton kernels and pick cuBLAS algorithms outside the capture), replayed once. For scripts."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph, out
+
+
 def median_ms(fn: Callable[[], object], device: torch.device, repeats: int = 20, warmup: int = 5) -> float:
     """Milliseconds per call of fn: the middle of `repeats` timings (the upper one of two), for scripts."""
     t = sorted(time_repeats(fn, repeats, warmup, device))

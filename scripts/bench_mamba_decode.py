@@ -16,6 +16,7 @@ import statistics
 import torch
 from torch import nn
 
+from moebench.bench import capture_cuda_graph
 from moebench.generate import cast_for_inference
 from moebench.models.mamba import Mamba
 from moebench.ops import mamba_decode
@@ -48,15 +49,7 @@ def per_layer_us(step, stack, x_BD) -> float:
         for norm, mixer, state in stack:
             h = step(h, norm, mixer, state)
         return h
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
+    graph, _ = capture_cuda_graph(run)
     times = []
     for _ in range(20):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

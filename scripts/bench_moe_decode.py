@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moebench.bench import capture_cuda_graph
 from moebench.models.moe import MoE
 from moebench.ops import moe_decode
 from moebench.ops.moe_decode import (decode_experts, decode_experts_ref, decode_moe_residual,
@@ -48,22 +49,6 @@ EXPERT_CONFIGS = [
     dict(BLOCK_F=128, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3, per_sm=2),
     dict(BLOCK_F=64, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3, per_sm=4),
 ]
-
-
-def capture(fn) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """fn captured in a CUDA graph, after warm-up on a side stream (compiles the Triton kernels)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    return graph, out
 
 
 def warm_us(graph: torch.cuda.CUDAGraph) -> float:
@@ -96,7 +81,7 @@ def weight_bytes(expert_T: torch.Tensor) -> int:
 
 def timed(T: int, name: str, fn, flush: torch.Tensor, n_bytes: int | None) -> torch.Tensor:
     """Time fn (warm and cold), print one line, return its output."""
-    graph, out = capture(fn)
+    graph, out = capture_cuda_graph(fn)
     warm, cold = warm_us(graph), cold_us(graph, flush)
     rate = "" if n_bytes is None else (f"  {n_bytes / 1e6:5.1f} MB of expert weights: {n_bytes / cold / 1e6:5.2f} TB/s "
                                        f"cold, {n_bytes / warm / 1e6:5.2f} warm")
