@@ -1,9 +1,9 @@
 """The top-1, dropless MoE layer at decode time (a handful of tokens per step) in Triton, and the
 whole pre-norm MoE residual sublayer of a decode step, out = x + MoE(norm(x)), in three launches:
 
-    1. norm + router, one token a program: h_TD = norm(x_TD) (stored: the experts' input), logits,
+    1. norm + router, 16 tokens a program: h_TD = norm(x_TD) (stored: the experts' input), logits,
        softmax, max -> p_T, expert_T
-    2. the experts, grid E × F-blocks: program (e, g) takes expert e's tokens through hidden units
+    2. the experts, items E × F-blocks: item (e, g) takes expert e's tokens through hidden units
        g·BLOCK_F .. (g+1)·BLOCK_F of expert e, both layers: fp32 partial sums part_GTN[g, t]
     3. combine: out_TD[t] = x_TD[t] + p_T[t] · Σ_g part_GTN[g, t], rounded once to x's dtype
        (decode_moe_residual_ref rounds y, then x + y: a last-bit difference its tests allow)
