@@ -111,7 +111,9 @@ def make_optimizer(model: nn.Module, tcfg: TrainConfig, lr: float, device: torch
 
 def grad_norm(grads: list[torch.Tensor], triton_large: bool = False, large: int = LARGE) -> torch.Tensor:
     """The 2-norm of all gradients together, as torch.nn.utils.get_total_norm; with triton_large the
-    large fp32 ones are summed by one bandwidth-bound Triton kernel each (same value to rounding)."""
+    large fp32 ones are summed by one bandwidth-bound Triton kernel each (same value to rounding).
+    End to end the two are equal: MoE-Mamba_25M-e32 compiled, 70.3-70.4 ms per step with this norm
+    and 70.2-70.3 ms with torch's, two runs each on an H100 (67c4757)."""
     big = [g for g in grads if triton_large and _on_triton(g, large)]
     if not big:
         return torch.nn.utils.get_total_norm(grads)
