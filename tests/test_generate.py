@@ -35,6 +35,16 @@ def assert_close(name, got, want, atol=1e-4, rtol=1e-4):
         f"{name}: max diff {diff.max():.3g}, mean diff {diff.mean():.3g}"
 
 
+def assert_decoding_matches(name, model, idx_BL, full_BLV, P=4, static=True):
+    """Prefill of the first P tokens, then one step per token: each position's logits equal the full
+    forward's (full_BLV, computed by the caller)."""
+    with decoding(model):
+        dec = Decoder(model, idx_BL.shape[0], idx_BL.shape[1], static=static)
+        assert_close(f"{name} prefill", dec.prefill(idx_BL[:, :P]), full_BLV[:, P - 1])
+        for t in range(P, idx_BL.shape[1]):
+            assert_close(f"{name} step at {t}", dec.step(idx_BL[:, t]), full_BLV[:, t])
+
+
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_step_decoding_equals_full_forward(name, static):
@@ -42,14 +52,7 @@ def test_step_decoding_equals_full_forward(name, static):
     idx_BL = torch.randint(0, 50257, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full_BLV = model(idx_BL).logits
-    P = 4
-    with decoding(model):
-        dec = Decoder(model, 2, idx_BL.shape[1], static=static)
-        logits_BV = dec.prefill(idx_BL[:, :P])
-        assert_close(f"{name} prefill", logits_BV, full_BLV[:, P - 1])
-        for t in range(P, idx_BL.shape[1]):
-            logits_BV = dec.step(idx_BL[:, t])
-            assert_close(f"{name} step at {t}", logits_BV, full_BLV[:, t])
+    assert_decoding_matches(name, model, idx_BL, full_BLV, static=static)
 
 
 @pytest.mark.usefixtures("triton_runs")
@@ -73,11 +76,7 @@ def test_step_decoding_with_decode_kernels_equals_full_forward(name, monkeypatch
     with torch.no_grad():
         full_BLV = model(idx_BL).logits
     assert not calls, "the full forward must take the grouped path"
-    with decoding(model):
-        dec = Decoder(model, 3, idx_BL.shape[1], static=True)
-        assert_close(f"{name} prefill", dec.prefill(idx_BL[:, :4]), full_BLV[:, 3])
-        for t in range(4, idx_BL.shape[1]):
-            assert_close(f"{name} step at {t}", dec.step(idx_BL[:, t]), full_BLV[:, t])
+    assert_decoding_matches(name, model, idx_BL, full_BLV)
     assert len(calls) == len(moes) * (idx_BL.shape[1] - 4)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from moebench.generate import Decoder, cast_for_inference, decoding
+from moebench.generate import cast_for_inference
 from moebench.models.mamba import Mamba
 from moebench.ops import mamba_decode
 from moebench.ops.mamba_decode import mamba_decode_residual
@@ -84,7 +84,7 @@ def test_rejects_what_it_cannot_run():
 def test_model_decoding_takes_the_kernels(name, monkeypatch):
     """Block.step sends every Mamba sublayer through the kernels (decode_kernels=True forces them on
     a CPU); the steps equal the full forward, as the unfused steps do (tests/test_generate.py)."""
-    from test_generate import assert_close, tiny_model   # tests/ is on sys.path (pytest prepend mode)
+    from test_generate import assert_decoding_matches, tiny_model   # tests/ is on sys.path (prepend mode)
     model = tiny_model(name).to(DEV)
     mixers = [b.mixer for b in model.blocks]
     for m in mixers:
@@ -96,10 +96,6 @@ def test_model_decoding_takes_the_kernels(name, monkeypatch):
     with torch.no_grad():
         full_BLV = model(idx_BL).logits
     assert not calls, "the full forward must not take the decode kernels"
-    with decoding(model):
-        dec = Decoder(model, 3, idx_BL.shape[1], static=True)
-        assert_close(f"{name} prefill", dec.prefill(idx_BL[:, :4]), full_BLV[:, 3])
-        for t in range(4, idx_BL.shape[1]):
-            assert_close(f"{name} step at {t}", dec.step(idx_BL[:, t]), full_BLV[:, t])
+    assert_decoding_matches(name, model, idx_BL, full_BLV)
     assert len(calls) == len(mixers) * (idx_BL.shape[1] - 4)
     assert all(m.decode_path(DEV) == "triton" for m in mixers)

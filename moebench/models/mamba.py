@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moebench.config import INNER_PLACES
+from moebench.ops import mamba_decode
 from moebench.ops.conv import causal_conv1d, causal_conv1d_update
 from moebench.ops.scan import Impl, kernels, resolve_impl, selective_scan, selective_state_update
 
@@ -216,7 +217,6 @@ class Mamba(nn.Module):
     def decode_path(self, device: torch.device) -> str:
         """What a decode step inside Block.step runs on `device`: 'triton', the whole residual
         sublayer in ops/mamba_decode.py's kernels (a mixer without inner MoEs), else self.impl."""
-        from moebench.ops import mamba_decode
         on = self.decode_kernels if self.decode_kernels is not None else device.type == "cuda"
         return "triton" if on and mamba_decode.HAS_TRITON and not self.inner_places else self.impl
 

@@ -208,8 +208,7 @@ def mamba_decode_residual(x_BD: torch.Tensor, norm: torch.nn.Module, mixer, stat
                         f"(generate.cast_for_inference), got {sorted({str(w.dtype) for w in weights})}, "
                         f"conv state {conv_state_BIW.dtype}")
     norm_w, bias, eps, rms = norm_args(norm)
-    eps = eps if eps is not None else torch.finfo(x_BD.dtype).eps    # RMSNorm's default
     return torch.ops.moebench.mamba_decode_residual(
-        x_BD.contiguous(), norm_w, bias, float(eps), rms, mixer.in_proj.weight,
+        x_BD.contiguous(), norm_w, bias, eps, rms, mixer.in_proj.weight,
         mixer.conv1d.weight[:, 0].contiguous(), mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight,
         mixer.dt_proj.bias, mixer._A_for_decoding(), mixer.D, mixer.out_proj.weight, conv_state_BIW, ssm_state_BIN)

@@ -72,9 +72,11 @@ def decode_experts_ref(x_TD: torch.Tensor, expert_T: torch.Tensor, p_T: torch.Te
 
 def norm_args(norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float, bool]:
     """(weight, bias or None, eps, rms) of an nn.LayerNorm or nn.RMSNorm, as the sublayer kernels take
-    them; RMSNorm's default eps (None) is its input's finfo eps, resolved by the kernels' wrappers."""
+    them. RMSNorm's default eps (None) is its input's finfo eps: the weight's dtype here, which the
+    kernels require to be the input's."""
     rms = isinstance(norm, torch.nn.RMSNorm)
-    return norm.weight, None if rms else norm.bias, norm.eps, rms
+    eps = norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps
+    return norm.weight, None if rms else norm.bias, float(eps), rms
 
 
 def decode_router_ref(x_TD: torch.Tensor, router_DE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
