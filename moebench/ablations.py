@@ -397,7 +397,8 @@ def execute(plan: Plan, *, device: str = "auto", resume: bool = False, hooks: Ho
             ckpt_every_steps: int = 0) -> list[Outcome]:
     """Run every planned run that is not done. A failing run (an exception, or a NaN loss:
     TrainingFailed) is recorded and the next one starts; Ctrl-C stops the whole ablation."""
-    from moebench.train import TrainingFailed, resolve_device, train
+    from moebench.env import resolve_device
+    from moebench.train import TrainingFailed, train
 
     resolve_device(device)                      # a bad device fails once, before any run
     hooks = hooks or Hooks()
@@ -447,7 +448,7 @@ def _record_failure(plan: Plan, run: PlannedRun, extra: dict, device: str, tb: s
 
     from moebench import env
     from moebench.results import SCHEMA, append_record
-    from moebench.train import resolve_device
+    from moebench.env import resolve_device
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     append_record(plan.out / "runs.jsonl", {
         "schema": SCHEMA, "kind": "train", "run_id": run.run_id, "status": "failed",

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moebench.errors import UserError
+from moebench.fmt import human, parse_tokens
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="moebench: MoE-Mamba and baselines: models, training, ablations, benchmarks.")
@@ -18,11 +19,6 @@ out = Console()
 err = Console(stderr=True)
 
 
-def _human(n: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.1f}{unit}" if n / div < 100 else f"{n / div:.0f}{unit}"
-    return f"{n:.0f}"
 
 
 @app.command("list")
@@ -51,8 +47,8 @@ def list_cmd(
     for r in rows:
         ffn = r["ffn"] + (" (par)" if r["layout"] == "parallel" else "")
         table.add_row(r["name"], r["mixer"], ffn, str(r["n_layer"]), str(r["d_model"]),
-                      str(r["n_expert"] or "-"), _human(r["total_params"]), _human(r["active_params"]),
-                      _human(r["flops_per_token"]), r["paper_ref"])
+                      str(r["n_expert"] or "-"), human(r["total_params"]), human(r["active_params"]),
+                      human(r["flops_per_token"]), r["paper_ref"])
     out.print(table)
 
 
@@ -63,17 +59,6 @@ def env_cmd():
     print(json.dumps(env.collect(), indent=1))
 
 
-def parse_tokens(text: str) -> int:
-    """'50M', '1B', '2.5e6', '20000' -> int tokens."""
-    t = text.strip().upper().replace("_", "")
-    mult = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}.get(t[-1:], 1)
-    try:
-        value = float(t[:-1] if mult != 1 else t) * mult
-    except ValueError:
-        raise UserError(f"bad token count '{text}': use e.g. 20000, 50M or 1B") from None
-    if not 0 < value < float("inf"):      # also NaN and inf ('inf', '1e400')
-        raise UserError(f"token count must be positive and finite, got '{text}'")
-    return int(value)
 
 
 def progress_bar(description: str, disable: bool = False):

@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from moebench.fmt import duration, human, parse_tokens
+
 
 out = Console()
 err = Console(stderr=True)
@@ -17,29 +19,18 @@ def _split(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    if seconds < 90:
-        return f"{seconds:.0f}s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f}min"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
 
 
 def ablations_cmd():
     """The ablations (one per table of the paper) with their presets and budgets."""
     from moebench.ablations import load_specs, rule_of
-    from moebench.cli import _human
 
     table = Table(title="ablations (experiments/*.py)")
     for col in ("name", "table", "variants", "baseline", "seeds", "presets: tokens per run"):
         table.add_column(col)
     for spec in load_specs().values():
         a = spec.ablation
-        budgets = ", ".join(f"{n} {_human(p.tokens)}" for n, p in a.presets.items() if not rule_of(n).hidden)
+        budgets = ", ".join(f"{n} {human(p.tokens)}" for n, p in a.presets.items() if not rule_of(n).hidden)
         table.add_row(a.name, a.table, str(len(a.variants)), a.baseline, ",".join(map(str, a.seeds)), budgets)
     out.print(table)
 
@@ -63,7 +54,6 @@ def run_cmd(
     Examples: moebench run architectures --dry-run; moebench run experts --preset gpu-small --seeds 2
     """
     from moebench.ablations import ensure_data, execute, make_plan
-    from moebench.cli import parse_tokens
 
     plan = make_plan(ablation, preset, only=_split(only), seeds=seeds, lr_source=lr_source, out=out_dir,
                      data_dir=data, tokens=parse_tokens(tokens) if tokens else None, allow_repeat=allow_repeat)
@@ -130,10 +120,9 @@ def _execute_with_progress(plan, todo, device, resume, execute):
 def print_plan(plan, device: str) -> None:
     from moebench import env
     from moebench.ablations import APPROX_TRAIN_TOKENS, estimate_seconds, rule_of
-    from moebench.cli import _human
     from moebench.models.lm import describe
     from moebench.results import load_records
-    from moebench.train import resolve_device
+    from moebench.env import resolve_device
 
     dev = resolve_device(device)
     name = env.device_name(dev)
@@ -155,10 +144,10 @@ def print_plan(plan, device: str) -> None:
             else:
                 total_s += secs
         micro = f" (micro {run.tcfg.micro_batch})" if run.tcfg.micro_batch else ""
-        table.add_row(run.cfg.name, str(run.tcfg.seed), run.status, _human(steps * run.tcfg.batch * run.tcfg.ctx),
-                      f"{steps:,}", f"{run.tcfg.batch} x {run.tcfg.ctx}{micro}", _human(d["total_params"]),
-                      _human(d["active_params"]), _human(d["flops_per_token"]),
-                      f"{run.tcfg.lr:g} ({run.lr_note})", f"{_duration(secs)} ({how})" if run.status != "done" else "done")
+        table.add_row(run.cfg.name, str(run.tcfg.seed), run.status, human(steps * run.tcfg.batch * run.tcfg.ctx),
+                      f"{steps:,}", f"{run.tcfg.batch} x {run.tcfg.ctx}{micro}", human(d["total_params"]),
+                      human(d["active_params"]), human(d["flops_per_token"]),
+                      f"{run.tcfg.lr:g} ({run.lr_note})", f"{duration(secs)} ({how})" if run.status != "done" else "done")
     con = out if out.is_terminal else Console(width=max(out.width, 170))   # piped: no folded cells
     con.print(table)
     n_train = plan.n_train_tokens or APPROX_TRAIN_TOKENS.get(plan.corpus)
@@ -171,7 +160,7 @@ def print_plan(plan, device: str) -> None:
         con.print(f"[yellow]this budget makes more than {limit:g} passes over the data: the run will refuse it "
                   f"without --allow-repeat[/yellow]", soft_wrap=True)
     todo = sum(r.status != "done" for r in plan.runs)
-    con.print(f"device: {name}; {todo} of {len(plan.runs)} runs to do; estimated {_duration(total_s)}"
+    con.print(f"device: {name}; {todo} of {len(plan.runs)} runs to do; estimated {duration(total_s)}"
               + (f" + {unknown} runs without an estimate" if unknown else "")
               + (f"; {rule_of(plan.preset).wall}" if rule_of(plan.preset).wall else ""),
               highlight=False, soft_wrap=True)
@@ -189,11 +178,11 @@ def report_cmd(
     Example: moebench report experts --preset gpu-small --lr-source sweep
     """
     if ablation == "bench":       # the benchmark records, not an ablation
-        from moebench.bench_report import render_bench_report
+        from moebench.report.bench import render_bench_report
         bench_dir = "results/bench" if results == "results/runs.jsonl" else results
         out.print(str(render_bench_report(bench_dir, out_dir)), highlight=False)
         return
-    from moebench.report import build_report
+    from moebench.report.ablation import build_report
 
     rep = build_report(ablation, results=results, out=out_dir, preset=preset, lr_source=lr_source)
     for w in rep.warnings:
@@ -218,7 +207,7 @@ def sweep_lr_cmd(
     Example: moebench sweep lr Mamba_25M MoE-Mamba_25M --preset gpu-small; then moebench run ... --lr-source sweep
     """
     from moebench.ablations import Hooks, get_spec, rule_of
-    from moebench.cli import parse_tokens, progress_bar
+    from moebench.cli import progress_bar
     from moebench.sweep import parse_grid, sweep_lr
 
     names = list(variants or [])

@@ -1,6 +1,6 @@
 """`moebench bench train|moe|memory|generate`, `moebench generate CHECKPOINT` and
 `moebench report-bench`. Each command parses options, calls one function of moebench.bench /
-moebench.generate / moebench.bench_report, saves the record and prints a table."""
+moebench.generate / moebench.report.bench, saves the record and prints a table."""
 from __future__ import annotations
 
 import json
@@ -95,7 +95,7 @@ def _progress(r: dict) -> str:
 
 
 def _show(record: dict, fmt: str, save) -> None:
-    from moebench.bench_report import header, table
+    from moebench.report.bench import header, table
     err.print(f"record written to {save.path}", highlight=False)
     if fmt == "json":
         print(json.dumps(record, indent=1, default=str))
@@ -209,7 +209,7 @@ def memory_cmd(
     rec = bench_memory(cfgs, lengths=lens, batch=batch, dtype=dtype,
                        device=device, impl=impl, moe_impl=moe_impl, repeats=repeats, on_update=save)
     if plots:
-        from moebench.bench_report import plot_memory
+        from moebench.report.bench import plot_memory
         Path(plots).mkdir(parents=True, exist_ok=True)
         for p in plot_memory(rec, Path(plots)):
             err.print(f"plot written to {p}", highlight=False)
@@ -288,7 +288,7 @@ def load_for_generation(path: str, device: str = "auto"):
     import torch
     from moebench import checkpoint
     from moebench.config import ModelConfig
-    from moebench.bench import resolve_device
+    from moebench.env import resolve_device
     from moebench.data import get_tokenizer
     from moebench.generate import cast_for_inference
     from moebench.models.lm import build_model
@@ -324,7 +324,7 @@ def report_bench_cmd(
 
     Example: moebench report-bench --results results/bench --out reports
     """
-    from moebench.bench_report import load_bench_records, render_bench_report, summary_markdown
+    from moebench.report.bench import load_bench_records, render_bench_report, summary_markdown
     if not Path(results).exists():
         raise UserError(f"no results at {results}")
     path = render_bench_report(results, out_dir, plots=plots)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from moebench.errors import UserError
+
 # dense bf16 tensor-core peak, FLOP/s, from the vendors' datasheets (no sparsity)
 PEAK_BF16_FLOPS = {
     "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
@@ -95,3 +97,30 @@ def collect(device: torch.device | str | None = None) -> dict:
         "peak_bf16_flops": peak_flops(name) if device.type == "cuda" else None,
         "host": socket.gethostname(),
     }
+
+
+def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
+    """auto | cpu | cuda[:N]. Under torchrun (`local_rank` given) auto and cuda mean cuda:LOCAL_RANK."""
+    if device == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda") if local_rank is None else _local_gpu(local_rank)
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device '{device}': use auto, cpu or cuda") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' requested but CUDA is not available here")
+    if d.type == "cuda" and local_rank is not None:
+        if d.index not in (None, local_rank):
+            raise UserError(f"device '{device}' under torchrun: each rank uses cuda:LOCAL_RANK, "
+                            f"pass --device cuda or auto")
+        return _local_gpu(local_rank)
+    return d
+
+
+def _local_gpu(local_rank: int) -> torch.device:
+    if local_rank >= torch.cuda.device_count():
+        raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
+                        f"use --nproc_per_node <= the number of GPUs")
+    return torch.device("cuda", local_rank)

@@ -79,7 +79,8 @@ def sweep_lr(variants: list[str], preset: str, grid: list[float] | None = None, 
     defaults to the preset's (2.5e-4..2e-3 for the paper's shapes, 1e-3..8e-3 for the CPU twins)."""
     from moebench import env
     from moebench.results import append_record, load_records
-    from moebench.train import TrainingFailed, resolve_device, train
+    from moebench.env import resolve_device
+    from moebench.train import TrainingFailed, train
 
     if not variants:
         raise UserError("name at least one variant (or --ablation NAME)")

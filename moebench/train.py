@@ -21,9 +21,10 @@ import torch
 
 from moebench import checkpoint, distributed, env
 from moebench.config import ModelConfig, TrainConfig, stable_hash
+from moebench.env import resolve_device
 from moebench.errors import UserError
 from moebench.metrics import EMA
-from moebench.models.lm import build_model, flops_per_token
+from moebench.models.lm import build_model, default_loss_chunk, flops_per_token
 from moebench.optim import clip_grad_norm, default_lr, lr_at, make_optimizer
 from moebench.results import SCHEMA, append_record, run_lock
 
@@ -49,33 +50,6 @@ def run_id_for(cfg: ModelConfig, tcfg: TrainConfig, tag: str = "") -> str:
     """Deterministic, so that `--resume` finds the run: variant, seed and a hash of both configs."""
     h = stable_hash({"model": cfg.config_hash(), "train": tcfg.to_dict(), "tag": tag})[:8]
     return f"{cfg.name.replace('@', '-')}_s{tcfg.seed}_{h}"
-
-
-def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
-    """auto | cpu | cuda[:N]. Under torchrun (`local_rank` given) auto and cuda mean cuda:LOCAL_RANK."""
-    if device == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda") if local_rank is None else _local_gpu(local_rank)
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device '{device}': use auto, cpu or cuda") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' requested but CUDA is not available here")
-    if d.type == "cuda" and local_rank is not None:
-        if d.index not in (None, local_rank):
-            raise UserError(f"device '{device}' under torchrun: each rank uses cuda:LOCAL_RANK, "
-                            f"pass --device cuda or auto")
-        return _local_gpu(local_rank)
-    return d
-
-
-def _local_gpu(local_rank: int) -> torch.device:
-    if local_rank >= torch.cuda.device_count():
-        raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
-                        f"use --nproc_per_node <= the number of GPUs")
-    return torch.device("cuda", local_rank)
 
 
 def _moe_stats(moe_aux: list) -> list[tuple]:
@@ -265,7 +239,7 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                 with distributed.grad_sync(fwd, last=i == accum - 1):
                     with amp():
-                        o = fwd(x, y, return_logits=False, loss_chunk=8192 if dev.type == "cuda" else 0)
+                        o = fwd(x, y, return_logits=False, loss_chunk=default_loss_chunk(dev))
                         total = (o.loss + o.aux_loss) / accum
                     total.backward()
                 loss_sum += o.loss.detach() / accum

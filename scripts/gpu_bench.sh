@@ -81,4 +81,4 @@ python3 -m moebench report-bench --results "$OUT" --out /tmp/moebench_report --n
   && cp /tmp/moebench_report/bench.md "$OUT/bench.md"
 echo
 echo "== summary ($((SECONDS - START))s of benchmarks; records in $OUT) =="
-python3 -m moebench.bench_report "$OUT"
+python3 -m moebench.report.bench "$OUT"

@@ -140,7 +140,7 @@ def test_run_end_to_end_and_skip_done(data_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert len(rows_of(out)) == 2
     # the report reads these rows (a run shared by config hash, not by ablation)
-    from moebench.report import build_report
+    from moebench.report.ablation import build_report
     rep = build_report("experts", out / "runs.jsonl", tmp_path / "reports", preset="test")
     text = rep.markdown.read_text()
     assert "| MoE-Mamba_25M-e4 (@tiny) |" in text and "not run" in text
@@ -235,7 +235,7 @@ def test_lr_sweep_then_run_with_swept_rates(data_dir, tmp_path):
     default = make_plan("experts", "test", only=["Mamba_25M"], out=out, data_dir=data_dir)
     assert default.runs[0].run_key != plan.runs[0].run_key       # a swept run is a different run
     # both kinds of rows in one results file: the report takes one source when asked
-    from moebench.report import build_report
+    from moebench.report.ablation import build_report
     execute(ensure_data(default), device="cpu")
     execute(ensure_data(plan), device="cpu")
     for source, rate in (("default", 1e-3), ("sweep", row["best_lr"]), (None, row["best_lr"])):

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 import moebench.bench as bench
-from moebench.bench_report import load_bench_records, render_bench_report, summary_rows, table
+from moebench.report.bench import load_bench_records, render_bench_report, summary_rows, table
 from moebench.registry import get
 
 RECORD_KEYS = {"schema", "kind", "created", "complete", "config", "results", "env", "device"}

@@ -8,7 +8,8 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from moebench.cli import app, parse_tokens
+from moebench.cli import app
+from moebench.fmt import parse_tokens
 from moebench.config import TrainConfig
 from moebench.errors import UserError
 from moebench.registry import VARIANTS, get

@@ -336,7 +336,7 @@ def test_resume_when_the_micro_batch_changes_with_the_world_size(runs):
 
 
 def test_device_under_torchrun(monkeypatch):
-    from moebench.train import resolve_device
+    from moebench.env import resolve_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("auto") == torch.device("cuda")           # one process: as before

@@ -25,8 +25,9 @@ from typing import Callable
 import torch
 
 from moebench import env
+from moebench.env import resolve_device
 from moebench.config import ModelConfig, TrainConfig
-from moebench.models.lm import build_model, flops_per_token
+from moebench.models.lm import build_model, default_loss_chunk, flops_per_token
 from moebench.optim import describe_optimizer
 
 SCHEMA = 1
@@ -36,11 +37,6 @@ Update = Callable[[dict], None] | None
 
 
 # ---- shared helpers -----------------------------------------------------------------------------
-
-
-def resolve_device(device: str) -> torch.device:
-    from moebench.train import resolve_device as _resolve
-    return _resolve(device)
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
@@ -286,7 +282,7 @@ def bench_train(cfgs: list[ModelConfig], *, batch: int = 32, ctx: int = 1024, dt
     results get `ratios` (tokens/s over each baseline's)."""
     dev = resolve_device(device)
     impl = resolve_impl(impl, dev)
-    loss_chunk = (8192 if dev.type == "cuda" else 0) if loss_chunk is None else loss_chunk   # as train.py
+    loss_chunk = default_loss_chunk(dev) if loss_chunk is None else loss_chunk
     config = {"variants": [c.name for c in cfgs], "batch": batch, "ctx": ctx, "dtype": dtype, "compile": compile,
               "steps": steps, "warmup": warmup, "impl": impl, "moe_impl": moe_impl, "loss_chunk": loss_chunk,
               "baselines": baselines, "optimizer": describe_optimizer(dev), "grad_clip": 0.5}
@@ -459,7 +455,7 @@ def bench_memory(cfgs: list[ModelConfig], *, lengths: list[int], batch: int = 1,
     (status "oom"); longer lengths of the same variant and mode are then recorded as oom without running."""
     dev = resolve_device(device)
     impl = resolve_impl(impl, dev)
-    loss_chunk = (8192 if dev.type == "cuda" else 0) if loss_chunk is None else loss_chunk
+    loss_chunk = default_loss_chunk(dev) if loss_chunk is None else loss_chunk
     lengths = sorted(lengths)
     config = {"variants": [c.name for c in cfgs], "lengths": lengths, "batch": batch, "dtype": dtype,
               "impl": impl, "moe_impl": moe_impl, "repeats": repeats, "warmup": warmup,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moebench.errors import UserError
+from moebench.fmt import human
 
 PROVENANCE_KEYS = {  # what a report states and warns about when its rows differ
     "device": lambda r: (r.get("env") or {}).get("device_name"),
@@ -81,13 +82,6 @@ def fmt_ms(mean: float | None, std: float | None, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
 
 
-def human(n: float | None) -> str:
-    if n is None:
-        return "—"
-    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.3g}{unit}"
-    return f"{n:.0f}"
 
 
 # --- collecting rows ---------------------------------------------------------------------------
