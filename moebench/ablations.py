@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from moebench.config import Ablation, ModelConfig, Preset, TrainConfig, stable_hash
+from moebench.config import Ablation, ModelConfig, Preset, TrainConfig, default_lr, stable_hash
 from moebench.errors import RunBusy, UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -266,7 +266,6 @@ def make_plan(name: str, preset: str = DEFAULT_PRESET, *, only: list[str] | None
               data_dir: str | Path | None = None, tokens: int | None = None,
               allow_repeat: bool = False) -> Plan:
     """Which runs `moebench run NAME --preset PRESET` would do, and their status in `out`."""
-    from moebench.optim import default_lr
     from moebench.registry import get
     from moebench.train import run_id_for
 

@@ -104,6 +104,14 @@ def stable_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def default_lr(cfg: ModelConfig) -> float:
+    """Tables 5 and 6. Mamba without an FFN (inner-MoE variants too) uses Mamba's rate; Mamba with
+    an FFN or MoE uses MoE-Mamba's; Transformer-MoE at 100M scale is halved as in the paper."""
+    if cfg.mixer == "attention":
+        return 2.5e-4 if cfg.ffn == "moe" and cfg.d_model >= 768 else 5e-4
+    return 1e-3 if cfg.ffn == "none" else 5e-4
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     tokens: int                                  # token budget; steps = tokens // (batch * ctx)
@@ -133,6 +141,10 @@ class TrainConfig:
         d = asdict(self)
         d["betas"] = list(self.betas)
         return d
+
+    def peak_lr(self, cfg: ModelConfig) -> float:
+        """`lr` when set, else the paper's rate for the model's family (default_lr)."""
+        return self.lr if self.lr is not None else default_lr(cfg)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,16 +7,7 @@ import os
 import torch
 from torch import nn
 
-from moebench.config import ModelConfig, TrainConfig
 from moebench.ops import adamw as adamw_ops
-
-
-def default_lr(cfg: ModelConfig) -> float:
-    """Tables 5 and 6. Mamba without an FFN (inner-MoE variants too) uses Mamba's rate; Mamba with
-    an FFN or MoE uses MoE-Mamba's; Transformer-MoE at 100M scale is halved as in the paper."""
-    if cfg.mixer == "attention":
-        return 2.5e-4 if cfg.ffn == "moe" and cfg.d_model >= 768 else 5e-4
-    return 1e-3 if cfg.ffn == "none" else 5e-4
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -101,12 +92,14 @@ def describe_optimizer(device: torch.device) -> str:
     return "AdamW (fused; tensors >= 2^20 on the Triton step)" if _triton_large(device) else "AdamW (fused)"
 
 
-def make_optimizer(model: nn.Module, tcfg: TrainConfig, lr: float, device: torch.device):
-    """Fused AdamW on CUDA, with the large tensors on the Triton step (MOEBENCH_TRITON_ADAMW=0: off)."""
+def make_optimizer(model: nn.Module, device: torch.device, lr: float, *, weight_decay: float = 0.1,
+                   betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8):
+    """AdamW with the paper's hyperparameters (TrainConfig's defaults): fused on CUDA, with the large
+    tensors on the Triton step (MOEBENCH_TRITON_ADAMW=0: off)."""
     cuda = device.type == "cuda"
     triton_large = _triton_large(device)
-    return AdamW(param_groups(model, tcfg.weight_decay), lr=lr, betas=tuple(tcfg.betas), eps=tcfg.eps,
-                 fused=cuda, triton_large=triton_large)
+    return AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=cuda,
+                 triton_large=triton_large)
 
 
 def grad_norm(grads: list[torch.Tensor], triton_large: bool = False, large: int = LARGE) -> torch.Tensor:

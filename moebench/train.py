@@ -25,7 +25,7 @@ from moebench.env import resolve_device
 from moebench.errors import UserError
 from moebench.metrics import EMA
 from moebench.models.lm import build_model, default_loss_chunk, flops_per_token
-from moebench.optim import clip_grad_norm, default_lr, lr_at, make_optimizer
+from moebench.optim import clip_grad_norm, lr_at, make_optimizer
 from moebench.results import SCHEMA, append_record, run_lock
 
 
@@ -113,7 +113,7 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
                         f"(batch {tcfg.batch} x ctx {tcfg.ctx} = {tcfg.batch * tcfg.ctx} tokens)")
     with dist.main_first():   # several ranks must not prepare the default corpus at once
         data = TokenData(Path(tcfg.data_dir) if tcfg.data_dir else default_data())
-    lr = tcfg.lr if tcfg.lr is not None else default_lr(cfg)
+    lr = tcfg.peak_lr(cfg)
     run_id = run_id_for(cfg, tcfg, run_tag)
     run_dir = out / "runs" / run_id
     ckpt_path = run_dir / "ckpt.pt"
@@ -129,7 +129,7 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
     use_bf16 = tcfg.dtype == "bf16" or (tcfg.dtype == "auto" and dev.type == "cuda")
     amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
     model = build_model(cfg, impl=tcfg.impl, device=dev)   # impl resolves on the target device
-    opt = make_optimizer(model, tcfg, lr, dev)
+    opt = make_optimizer(model, dev, lr, weight_decay=tcfg.weight_decay, betas=tcfg.betas, eps=tcfg.eps)
     params = [p for p in model.parameters() if p.requires_grad]
     sampler = BatchSampler(data, micro, tcfg.ctx, seed=tcfg.seed)   # micro batch k = sampler.batch_at(k), on every rank
     # the validation set depends on the TrainConfig only; rank r evaluates its batches [r::world]

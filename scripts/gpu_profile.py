@@ -69,14 +69,13 @@ def moe_layer() -> None:
 
 
 def train_steps(compiled: bool = False) -> None:
-    from moebench.config import TrainConfig
     from moebench.models.lm import build_model
     from moebench.optim import clip_grad_norm, make_optimizer
     cfg = get_variant("MoE-Mamba_25M-e32")
     for c in (cfg, dense_equivalent(cfg)):
         torch.manual_seed(0)
         model = build_model(c, device=DEV)
-        opt = make_optimizer(model, TrainConfig(tokens=1), 1e-4, DEV)
+        opt = make_optimizer(model, DEV, 1e-4)
         tok = torch.randint(0, c.vocab_size, (32, 1025), device=DEV)
         params = [p for p in model.parameters() if p.requires_grad]
         fwd = torch.compile(model) if compiled else model

@@ -26,7 +26,7 @@ import torch
 
 from moebench import env
 from moebench.env import resolve_device
-from moebench.config import ModelConfig, TrainConfig
+from moebench.config import ModelConfig
 from moebench.models.lm import build_model, default_loss_chunk, flops_per_token
 from moebench.optim import describe_optimizer
 
@@ -238,7 +238,7 @@ def _train_one(cfg, batch, ctx, dtype, compile, steps, warmup, device, impl, moe
     torch.manual_seed(0)
     model = build(cfg, impl, moe_impl, device, moe_override)
     model.train()
-    opt = make_optimizer(model, TrainConfig(tokens=1), 1e-4, device)    # fused AdamW on CUDA, as train.py
+    opt = make_optimizer(model, device, 1e-4)    # fused AdamW on CUDA, as train.py
     fwd = torch.compile(model) if compile else model
     amp = amp_context(dtype, device)
     tokens_BL = torch.randint(0, cfg.vocab_size, (batch, ctx + 1), device=device)
