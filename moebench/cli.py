@@ -12,6 +12,7 @@ from rich.table import Table
 
 from moebench.errors import UserError
 from moebench.fmt import human, parse_tokens
+from moebench.impl import parse as parse_impl
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="moebench: MoE-Mamba and baselines: models, training, ablations, benchmarks.")
@@ -79,7 +80,8 @@ def train_cmd(
     lr: Annotated[Optional[float], typer.Option(help="peak learning rate (default: the paper's for the family)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)")] = "auto",
-    impl: Annotated[str, typer.Option(help="auto | fast | ref")] = "auto",
+    impl: Annotated[str, typer.Option(help="auto | fast | ref (the Mamba mixer) or key=value,... of "
+                                             "mixer, moe, routing, decode, adamw (e.g. moe=loop)")] = "auto",
     data: Annotated[Optional[str], typer.Option(help="prepared data dir (default: data/prose)")] = None,
     ema_alpha: Annotated[float, typer.Option(help="smoothing of the training loss per step")] = 0.001,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the training step (GPU)")] = False,
@@ -95,8 +97,7 @@ def train_cmd(
     from moebench.registry import get
 
     cfg = get(variant)
-    if impl not in ("auto", "fast", "ref"):
-        raise UserError(f"unknown impl '{impl}': use auto, fast or ref")
+    parse_impl(impl)                      # a bad request fails here, in one line
     tcfg = TrainConfig(tokens=parse_tokens(tokens), batch=batch, micro_batch=micro_batch, ctx=ctx,
                        lr=lr, lr_source="user" if lr is not None else "default", seed=seed, impl=impl,
                        data_dir=data or "", ema_alpha=ema_alpha, compile=compile)

@@ -128,7 +128,7 @@ class TrainConfig:
     grad_clip: float = 0.5
     seed: int = 0
     dtype: Literal["auto", "bf16", "fp32"] = "auto"   # auto = bf16 autocast on CUDA, fp32 on CPU
-    impl: Literal["auto", "fast", "ref"] = "auto"
+    impl: str = "auto"                           # a request of moebench/impl.py: auto | fast | ref | key=value,...
     compile: bool = False                        # torch.compile the training forward/backward
     ema_alpha: float = 0.001                     # smoothing of the training log-perplexity (paper 4.1)
     eval_every_tokens: int = 0                   # 0 = about 10 evaluations per run

@@ -1,6 +1,7 @@
 """What goes into every result row's "env": versions, device, git sha + dirty flag."""
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import socket
@@ -74,10 +75,10 @@ def git_info() -> dict:
 
 
 def mamba_ssm_version() -> str | None:
+    """The installed mamba-ssm's version (package metadata: nothing is imported), or None."""
     try:
-        from importlib.metadata import version
-        return version("mamba-ssm")
-    except Exception:
+        return importlib.metadata.version("mamba-ssm")
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 

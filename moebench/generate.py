@@ -13,26 +13,19 @@ that its step can be captured once as a CUDA graph (static buffers; captured aft
 
 Shapes: B batch, L prompt length, V vocabulary, D model, S cache length, H heads, K head dim.
 
-MoE layers decode dropless (capacity_factor None) for the whole call: at decode time T = B tokens
-per step, and a capacity of int(1.0 · 64 / 32) = 2 per expert would drop most of them.
+MoE layers decode dropless, as every MoE does in eval mode: at decode time T = B tokens per step,
+and a capacity of int(1.0 · 64 / 32) = 2 per expert would drop most of them.
 """
 from __future__ import annotations
 
 import functools
+import time
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 # ---- building blocks ----------------------------------------------------------------------------
-
-
-def _is_attention(mixer) -> bool:
-    return hasattr(mixer, "load_prefill")
-
-
-def _moe_modules(model):
-    return [m for m in model.modules() if hasattr(m, "router_DE")]
 
 
 def compute_dtype(model) -> torch.dtype:
@@ -58,7 +51,7 @@ def allocate_states(model, batch: int, max_len: int, device=None, dtype=None) ->
     dtype = dtype or compute_dtype(model)
     states = []
     for block in model.blocks:
-        if _is_attention(block.mixer):
+        if model.cfg.mixer == "attention":
             states.append(block.mixer.allocate_state(batch, max_len, device, dtype))
         else:
             states.append(block.mixer.allocate_state(batch, device, dtype))
@@ -111,7 +104,7 @@ def prefill(model, idx_BL: torch.Tensor, states: list | None = None, max_len: in
     out = []
     for i, block in enumerate(model.blocks):
         x_BLD, _, st = block(x_BLD, None, return_state=True)
-        if _is_attention(block.mixer):
+        if model.cfg.mixer == "attention":
             k = st[0]
             cache = states[i] if states is not None else \
                 block.mixer.allocate_state(B, max_len or L, k.device, compute_dtype(model))
@@ -152,7 +145,7 @@ def attention_step_static(attn, x_BD: torch.Tensor, state: dict):
 @contextmanager
 def static_attention(model):
     """Route every attention mixer's `step` through attention_step_static for the duration."""
-    mixers = [b.mixer for b in model.blocks if _is_attention(b.mixer)]
+    mixers = [b.mixer for b in model.blocks] if model.cfg.mixer == "attention" else []
     for m in mixers:
         m.step = functools.partial(attention_step_static, m)   # instance attribute shadows the method
     try:
@@ -164,18 +157,12 @@ def static_attention(model):
 
 @contextmanager
 def decoding(model):
-    """Eval mode and dropless MoE (capacity_factor None) for the duration; restored afterwards."""
+    """Eval mode (dropless MoE) for the duration; the training mode is restored afterwards."""
     was_training = model.training
-    moes = _moe_modules(model)
-    saved = [m.capacity_factor for m in moes]
     model.eval()
-    for m in moes:
-        m.capacity_factor = None
     try:
         yield
     finally:
-        for m, cf in zip(moes, saved):
-            m.capacity_factor = cf
         model.train(was_training)
 
 
@@ -198,9 +185,8 @@ class Decoder:
         if cuda_graph:
             if self.device.type != "cuda":
                 raise ValueError("cuda_graph=True needs the model on a CUDA device")
-            loops = [m for m in _moe_modules(model) if m.impl != "grouped"]
-            if loops:
-                raise ValueError(f"cuda_graph=True needs MoE impl 'grouped' (sync-free); found {loops[0].impl!r}")
+            if model.impl.moe == "loop":
+                raise ValueError("cuda_graph=True needs MoE impl 'grouped' (sync-free); the model's is 'loop'")
         # a cache length that is a multiple of 64 keeps the mask of the static step aligned
         self.max_len = -(-max_len // 64) * 64 if self.static else max_len
         self.states = allocate_states(model, batch, self.max_len) if self.static else None
@@ -223,7 +209,6 @@ class Decoder:
         return logits_BV
 
     def _capture(self, warmup: int):
-        import time
         t0 = time.perf_counter()
         self.token_B = torch.zeros(self.batch, dtype=torch.long, device=self.device)
         side = torch.cuda.Stream(self.device)

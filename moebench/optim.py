@@ -1,8 +1,7 @@
-"""AdamW groups, the paper's learning-rate schedule and default learning rates (appendix A)."""
+"""AdamW groups, gradient clipping folded into the fused step, and the paper's learning-rate schedule."""
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import nn
@@ -81,32 +80,19 @@ class AdamW(torch.optim.AdamW):
         return None
 
 
-def _triton_large(device: torch.device) -> bool:
-    return device.type == "cuda" and adamw_ops.HAS_TRITON and os.environ.get("MOEBENCH_TRITON_ADAMW", "1") != "0"
-
-
-def describe_optimizer(device: torch.device) -> str:
-    """What make_optimizer builds on `device`, for records."""
-    if device.type != "cuda":
-        return "AdamW"
-    return "AdamW (fused; tensors >= 2^20 on the Triton step)" if _triton_large(device) else "AdamW (fused)"
-
-
-def make_optimizer(model: nn.Module, device: torch.device, lr: float, *, weight_decay: float = 0.1,
-                   betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8):
-    """AdamW with the paper's hyperparameters (TrainConfig's defaults): fused on CUDA, with the large
-    tensors on the Triton step (MOEBENCH_TRITON_ADAMW=0: off)."""
-    cuda = device.type == "cuda"
-    triton_large = _triton_large(device)
-    return AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=cuda,
-                 triton_large=triton_large)
+def make_optimizer(model: nn.Module, lr: float, *, weight_decay: float = 0.1,
+                   betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> AdamW:
+    """AdamW with the paper's hyperparameters (TrainConfig's defaults), stepped as the model's
+    Impl.adamw says (moebench/impl.py): 'torch', torch's for-each step; 'fused', torch's fused step
+    (CUDA); 'triton', the fused step with the expert-sized tensors on the Triton step."""
+    adamw = model.impl.adamw
+    return AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=adamw != "torch",
+                 triton_large=adamw == "triton")
 
 
 def grad_norm(grads: list[torch.Tensor], triton_large: bool = False, large: int = LARGE) -> torch.Tensor:
     """The 2-norm of all gradients together, as torch.nn.utils.get_total_norm; with triton_large the
-    large fp32 ones are summed by one bandwidth-bound Triton kernel each (same value to rounding).
-    End to end the two are equal: MoE-Mamba_25M-e32 compiled, 70.3-70.4 ms per step with this norm
-    and 70.2-70.3 ms with torch's, two runs each on an H100 (67c4757)."""
+    large fp32 ones are summed by one bandwidth-bound Triton kernel each (same value to rounding)."""
     big = [g for g in grads if triton_large and _on_triton(g, large)]
     if not big:
         return torch.nn.utils.get_total_norm(grads)

@@ -129,7 +129,7 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
     use_bf16 = tcfg.dtype == "bf16" or (tcfg.dtype == "auto" and dev.type == "cuda")
     amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
     model = build_model(cfg, impl=tcfg.impl, device=dev)   # impl resolves on the target device
-    opt = make_optimizer(model, dev, lr, weight_decay=tcfg.weight_decay, betas=tcfg.betas, eps=tcfg.eps)
+    opt = make_optimizer(model, lr, weight_decay=tcfg.weight_decay, betas=tcfg.betas, eps=tcfg.eps)
     params = [p for p in model.parameters() if p.requires_grad]
     sampler = BatchSampler(data, micro, tcfg.ctx, seed=tcfg.seed)   # micro batch k = sampler.batch_at(k), on every rank
     # the validation set depends on the TrainConfig only; rank r evaluates its batches [r::world]
@@ -188,7 +188,7 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
             "model": cfg.to_dict(),
             "train": {**tcfg.to_dict(), "lr": lr, "steps": steps, "accum": accum, "world": dist.world},
             "params": {"total": model.n_params(), "active": n_active},
-            "flops_per_token": fpt, "impl": {"mixer": model.impl, "moe": _moe_impl(model)},
+            "flops_per_token": fpt, "impl": {**model.impl.to_dict(), "compile": tcfg.compile},
             "metrics": {
                 "tokens": tokens, "steps": step,
                 "final_smoothed_loss": ema.get() if ema.n else None,
@@ -296,13 +296,6 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
 def _main_thread() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
-
-
-def _moe_impl(model) -> str | None:
-    for m in model.modules():
-        if hasattr(m, "router_DE"):
-            return m.impl
-    return None
 
 
 class _Interval:

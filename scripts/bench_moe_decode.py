@@ -98,10 +98,11 @@ def max_diff(name: str, T: int, got: torch.Tensor, want: torch.Tensor) -> None:
 
 def main() -> None:
     torch.manual_seed(0)
-    moe = MoE(D, FH, N, E, top_k=1, capacity_factor=None, impl="grouped").to(DEV).eval().to(torch.bfloat16)
-    fused = MoE(D, FH, N, E, top_k=1, capacity_factor=None, impl="grouped").to(DEV).eval().to(torch.bfloat16)
+    # "grouped": the training path's plan, gathers and grouped GEMMs; "fused": the decode kernels
+    moe = MoE(D, FH, N, E, top_k=1, capacity_factor=None, impl="grouped", routing="triton")
+    fused = MoE(D, FH, N, E, top_k=1, capacity_factor=None, impl="grouped", routing="triton", decode=True)
+    moe, fused = (m.to(DEV).eval().to(torch.bfloat16) for m in (moe, fused))
     fused.load_state_dict(moe.state_dict())
-    moe.decode_kernels = False         # "grouped": the training path's plan, gathers and grouped GEMMs
     r, w1, w2, act = moe.router_DE, moe.w1_EDF, moe.w2_EFD, moe.activation
     # a LayerNorm whose weight and bias are not the identity
     ln_w = (1 + 0.1 * torch.randn(D, device=DEV)).to(torch.bfloat16)

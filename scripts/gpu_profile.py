@@ -14,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from moebench.bench import dense_equivalent
 from moebench.bench import median_ms as bench_median_ms
+from moebench.models.lm import LOSS_CHUNK_CUDA
 from moebench.registry import get as get_variant
 
 DEV = torch.device("cuda")
@@ -44,7 +45,7 @@ def moe_layer() -> None:
     T, D, Fh, E = 32768, 512, 1536, 32
     x = torch.randn(T, D, device=DEV, requires_grad=True)
     g = torch.randn(T, D, device=DEV, dtype=torch.bfloat16)
-    moe = MoE(D, Fh, D, E, impl="grouped").to(DEV)
+    moe = MoE(D, Fh, D, E, impl="grouped", routing="triton").to(DEV)
     ffn = FFN(D, Fh, D).to(DEV)
 
     def run_moe():
@@ -75,14 +76,14 @@ def train_steps(compiled: bool = False) -> None:
     for c in (cfg, dense_equivalent(cfg)):
         torch.manual_seed(0)
         model = build_model(c, device=DEV)
-        opt = make_optimizer(model, DEV, 1e-4)
+        opt = make_optimizer(model, 1e-4)
         tok = torch.randint(0, c.vocab_size, (32, 1025), device=DEV)
         params = [p for p in model.parameters() if p.requires_grad]
         fwd = torch.compile(model) if compiled else model
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                o = fwd(tok[:, :-1], tok[:, 1:], return_logits=False, loss_chunk=8192)
+                o = fwd(tok[:, :-1], tok[:, 1:], return_logits=False, loss_chunk=LOSS_CHUNK_CUDA)
                 total = o.loss + o.aux_loss
             total.backward()
             clip_grad_norm(opt, params, 0.5)
@@ -97,22 +98,21 @@ def train_steps(compiled: bool = False) -> None:
 
 
 def decode() -> None:
-    """One decode step at batch 64: CUDA-graph time with the Mamba decode kernels on and off
-    (Mamba.decode_kernels), then the kernel table of the step as the models run by default."""
+    """One decode step at batch 64: CUDA-graph time with the decode kernels off and on (the Impl's
+    decode), then the kernel table of the step as the models run by default."""
     from moebench.generate import Decoder, cast_for_inference, decoding
     from moebench.models.lm import build_model
     for name in ("MoE-Mamba_25M", "Mamba_25M"):
         cfg = get_variant(name)
-        model = cast_for_inference(build_model(cfg, device=DEV), torch.bfloat16)
         tok = torch.randint(0, cfg.vocab_size, (64,), device=DEV)
-        with decoding(model):
-            for on in (False, None):
-                for b in model.blocks:
-                    b.mixer.decode_kernels = on
+        for request in ("decode=off", "auto"):
+            torch.manual_seed(0)
+            model = cast_for_inference(build_model(cfg, impl=request, device=DEV), torch.bfloat16)
+            with decoding(model):
                 graph = Decoder(model, 64, 1024, cuda_graph=True)
-                print(f"{name} decode step, Mamba decode kernels {'off' if on is False else 'on'}: "
-                      f"graph {median_ms(lambda: graph.step(tok)):.3f} ms")
+                print(f"{name} decode step, {request}: graph {median_ms(lambda: graph.step(tok)):.3f} ms")
                 del graph
+        with decoding(model):
             dec = Decoder(model, 64, 1024, static=True)
             print(f"{name} decode step: eager-static {median_ms(lambda: dec.step(tok)):.3f} ms")
             table(lambda: dec.step(tok), n=5, rows=40, title=f"{name} decode step (static, eager)")

@@ -23,10 +23,10 @@ FAMILIES = ["Mamba_25M", "MoE-Mamba_25M", "ParMoE-Mamba_25M-e8", "InnerMoE_25M-c
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_model(name: str, seed: int = 0):
+def tiny_model(name: str, seed: int = 0, impl: str = "ref", device="cpu"):
     """The CPU twin, dropless (capacity None) so that full forward and decode route alike."""
     torch.manual_seed(seed)
-    return build_model(replace(get(name + "@tiny"), capacity_factor=None), impl="ref").eval()
+    return build_model(replace(get(name + "@tiny"), capacity_factor=None), impl=impl, device=device).eval()
 
 
 def assert_close(name, got, want, atol=1e-4, rtol=1e-4):
@@ -58,14 +58,11 @@ def test_step_decoding_equals_full_forward(name, static):
 @pytest.mark.usefixtures("triton_runs")
 @pytest.mark.parametrize("name", ["MoE-Mamba_25M", "InnerMoE_25M-conv+gate+out-all", "Transformer-MoE_25M"])
 def test_step_decoding_with_decode_kernels_equals_full_forward(name, monkeypatch):
-    """With fused routing, each decode step's MoE layers take ops/moe_decode.py's Triton kernels
+    """With decode=on, each decode step's MoE layers take ops/moe_decode.py's Triton kernels
     (the whole sublayer with its norm in a sequential block; router and experts in an inner MoE): the steps still equal the full forward (which takes the grouped path).
     On a GPU machine the model runs on the GPU: compiled Triton kernels take no CPU tensors."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = tiny_model(name).to(dev)
-    moes = [m for m in model.modules() if hasattr(m, "fused_routing")]
-    for m in moes:
-        m.impl, m.fused_routing = "grouped", True
+    model = tiny_model(name, impl="mixer=ref,moe=grouped,routing=triton,decode=on", device=dev)
     calls = []
     # a sequential block's MoE sublayer goes through decode_moe_residual (Block.step); inner MoEs
     # through MoE.forward's decode_experts
@@ -77,7 +74,7 @@ def test_step_decoding_with_decode_kernels_equals_full_forward(name, monkeypatch
         full_BLV = model(idx_BL).logits
     assert not calls, "the full forward must take the grouped path"
     assert_decoding_matches(name, model, idx_BL, full_BLV)
-    assert len(calls) == len(moes) * (idx_BL.shape[1] - 4)
+    assert len(calls) == len(model.moe_layers()) * (idx_BL.shape[1] - 4)
 
 
 @pytest.mark.parametrize("name", ["MoE-Mamba_25M", "InnerMoE_25M-conv+gate+out-all", "Transformer-MoE_25M"])
@@ -97,11 +94,14 @@ def test_greedy_generate_is_argmax_of_full_forward(name):
 def test_decoding_is_dropless_and_restores_the_model():
     torch.manual_seed(0)
     model = build_model(get("Transformer-MoE_25M@tiny"), impl="ref")   # capacity_factor 1.0
-    model.train()
-    moes = [m for m in model.modules() if hasattr(m, "router_DE")]
-    with decoding(model):
-        assert not model.training and all(m.capacity_factor is None for m in moes)
-    assert model.training and all(m.capacity_factor == 1.0 for m in moes)
+    moe = model.moe_layers()[0]
+    x_TD = torch.randn(64, moe.d_in)
+    with torch.no_grad():
+        model.train()
+        assert float(moe(x_TD)[1].dropped_frac) > 0, "a capacity of 1.0 drops tokens in training"
+        with decoding(model):
+            assert not model.training and float(moe(x_TD)[1].dropped_frac) == 0
+    assert model.training
 
 
 def test_sampling_is_reproducible_and_respects_filters():

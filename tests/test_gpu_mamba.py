@@ -9,8 +9,8 @@ import torch
 from moebench.models.mamba import Mamba
 from moebench.ops import scan as scan_ops
 from moebench.ops.conv import causal_conv1d, causal_conv1d_update
-from moebench.ops.scan import HAS_MAMBA_KERNELS, KERNEL_IMPORT_ERROR, resolve_impl, selective_scan, \
-    selective_state_update
+from moebench.impl import resolve_mixer
+from moebench.ops.scan import HAS_MAMBA_KERNELS, KERNEL_IMPORT_ERROR, selective_scan, selective_state_update
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -45,7 +45,7 @@ def check(label: str, errors: dict[str, float], tol: float):
 
 
 def test_resolve_impl_on_cuda():
-    assert resolve_impl("auto", CUDA) == "fast" and resolve_impl("fast", "cuda") == "fast"
+    assert resolve_mixer("auto", CUDA) == "fast" and resolve_mixer("fast", "cuda") == "fast"
     assert Mamba(64, device=CUDA).impl == "fast"
     with torch.device("cuda"):  # how lm.build_model constructs: device from the context
         assert Mamba(64).impl == "fast"

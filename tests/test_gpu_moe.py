@@ -51,8 +51,9 @@ def crafted_routing(T: int, E: int, seed: int):
     return x_TD, Q_DE
 
 
-def run(moe: MoE, impl: str, x_TD, valid_T, g_TD):
-    moe.impl = impl
+def run(moe: MoE, impl: str, x_TD, valid_T, g_TD, fused: bool = True):
+    # the path a CUDA build resolves to by default: grouped with the Triton routing
+    moe.impl, moe.fused = impl, impl == "grouped" and fused
     moe.zero_grad(set_to_none=True)
     x = x_TD.detach().clone().requires_grad_(True)
     y, aux = moe(x, valid_T)
@@ -117,8 +118,7 @@ def test_grouped_issues_no_host_sync(masked, autocast):
     needs_sm90()
     T, E = 4096, 32
     dtype = torch.float32 if autocast else torch.bfloat16   # autocast: fp32 master weights, bf16 compute
-    moe = MoE(512, 1536, 512, E, top_k=2, capacity_factor=1.0).to("cuda", dtype)
-    moe.impl = "grouped"
+    moe = MoE(512, 1536, 512, E, top_k=2, capacity_factor=1.0, impl="grouped", routing="triton").to("cuda", dtype)
     x = torch.randn(T, 512, device="cuda", dtype=dtype, requires_grad=True)
     g = torch.randn(T, 512, device="cuda", dtype=torch.bfloat16)
     valid = torch.rand(T, device="cuda") > 0.2 if masked else None
@@ -154,9 +154,7 @@ def test_fused_routing_matches_torch_gathers(case):
     valid = torch.rand(T, device="cuda") > 0.3 if masked else None
     results = []
     for fused in (False, True):
-        moe.fused_routing = fused
-        results.append(run(moe, "grouped", x, valid, g)[0])
-    moe.fused_routing = None
+        results.append(run(moe, "grouped", x, valid, g, fused=fused)[0])
     errs = {name: rel_err(results[1][name], results[0][name]) for name in results[0]}
     print(f"\nfused~torch gathers {case}: " + "  ".join(f"{k} {v:.2e}" for k, v in errs.items()))
     assert all(v < MAX_REL_ERR for v in errs.values()), errs
@@ -192,7 +190,6 @@ def test_compiled_grouped_matches_eager():
     x, g = x_TD.to("cuda", torch.bfloat16), torch.randn(T, DO, device="cuda")
     valid = torch.rand(T, device="cuda") > 0.2
     compiled = torch.compile(moe, fullgraph=True)
-    moe.impl = "grouped"
     for v in (None, valid):
         eager, _ = run(moe, "grouped", x, v, g)
         moe.zero_grad(set_to_none=True)

@@ -3,8 +3,6 @@ recurrence, the chunked scan against the sequential spec, and the module's layou
 masking and inner-MoE placements. Small shapes: the file runs in seconds on 2 cores."""
 import itertools
 import math
-import sys
-import types
 from typing import NamedTuple
 
 import pytest
@@ -12,15 +10,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import moebench.models.mamba as mamba_mod
 from moebench.config import INNER_PLACES, ModelConfig
+from moebench.env import mamba_ssm_version
+from moebench.impl import resolve_mixer
 from moebench.models.mamba import Mamba
 from moebench.ops import scan as scan_ops
 from moebench.ops.conv import causal_conv1d, causal_conv1d_ref, causal_conv1d_update_ref
 from moebench.ops.scan import (
     HAS_MAMBA_KERNELS,
     KERNEL_IMPORT_ERROR,
-    mamba_ssm_version,
-    resolve_impl,
     selective_scan,
     selective_scan_chunked,
     selective_scan_ref,
@@ -119,7 +118,6 @@ def test_chunked_scan_stable_for_large_steps():
 def test_dispatch_ref_is_chunked_on_cpu():
     t = scan_inputs(L=20, seed=4)
     assert torch.equal(call_scan(selective_scan, t, impl="ref"), call_scan(selective_scan_chunked, t))
-    assert torch.equal(call_scan(selective_scan, t, impl="auto"), call_scan(selective_scan_chunked, t))
 
 
 def test_state_update_ref_steps_equal_scan():
@@ -151,20 +149,25 @@ def test_conv_ref_and_update(W):
         assert torch.equal(state, x[:, :, -S:])
 
 
-def test_kernel_detection_and_resolve_impl():
+def test_kernel_detection_and_resolve_mixer():
     assert isinstance(HAS_MAMBA_KERNELS, bool)
     assert (KERNEL_IMPORT_ERROR is None) == HAS_MAMBA_KERNELS
     assert mamba_ssm_version() is None or isinstance(mamba_ssm_version(), str)
     cpu = torch.device("cpu")
-    assert resolve_impl("ref", cpu) == "ref"
-    assert resolve_impl("auto", cpu) == "ref"
-    assert resolve_impl("auto", "cpu") == "ref"
+    assert resolve_mixer("ref", cpu) == "ref"
+    assert resolve_mixer("auto", cpu) == "ref"
+    assert resolve_mixer("auto", "cpu") == "ref"
     with pytest.raises(RuntimeError, match="impl='fast' is unavailable"):
-        resolve_impl("fast", cpu)
+        resolve_mixer("fast", cpu)
     with pytest.raises(ValueError):
-        resolve_impl("cuda", cpu)
+        resolve_mixer("cuda", cpu)
     with pytest.raises(RuntimeError):
         Mamba(16, impl="fast", device="cpu")
+    x = torch.zeros(1, 4, 8)
+    with pytest.raises(RuntimeError, match="impl='fast' is unavailable"):   # the ops take resolved impls
+        causal_conv1d(x, torch.zeros(4, 4), impl="fast")
+    with pytest.raises(ValueError, match="resolved"):
+        causal_conv1d(x, torch.zeros(4, 4), impl="auto")
 
 
 # ----------------------------------------------------------------------------- module
@@ -282,7 +285,7 @@ class _StandInMoE(nn.Module):
     """The moe.py contract, token-wise and deterministic: checks the mixer's wiring only."""
 
     def __init__(self, d_in, d_hidden, d_out, n_expert, top_k=1, capacity_factor=1.0, aux_loss_coef=0.01,
-                 activation="relu", impl="auto"):
+                 activation="relu", impl="auto", routing="auto", decode=False):
         super().__init__()
         self.w1, self.w2, self.n_expert, self.seen = nn.Linear(d_in, d_hidden), nn.Linear(d_hidden, d_out), n_expert, []
 
@@ -300,7 +303,7 @@ MOE_KWARGS = dict(n_expert=2, d_hidden=16, top_k=1, capacity_factor=2.0, aux_los
 
 @pytest.mark.parametrize("places", INNER_COMBOS, ids="+".join)
 def test_inner_moe_wiring_with_stand_in(places, monkeypatch):
-    monkeypatch.setitem(sys.modules, "moebench.models.moe", types.SimpleNamespace(MoE=_StandInMoE))
+    monkeypatch.setattr(mamba_mod, "MoE", _StandInMoE)
     torch.manual_seed(3)
     m = Mamba(24, d_state=4, impl="ref", inner_places=places, inner_moe_kwargs=MOE_KWARGS).eval()
     children = {n for n, _ in m.named_children()}

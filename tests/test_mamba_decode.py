@@ -82,13 +82,11 @@ def test_rejects_what_it_cannot_run():
 
 @pytest.mark.parametrize("name", ["Mamba_25M", "MoE-Mamba_25M"])
 def test_model_decoding_takes_the_kernels(name, monkeypatch):
-    """Block.step sends every Mamba sublayer through the kernels (decode_kernels=True forces them on
-    a CPU); the steps equal the full forward, as the unfused steps do (tests/test_generate.py)."""
+    """Block.step sends every Mamba sublayer through the kernels (decode=on takes them on a CPU too);
+    the steps equal the full forward, as the unfused steps do (tests/test_generate.py)."""
     from test_generate import assert_decoding_matches, tiny_model   # tests/ is on sys.path (prepend mode)
-    model = tiny_model(name).to(DEV)
-    mixers = [b.mixer for b in model.blocks]
-    for m in mixers:
-        m.decode_kernels = True
+    model = tiny_model(name, impl="mixer=ref,moe=loop,decode=on", device=DEV)
+    assert all(b.mixer_decode for b in model.blocks)
     calls = []
     real = mamba_decode.mamba_decode_residual
     monkeypatch.setattr(mamba_decode, "mamba_decode_residual", lambda *a: calls.append(1) or real(*a))
@@ -97,5 +95,4 @@ def test_model_decoding_takes_the_kernels(name, monkeypatch):
         full_BLV = model(idx_BL).logits
     assert not calls, "the full forward must not take the decode kernels"
     assert_decoding_matches(name, model, idx_BL, full_BLV)
-    assert len(calls) == len(mixers) * (idx_BL.shape[1] - 4)
-    assert all(m.decode_path(DEV) == "triton" for m in mixers)
+    assert len(calls) == len(model.blocks) * (idx_BL.shape[1] - 4)

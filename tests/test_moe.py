@@ -10,8 +10,10 @@ import torch.nn.functional as F
 
 import moebench.models.moe as moe_mod
 from moebench.models.ffn import FFN, act_fn
-from moebench.models.moe import MoE, MoEAux, plan_grouped
-from moebench.ops.experts import HAS_GROUPED_MM, experts_grouped, experts_loop_ref, resolve_impl
+from moebench.impl import resolve_moe
+from moebench.models.moe import MoE, MoEAux
+from moebench.ops.routing import plan_grouped
+from moebench.ops.experts import HAS_GROUPED_MM, experts_grouped, experts_loop_ref
 
 IMPLS = ["grouped", "loop"] if HAS_GROUPED_MM else ["loop"]
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -459,15 +461,15 @@ def test_plan_offsets_are_kept_counts():
 # ---- construction ----------------------------------------------------------------------------------
 
 
-def test_impl_resolution_and_switching():
+def test_impl_resolution():
     moe = MoE(D, FH, DO, 4)
     assert moe.impl == ("grouped" if HAS_GROUPED_MM else "loop")
+    assert not moe.fused and not moe.decode_kernels, "on a CPU 'auto' routing is torch; decode is off"
     assert MoE(D, 12, DO, 4).impl == "loop", "auto falls back when rows cannot be 16-byte aligned in bf16"
-    moe.impl = "loop"
-    assert moe.impl == "loop"
+    assert MoE(D, FH, DO, 4, impl="loop").impl == "loop"
     with pytest.raises(ValueError):
-        moe.impl = "fast"
-    assert resolve_impl("loop") == "loop"
+        MoE(D, FH, DO, 4, impl="fast")
+    assert resolve_moe("loop") == "loop" and resolve_moe("auto", (16, 12)) == "loop"
 
 
 def test_param_counts_and_init():

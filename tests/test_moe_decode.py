@@ -274,18 +274,8 @@ def test_sublayer_rejects_what_it_cannot_do():
     check(decode_moe_residual(**rms), decode_moe_residual_ref(**rms), torch.float32)
 
 
-def test_decode_path_says_when_the_kernels_apply():
-    moe = MoE(16, 32, 16, 4, top_k=1, capacity_factor=1.0, impl="grouped")
-    cpu = torch.device("cpu")
-    assert moe.decode_path(cpu) == "grouped"             # no fused routing on a CPU by default
-    moe.fused_routing = True
-    assert moe.decode_path(cpu) == "triton"
-    moe.decode_kernels = False
-    assert moe.decode_path(cpu) == "grouped"
-    moe.decode_kernels = None
-    moe.eval_capacity_factor = 1.0                       # a capacity at eval: the kernels keep everything
-    assert moe.decode_path(cpu) == "grouped"
-    moe.eval_capacity_factor = None
-    moe.impl = "loop"
-    assert moe.decode_path(cpu) == "loop"
-    assert MoE(16, 32, 16, 4, top_k=2, impl="grouped").decode_path(cpu) == "grouped"
+def test_the_decode_kernels_take_top1_grouped_layers_only():
+    assert MoE(16, 32, 16, 4, top_k=1, impl="grouped", decode=True).decode_kernels
+    assert not MoE(16, 32, 16, 4, top_k=1, impl="grouped").decode_kernels       # off unless asked
+    assert not MoE(16, 32, 16, 4, top_k=1, impl="loop", decode=True).decode_kernels   # the reference
+    assert not MoE(16, 32, 16, 4, top_k=2, impl="grouped", decode=True).decode_kernels

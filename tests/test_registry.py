@@ -44,10 +44,10 @@ def test_ratio_variants_keep_active_params():
 
 def test_inner_moe_expert_split():
     cfg = get("InnerMoE_25M-conv+gate+out-all")
-    model = build_model(cfg, impl="ref", moe_impl="loop", device="meta")
+    model = build_model(cfg, impl="mixer=ref,moe=loop", device="meta")
     mixer = model.blocks[0].mixer
     assert [mixer.conv_moe.n_expert, mixer.gate_moe.n_expert, mixer.out_moe.n_expert] == [8, 8, 8]
-    every2 = build_model(get("InnerMoE_25M-conv+gate-every2"), impl="ref", moe_impl="loop", device="meta")
+    every2 = build_model(get("InnerMoE_25M-conv+gate-every2"), impl="mixer=ref,moe=loop", device="meta")
     assert every2.blocks[0].mixer.conv_moe.n_expert == 24
     assert not hasattr(every2.blocks[1].mixer, "conv_moe")
     assert len(VARIANTS) >= 14 + 14

@@ -31,7 +31,7 @@ CASES = [  # (T, E, K, capacity_factor, masked)
 
 
 def run(moe: MoE, fused: bool, x_TD, valid_T, g_TD):
-    moe.fused_routing = fused
+    moe.fused = fused
     moe.zero_grad(set_to_none=True)
     x = x_TD.clone().requires_grad_(True)
     y, aux = moe(x, valid_T)
@@ -87,12 +87,11 @@ def test_dropped_rows_are_never_read():
     (600, 3, 5, 100, False), (300, 1, 7, 0, True),
     (2600, 2, 8, 500, True), (9000, 2, 8, 2000, True)])   # 256-wide chunks; 71 of them, scanned 64 at a time
 def test_fused_plan_is_the_torch_plan_bitwise(T, K, E, cap, masked):
-    from moebench.models.moe import plan_grouped
     gen = torch.Generator().manual_seed(T + K + E)
     top_i = torch.stack([torch.randperm(E, generator=gen, device="cpu")[:K] for _ in range(T)]).to(DEV)
     valid = (torch.rand(T, generator=gen, device="cpu") > 0.3).to(DEV) if masked else None
     if cap == "tensor":
         cap = torch.floor(0.9 * valid.sum().double() * K / E).long()
-    ref, fused = plan_grouped(top_i, valid, E, cap, fused=False), plan_grouped(top_i, valid, E, cap, fused=True)
+    ref, fused = routing.plan_grouped(top_i, valid, E, cap, fused=False), routing.plan_grouped(top_i, valid, E, cap, fused=True)
     for name, a, b in zip(ref._fields, ref, fused):
         assert a.dtype == b.dtype and torch.equal(a, b), name

@@ -28,7 +28,6 @@ from moebench import env
 from moebench.env import resolve_device
 from moebench.config import ModelConfig
 from moebench.models.lm import build_model, default_loss_chunk, flops_per_token
-from moebench.optim import describe_optimizer
 
 SCHEMA = 1
 GiB = 2**30
@@ -166,42 +165,19 @@ def amp_context(dtype: str, device: torch.device):
     raise ValueError(f"dtype must be bf16 or fp32, got {dtype!r}")
 
 
-def moe_modules(model) -> list:
-    return [m for m in model.modules() if hasattr(m, "router_DE")]
-
-
 def has_moe(cfg: ModelConfig) -> bool:
     return cfg.ffn == "moe" or bool(cfg.inner_moe)
 
 
-def _one_or_all(values: set[str]) -> str | list[str] | None:
-    """A record field for what the model's MoE layers use: the value they share, else all of them."""
-    v = sorted(values)
-    return (v[0] if len(v) == 1 else v) if v else None
-
-
-def moe_decode_of(model) -> str | list[str] | None:
-    """The decode path of the model's MoE layers (MoE.decode_path): 'triton', 'grouped' or 'loop'."""
-    dev = next(model.parameters()).device
-    return _one_or_all({m.decode_path(dev) for m in moe_modules(model)})
-
-
-def mamba_decode_of(model) -> str | list[str] | None:
-    """The decode path of the model's Mamba mixers (Mamba.decode_path): 'triton', 'fast' or 'ref'."""
-    dev = next(model.parameters()).device
-    return _one_or_all({b.mixer.decode_path(dev) for b in model.blocks if hasattr(b.mixer, "decode_path")})
-
-
 def impl_of(model, compiled: bool = False) -> dict:
-    return {"mixer": model.impl, "moe": _one_or_all({m.impl for m in moe_modules(model)}), "compile": compiled}
+    """What goes into every result: the model's Impl (moebench/impl.py) and whether it was compiled."""
+    return {**model.impl.to_dict(), "compile": compiled}
 
 
 def build(cfg: ModelConfig, impl: str, moe_impl: str, device: torch.device, moe_override: str | None = None):
-    model = build_model(cfg, impl=impl, moe_impl=moe_impl, device=device)
-    if moe_override:
-        for m in moe_modules(model):                 # inner MoEs too (they are built by the mixer)
-            m.impl = moe_override
-    return model
+    """The model with the mixer `impl` and the MoE `moe_override or moe_impl` ('auto', 'grouped',
+    'loop'), resolved on `device` at build."""
+    return build_model(cfg, impl={"mixer": impl, "moe": moe_override or moe_impl}, device=device)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -238,7 +214,7 @@ def _train_one(cfg, batch, ctx, dtype, compile, steps, warmup, device, impl, moe
     torch.manual_seed(0)
     model = build(cfg, impl, moe_impl, device, moe_override)
     model.train()
-    opt = make_optimizer(model, device, 1e-4)    # fused AdamW on CUDA, as train.py
+    opt = make_optimizer(model, 1e-4)    # as train.py: the model's Impl.adamw
     fwd = torch.compile(model) if compile else model
     amp = amp_context(dtype, device)
     tokens_BL = torch.randint(0, cfg.vocab_size, (batch, ctx + 1), device=device)
@@ -285,7 +261,7 @@ def bench_train(cfgs: list[ModelConfig], *, batch: int = 32, ctx: int = 1024, dt
     loss_chunk = default_loss_chunk(dev) if loss_chunk is None else loss_chunk
     config = {"variants": [c.name for c in cfgs], "batch": batch, "ctx": ctx, "dtype": dtype, "compile": compile,
               "steps": steps, "warmup": warmup, "impl": impl, "moe_impl": moe_impl, "loss_chunk": loss_chunk,
-              "baselines": baselines, "optimizer": describe_optimizer(dev), "grad_clip": 0.5}
+              "baselines": baselines, "grad_clip": 0.5}
     record = new_record("bench-train", config, dev)
     kw = dict(batch=batch, ctx=ctx, dtype=dtype, compile=compile, steps=steps, warmup=warmup, device=dev,
               impl=impl, moe_impl=moe_impl, loss_chunk=loss_chunk)
@@ -334,7 +310,8 @@ def bench_moe(*, tokens: int = 32768, d: int = 512, hidden: int = 1536, experts:
     x_TD = torch.randn(tokens, d, device=dev, requires_grad=True)
     g_TD = torch.randn(tokens, d, device=dev)
     ffn = FFN(d, hidden, d).to(dev)
-    moe = MoE(d, hidden, d, experts, top_k=top_k, capacity_factor=capacity_factor, impl="loop").to(dev)
+    with dev:     # 'auto' routing resolves on the default device: Triton on CUDA
+        moe = MoE(d, hidden, d, experts, top_k=top_k, capacity_factor=capacity_factor, impl="loop")
     flops_fwd = 2.0 * tokens * 2 * d * hidden           # two matmuls, 2 FLOPs per multiply-add
 
     def run_ffn():
@@ -380,12 +357,15 @@ def bench_moe(*, tokens: int = 32768, d: int = 512, hidden: int = 1536, experts:
 
     measure("dense", run_ffn, flops_fwd, {"what": f"FFN {d}->{hidden}->{d}"})
     impls = ["grouped", "loop"] if loop else ["grouped"]
+    weights = moe.state_dict()
     for impl in impls:
         try:
-            moe.impl = impl
+            with dev:
+                moe = MoE(d, hidden, d, experts, top_k=top_k, capacity_factor=capacity_factor, impl=impl)
         except RuntimeError as e:                        # grouped_mm missing in this torch
             _add(record, {"name": impl, "status": "unavailable", "error": str(e)}, on_update)
             continue
+        moe.load_state_dict(weights)                     # both paths on the same weights
         with torch.no_grad(), amp():
             dropped = float(moe(x_TD)[1].dropped_frac)
         measure(impl, run_moe, flops_fwd * top_k,
@@ -571,8 +551,7 @@ def bench_generate(cfgs: list[ModelConfig], *, prompt_lens: list[int], gen_len: 
             for L in sorted(prompt_lens):
                 res = {"variant": cfg.name, "family": cfg.family, "mixer": cfg.mixer, "prompt_len": L,
                        "gen_len": gen_len, "batch": batch,
-                       "impl": {**impl_of(model), "moe_decode": moe_decode_of(model),
-                                "mamba_decode": mamba_decode_of(model), "cuda_graph": cuda_graph}}
+                       "impl": {**impl_of(model), "cuda_graph": cuda_graph}}
                 res.update(_generate_point(model, cfg, Decoder, L, gen_len, batch, cuda_graph, dev))
                 if res["status"] == "ok":
                     res["prompt_logits_gib"] = batch * L * cfg.vocab_size * elt / GiB   # what prefill avoids

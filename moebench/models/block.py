@@ -10,6 +10,11 @@ import torch
 from torch import nn
 
 from moebench.config import ModelConfig
+from moebench.impl import Impl
+from moebench.models.attention import Attention
+from moebench.models.ffn import FFN
+from moebench.models.mamba import Mamba
+from moebench.models.moe import MoE
 from moebench.ops import mamba_decode, moe_decode
 from moebench.ops.moe_decode import MAX_DECODE_T
 
@@ -18,24 +23,20 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model) if cfg.norm == "layernorm" else nn.RMSNorm(cfg.d_model)
 
 
-def make_mixer(cfg: ModelConfig, layer: int, impl: str, moe_impl: str = "auto") -> nn.Module:
+def make_mixer(cfg: ModelConfig, layer: int, impl: Impl) -> nn.Module:
     if cfg.mixer == "attention":
-        from moebench.models.attention import Attention
         return Attention(cfg.d_model, cfg.n_head, cfg.rope_base)
-    from moebench.models.mamba import Mamba
-    return Mamba.from_config(cfg, layer, impl, moe_impl=moe_impl)
+    return Mamba.from_config(cfg, layer, impl)
 
 
-def make_ffn(cfg: ModelConfig, moe_impl: str) -> nn.Module | None:
+def make_ffn(cfg: ModelConfig, impl: Impl) -> nn.Module | None:
     if cfg.ffn == "none":
         return None
     if cfg.ffn == "dense":
-        from moebench.models.ffn import FFN
         return FFN(cfg.d_model, cfg.d_ff, cfg.d_model, cfg.activation)
-    from moebench.models.moe import MoE
     return MoE(cfg.d_model, cfg.d_ff, cfg.d_model, cfg.n_expert, top_k=cfg.top_k,
                capacity_factor=cfg.capacity_factor, aux_loss_coef=cfg.aux_loss_coef,
-               activation=cfg.activation, impl=moe_impl)
+               activation=cfg.activation, impl=impl.moe, routing=impl.routing or "torch", decode=impl.decode)
 
 
 def _kernels_apply(x_BD: torch.Tensor, norm: nn.Module) -> bool:
@@ -48,17 +49,21 @@ def _kernels_apply(x_BD: torch.Tensor, norm: nn.Module) -> bool:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, impl: str = "auto", moe_impl: str = "auto"):
+    def __init__(self, cfg: ModelConfig, layer: int, impl: Impl):
         super().__init__()
-        self.layout = cfg.layout
+        self.layout, self.ffn_kind = cfg.layout, cfg.ffn
         self.norm1 = make_norm(cfg)
-        self.mixer = make_mixer(cfg, layer, impl, moe_impl)
-        self.ffn = make_ffn(cfg, moe_impl)
+        self.mixer = make_mixer(cfg, layer, impl)
+        self.ffn = make_ffn(cfg, impl)
         self.norm2 = make_norm(cfg) if self.ffn is not None and cfg.layout == "sequential" else None
+        # which residual sublayers a decode step may run as one fused launch sequence (Block.step)
+        sequential = cfg.layout == "sequential"
+        self.mixer_decode = sequential and cfg.mixer == "mamba" and self.mixer.decode_kernels
+        self.moe_decode = sequential and cfg.ffn == "moe" and self.ffn.decode_kernels
 
     def _ffn(self, h_BLD: torch.Tensor, valid_BL: torch.Tensor | None, aux: list | None):
         """aux None: the MoE statistics are not wanted (decoding), so they are not computed."""
-        if not hasattr(self.ffn, "router_DE"):
+        if self.ffn_kind != "moe":
             return self.ffn(h_BLD)
         B, L, D = h_BLD.shape
         valid_T = None if valid_BL is None else valid_BL.reshape(-1)
@@ -68,21 +73,17 @@ class Block(nn.Module):
         return y_TD.view(B, L, D)
 
     def _mixer_kernels(self, x_BD: torch.Tensor, state) -> bool:
-        """Whether this step's mixer sublayer takes ops/mamba_decode.py's kernels: a Mamba mixer
-        whose decode_path says so, and weights and conv state in x's dtype; otherwise the unfused
-        step, which handles every case."""
-        mixer = self.mixer
-        return (hasattr(mixer, "d_state") and _kernels_apply(x_BD, self.norm1)
-                and mixer.decode_path(x_BD.device) == "triton" and state[0].dtype == x_BD.dtype
-                and mixer.in_proj.weight.dtype == x_BD.dtype)
+        """Whether this step's mixer sublayer takes ops/mamba_decode.py's kernels: a decode-kernel
+        Mamba sublayer, weights and conv state in x's dtype; otherwise the unfused step, which
+        handles every case."""
+        return (self.mixer_decode and _kernels_apply(x_BD, self.norm1) and state[0].dtype == x_BD.dtype
+                and self.mixer.in_proj.weight.dtype == x_BD.dtype)
 
     def _moe_kernels(self, x_BD: torch.Tensor) -> bool:
-        """Whether the MoE sublayer (sequential layout) takes ops/moe_decode.py's decode_moe_residual:
-        an MoE whose decode_path is 'triton' (top-1, dropless, fused routing), in eval, experts in x's dtype."""
-        moe = self.ffn
-        return (self.norm2 is not None and hasattr(moe, "router_DE") and not moe.training
-                and _kernels_apply(x_BD, self.norm2) and moe.decode_path(x_BD.device) == "triton"
-                and moe.w1_EDF.dtype == x_BD.dtype)
+        """Whether the MoE sublayer takes ops/moe_decode.py's decode_moe_residual: a decode-kernel
+        MoE (top-1, grouped), in eval, experts in x's dtype."""
+        return (self.moe_decode and not self.ffn.training and _kernels_apply(x_BD, self.norm2)
+                and self.ffn.w1_EDF.dtype == x_BD.dtype)
 
     def forward(self, x_BLD: torch.Tensor, valid_BL: torch.Tensor | None = None,
                 return_state: bool = False):
@@ -107,7 +108,7 @@ class Block(nn.Module):
     def step(self, x_BD: torch.Tensor, state):
         """One token per sequence. Each residual sublayer takes the decode kernels of ops/ when it
         can (a whole sublayer in three launches: _mixer_kernels, _moe_kernels), else the modules."""
-        if self.layout != "parallel" and self._mixer_kernels(x_BD, state):
+        if self._mixer_kernels(x_BD, state):
             x_BD = mamba_decode.mamba_decode_residual(x_BD, self.norm1, self.mixer, state)
             if self.ffn is None:
                 return x_BD, state

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moebench.config import ModelConfig
+from moebench.impl import Impl, resolve
 from moebench.models.block import Block, make_norm
+from moebench.models.moe import MoE
 
 # tokens per chunk of the head + cross-entropy in training on CUDA: 8192 x 50304 logits are 0.8 GB
 # in bf16, where a whole 32 x 1024 batch would be 3.3 GB (and as much again for their gradient)
@@ -34,11 +36,12 @@ class LMOutput:
 
 
 class LM(nn.Module):
-    def __init__(self, cfg: ModelConfig, impl: str = "auto", moe_impl: str = "auto"):
+    def __init__(self, cfg: ModelConfig, impl: Impl):
         super().__init__()
         self.cfg = cfg
+        self.impl = impl                   # every layer was built with these choices; rows record it
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, i, impl, moe_impl) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i, impl) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -57,10 +60,9 @@ class LM(nn.Module):
                 with torch.no_grad():
                     p.div_(math.sqrt(n_res))
 
-    @property
-    def impl(self) -> str:
-        mixer = self.blocks[0].mixer
-        return getattr(mixer, "impl", "sdpa")
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE layer, the FFN MoEs and the inner MoEs of Mamba mixers, in order."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
 
     def hidden(self, idx_BL: torch.Tensor, valid_BL: torch.Tensor | None = None):
         x = self.embed(idx_BL)
@@ -94,11 +96,7 @@ class LM(nn.Module):
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
 
     def n_active_params(self) -> int:
-        inactive = 0
-        for m in self.modules():
-            if hasattr(m, "n_active_params") and hasattr(m, "router_DE"):
-                inactive += m.n_params() - m.n_active_params()
-        return self.n_params() - inactive
+        return self.n_params() - sum(m.n_params() - m.n_active_params() for m in self.moe_layers())
 
     def n_embedding_params(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in (self.embed.weight, self.head.weight)}.values())
@@ -153,9 +151,13 @@ def chunked_cross_entropy(h_TD: torch.Tensor, w_VD: torch.Tensor, targets_T: tor
         return _FusedLinearCE.apply(h_TD, w_VD, targets_T, chunk, dtype)
 
 
-def build_model(cfg: ModelConfig, impl: str = "auto", moe_impl: str = "auto", device=None) -> LM:
-    with torch.device(device or "cpu"):
-        return LM(cfg, impl=impl, moe_impl=moe_impl)
+def build_model(cfg: ModelConfig, impl: str | dict | Impl = "auto", device=None) -> LM:
+    """The model on `device` (default CPU), its implementation resolved there once (moebench/impl.py:
+    a request such as "auto", "ref" or "mixer=ref,moe=loop", or an Impl)."""
+    device = torch.device(device or "cpu")
+    impl = resolve(cfg, device, impl)
+    with device:
+        return LM(cfg, impl)
 
 
 def flops_per_token(cfg: ModelConfig, n_active: int, ctx: int = 1024) -> float:
@@ -173,7 +175,7 @@ def flops_per_token(cfg: ModelConfig, n_active: int, ctx: int = 1024) -> float:
 
 def describe(cfg: ModelConfig, ctx: int = 1024) -> dict:
     """Parameter counts and FLOPs of a variant, computed on the meta device (no memory used)."""
-    model = build_model(cfg, impl="ref", moe_impl="loop", device="meta")
+    model = build_model(cfg, impl="mixer=ref,moe=loop", device="meta")
     active = model.n_active_params()
     return {"name": cfg.name, "family": cfg.family, "mixer": cfg.mixer, "ffn": cfg.ffn,
             "layout": cfg.layout, "n_layer": cfg.n_layer, "d_model": cfg.d_model,

@@ -12,19 +12,15 @@ Inner MoE (paper fig. 3): "conv" replaces the x half of in_proj, "gate" the z ha
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moebench.config import INNER_PLACES
-from moebench.ops import mamba_decode
+from moebench.config import INNER_PLACES, ModelConfig
+from moebench.impl import Impl, resolve, resolve_mixer
+from moebench.models.moe import MoE
 from moebench.ops.conv import causal_conv1d, causal_conv1d_update
-from moebench.ops.scan import Impl, kernels, resolve_impl, selective_scan, selective_state_update
-
-if TYPE_CHECKING:
-    from moebench.config import ModelConfig
+from moebench.ops.scan import kernels, selective_scan, selective_state_update
 
 # dt initialisation of mamba_ssm.Mamba (dt_init="random", dt_scale=1.0)
 DT_MIN, DT_MAX, DT_INIT_FLOOR, DT_SCALE = 1e-3, 1e-1, 1e-4, 1.0
@@ -32,8 +28,11 @@ DT_MIN, DT_MAX, DT_INIT_FLOOR, DT_SCALE = 1e-3, 1e-1, 1e-4, 1.0
 
 class Mamba(nn.Module):
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: float = 2.0,
-                 dt_rank: int | None = None, impl: Impl = "auto", inner_places: tuple[str, ...] = (),
-                 inner_moe_kwargs: dict | None = None, device=None, dtype=None):
+                 dt_rank: int | None = None, impl: str = "auto", inner_places: tuple[str, ...] = (),
+                 inner_moe_kwargs: dict | None = None, decode_kernels: bool = False, device=None, dtype=None):
+        """impl ('auto' | 'fast' | 'ref') is resolved here, once (moebench/impl.py). decode_kernels:
+        Block.step takes this mixer's residual sublayer through ops/mamba_decode.py (not with inner
+        MoEs); a model passes its Impl's choices."""
         factory = {"device": device, "dtype": dtype}
         super().__init__()
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
@@ -43,14 +42,8 @@ class Mamba(nn.Module):
             raise ValueError(f"inner_places must be a subset of {INNER_PLACES}, got {inner_places}")
         self.inner_places = tuple(p for p in INNER_PLACES if p in inner_places)
         self._moe_in = "conv" in self.inner_places or "gate" in self.inner_places  # in_proj is split
-        self.impl = resolve_impl(impl, device)
-        if self.impl == "fast" and not 2 <= d_conv <= 4:  # the causal-conv1d kernels' limit
-            if impl != "auto":
-                raise RuntimeError(f"impl='fast' needs 2 <= d_conv <= 4, got {d_conv}")
-            self.impl = "ref"
-        # decode steps through ops/mamba_decode.py (Block.step): None = on CUDA, True = anywhere
-        # (a CPU runs them under Triton's interpreter, as the tests do), False = never
-        self.decode_kernels: bool | None = None
+        self.impl = resolve_mixer(impl, device, d_conv)
+        self.decode_kernels = decode_kernels and not self.inner_places
 
         # Modules are created in mamba_ssm.Mamba's order so that, with the same seed, a vanilla
         # mixer draws the same initial weights.
@@ -90,8 +83,7 @@ class Mamba(nn.Module):
             self.out_proj = nn.Linear(d_inner, d_model, bias=False, **factory)
 
     @staticmethod
-    def _moe(d_in: int, d_out: int, kw: dict | None, factory: dict) -> nn.Module:
-        from moebench.models.moe import MoE  # written alongside; only inner-MoE variants need it
+    def _moe(d_in: int, d_out: int, kw: dict | None, factory: dict) -> MoE:
         if not kw:
             raise ValueError("inner_places needs inner_moe_kwargs (n_expert, d_hidden, top_k, ...)")
         kw = dict(kw)
@@ -100,22 +92,24 @@ class Mamba(nn.Module):
         return moe.to(**factory) if factory else moe
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, layer_idx: int, impl: Impl = "auto", moe_impl: str | None = None,
-                    device=None, dtype=None) -> "Mamba":
-        """The mixer of block `layer_idx`. moe_impl is the inner MoEs' own impl ('auto', 'grouped',
-        'loop'; see ops/experts.py), separate from the scan's impl; None means 'auto'."""
+    def from_config(cls, cfg: ModelConfig, layer_idx: int, impl: Impl | str = "auto", device=None,
+                    dtype=None) -> "Mamba":
+        """The mixer of block `layer_idx`, with the model's Impl (a request string is resolved here)."""
+        impl = resolve(cfg, device, impl)
         places = cfg.inner_places_of(layer_idx)
         moe_kwargs = None
         if places:  # inner_n_expert is per modified block, split evenly over its MoEs
             moe_kwargs = dict(n_expert=cfg.inner_n_expert // len(places), d_hidden=cfg.inner_d_hidden,
                               top_k=cfg.top_k, capacity_factor=cfg.capacity_factor,
-                              aux_loss_coef=cfg.aux_loss_coef, activation=cfg.activation,
-                              impl=moe_impl or "auto")
+                              aux_loss_coef=cfg.aux_loss_coef, activation=cfg.activation, impl=impl.moe,
+                              routing=impl.routing or "torch", decode=impl.decode)
         return cls(cfg.d_model, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, dt_rank=cfg.dt_rank,
-                   impl=impl, inner_places=places, inner_moe_kwargs=moe_kwargs, device=device, dtype=dtype)
+                   impl=impl.mixer, inner_places=places, inner_moe_kwargs=moe_kwargs, decode_kernels=impl.decode,
+                   device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
-        return f"impl={self.impl!r}, d_inner={self.d_inner}, inner_places={self.inner_places}"
+        return (f"impl={self.impl!r}, d_inner={self.d_inner}, inner_places={self.inner_places}, "
+                f"decode_kernels={self.decode_kernels}")
 
     def _in_proj(self, x_TD: torch.Tensor, valid_T, aux: list) -> tuple[torch.Tensor, torch.Tensor]:
         """The x and z branches (T, I) when at least one of them is an MoE."""
@@ -146,7 +140,6 @@ class Mamba(nn.Module):
         """
         Bsz, L, _ = x_BLD.shape
         I, N, R = self.d_inner, self.d_state, self.dt_rank
-        resolve_impl(self.impl, x_BLD.device)  # a clear error if impl='fast' meets a CPU tensor
         valid_T = None
         if valid_BL is not None:
             valid_BL = valid_BL.to(torch.bool)
@@ -213,12 +206,6 @@ class Mamba(nn.Module):
             with torch.no_grad():
                 self._A_cache = cache = (key, -torch.exp(self.A_log.float()))
         return cache[1]
-
-    def decode_path(self, device: torch.device) -> str:
-        """What a decode step inside Block.step runs on `device`: 'triton', the whole residual
-        sublayer in ops/mamba_decode.py's kernels (a mixer without inner MoEs), else self.impl."""
-        on = self.decode_kernels if self.decode_kernels is not None else device.type == "cuda"
-        return "triton" if on and mamba_decode.HAS_TRITON and not self.inner_places else self.impl
 
     def step(self, x_BD: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
         """One token: returns (y_BD, state), the state updated in place. Inner MoEs route the B

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from moebench.config import ModelConfig
+from moebench.impl import resolve
 from moebench.models.block import Block, make_norm
 
 
@@ -19,7 +20,8 @@ class MambaMoE(nn.Module):
     def __init__(self, cfg: ModelConfig, max_seq_len: int, impl: str = "auto"):
         super().__init__()
         self.cfg, self.max_seq_len = cfg, max_seq_len
-        self.blocks = nn.ModuleList(Block(cfg, i, impl) for i in range(cfg.n_layer))
+        self.impl = resolve(cfg, None, impl)        # on torch's default device, where the layers are made
+        self.blocks = nn.ModuleList(Block(cfg, i, self.impl) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
         self.aux_loss: torch.Tensor | None = None
         self.moe_aux: list = []

@@ -7,12 +7,14 @@ Shape suffixes (as in torchtitan's moe.py):
   N  the T·K assignments in priority order n = k·T + t (all first choices, then second choices, ...)
   S  rows of the expert-sorted buffer (S = N): kept rows grouped by expert, dropped rows after them
 
-Two implementations with identical semantics (tests/test_moe.py proves it):
+Two implementations with identical semantics (tests/test_moe.py proves it), chosen at build
+(moebench/impl.py, the model's Impl.moe):
   "grouped": counting sort of assignments by expert, one gather, two grouped GEMMs, one gather
-             back; no host synchronisation and only static shapes when valid_T is None. On CUDA
-             the plan and the gathers run as Triton kernels (moebench/ops/routing.py), whose
-             reference is the torch code here (tests/test_routing.py).
+             back; no host synchronisation and only static shapes when valid_T is None. The plan and
+             the gathers (moebench/ops/routing.py) run in torch or as Triton kernels (Impl.routing).
   "loop":    a per-expert Python loop that decides capacity its own way; the reference.
+A decode step (a few tokens, eval, no gradient) of a top-1 grouped layer can take the Triton kernels
+of moebench/ops/moe_decode.py instead (Impl.decode).
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moebench.impl import resolve_moe, resolve_routing
 from moebench.ops import moe_decode, routing
-from moebench.ops.experts import Impl, experts_grouped, experts_loop_ref, resolve_impl
+from moebench.ops.experts import experts_grouped, experts_loop_ref
 
 
 class MoEAux(NamedTuple):
@@ -34,9 +37,13 @@ class MoEAux(NamedTuple):
 
 
 class MoE(nn.Module):
+    """impl ('auto' | 'grouped' | 'loop'), routing ('auto' | 'triton' | 'torch') and decode are
+    resolved here, once (moebench/impl.py; 'auto' routing looks at torch's default device, which a
+    model's build sets); a model passes its Impl's choices."""
+
     def __init__(self, d_in: int, d_hidden: int, d_out: int, n_expert: int, top_k: int = 1,
                  capacity_factor: float | None = 1.0, aux_loss_coef: float = 0.01, activation: str = "relu",
-                 impl: Impl = "auto"):
+                 impl: str = "auto", routing: str = "auto", decode: bool = False):
         super().__init__()
         assert 1 <= top_k <= n_expert, f"need 1 <= top_k <= n_expert, got {top_k=} {n_expert=}"
         assert capacity_factor is None or capacity_factor > 0, "capacity_factor must be > 0 or None (dropless)"
@@ -46,22 +53,11 @@ class MoE(nn.Module):
         self.router_DE = nn.Parameter(torch.empty(d_in, n_expert))
         self.w1_EDF = nn.Parameter(torch.empty(n_expert, d_in, d_hidden))
         self.w2_EFD = nn.Parameter(torch.empty(n_expert, d_hidden, d_out))
-        self.eval_capacity_factor: float | None = None   # dropless in eval mode
-        # the grouped path's gathers: None = fused Triton kernels on CUDA when triton imports, else torch
-        self.fused_routing: bool | None = None
-        # decode steps (few tokens, eval, no grad) through ops/moe_decode.py: None = when fused_routing
-        self.decode_kernels: bool | None = None
-        self.impl = impl                       # resolved by the setter below
+        self.impl = resolve_moe(impl, (d_in, d_hidden, d_out))
+        self.fused = self.impl == "grouped" and resolve_routing(routing, None) == "triton"
+        # the decode kernels take top-1 layers; the loop stays the reference for everything
+        self.decode_kernels = decode and self.impl == "grouped" and top_k == 1
         self.reset_parameters()
-
-    @property
-    def impl(self) -> str:
-        return self._impl
-
-    @impl.setter
-    def impl(self, value: Impl) -> None:
-        # settable after build so that tests can run both paths on the same weights
-        self._impl = resolve_impl(value, (self.d_in, self.d_hidden, self.d_out))
 
     def reset_parameters(self) -> None:
         # each expert as nn.Linear's default init: U(±1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5))
@@ -80,7 +76,8 @@ class MoE(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, d_hidden={self.d_hidden}, d_out={self.d_out}, n_expert={self.n_expert}, "
-                f"top_k={self.top_k}, capacity_factor={self.capacity_factor}, impl={self.impl!r}")
+                f"top_k={self.top_k}, capacity_factor={self.capacity_factor}, impl={self.impl!r}, "
+                f"fused={self.fused}, decode_kernels={self.decode_kernels}")
 
     def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None,
                 need_aux: bool = True) -> tuple[torch.Tensor, MoEAux | None]:
@@ -118,7 +115,7 @@ class MoE(nn.Module):
         n_valid = T if valid_T is None else valid_T.sum()
         # capacity is a training-time device (Switch): in eval mode (validation, generation) every
         # assignment is kept, so a token's output never depends on the other tokens in the batch
-        capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        capacity_factor = self.capacity_factor if self.training else None
         if capacity_factor is None:
             capacity = None
         elif valid_T is None:
@@ -128,7 +125,7 @@ class MoE(nn.Module):
 
         if self.impl == "grouped":
             y_TD, counts_E, n_kept = _forward_grouped(x_TD, valid_T, top_p_TK, top_i_TK, w1_EDF, w2_EFD,
-                                                      capacity, self.activation, self._fused(x_TD.device))
+                                                      capacity, self.activation, self.fused)
         else:
             y_TD, counts_E, n_kept = _forward_loop(x_TD, valid_T, top_p_TK, top_i_TK, w1_EDF, w2_EFD,
                                                    capacity, self.activation)
@@ -149,158 +146,22 @@ class MoE(nn.Module):
         dropped_frac = ((n_valid * K - n_kept) / n_assign).float()   # 0, not 1, when no token is valid
         return y_TD, MoEAux(lb_loss, dropped_frac, counts_E.float())
 
-    def _fused(self, device: torch.device) -> bool:
-        """Whether the grouped path runs its Triton routing on `device` (fused_routing None: the default)."""
-        return self.fused_routing if self.fused_routing is not None else routing.fused_available(device)
-
-    def decode_path(self, device: torch.device) -> str:
-        """What a decode step (a few tokens, eval, no gradient) runs on `device`: 'triton', the
-        kernels of ops/moe_decode.py (top-1, no eval capacity, grouped path with fused routing, the
-        same switch), or else the layer's impl ('grouped' or 'loop')."""
-        if (self._fused(device) and self.decode_kernels is not False and moe_decode.HAS_TRITON and self.impl == "grouped"
-                and self.top_k == 1 and self.eval_capacity_factor is None):
-            return "triton"
-        return self.impl
-
     def _decode_kernel(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None) -> bool:
-        return (not self.training and valid_T is None and x_TD.shape[0] <= moe_decode.MAX_DECODE_T
-                and not torch.is_grad_enabled() and self.decode_path(x_TD.device) == "triton")
+        """A decode step: the layer's decode kernels, eval, no gradient, no mask, a few tokens."""
+        return (self.decode_kernels and not self.training and valid_T is None
+                and x_TD.shape[0] <= moe_decode.MAX_DECODE_T and not torch.is_grad_enabled())
 
 
 # ---- grouped path ------------------------------------------------------------------------------
 
 
-class _Plan(NamedTuple):
-    offs_E: torch.Tensor    # (E,) int32 cumulative ends of the kept rows of each expert
-    counts_E: torch.Tensor  # (E,) int32 assignments per expert before dropping (valid tokens only)
-    n_S: torch.Tensor       # (S,) int64 the assignment n = k·T + t held by buffer row s
-    row_N: torch.Tensor     # (N,) int64 the buffer row of assignment n (inverse of n_S)
-    keep_N: torch.Tensor    # (N,) bool assignment n is kept
-    tok_S: torch.Tensor     # (S,) int64 the token of buffer row s: n_S mod T
-
-
-def plan_grouped(top_i_TK: torch.Tensor, valid_T: torch.Tensor | None, n_expert: int,
-                 capacity: int | torch.Tensor | None, fused: bool = False) -> _Plan:
-    """Counting sort of the T·K assignments by expert: static shapes, no host sync.
-
-    Invalid tokens go to a virtual column E. Rank r (1-based) of assignment n is its place among
-    the assignments of its column in priority order n = k·T + t, so capacity keeps ranks <= cap.
-    Buffer layout: the kept rows of expert 0, 1, ..., E-1 (offs_E), then the dropped rows of expert
-    0, 1, ..., E-1, then the invalid ones, each segment in n order. fused=True computes the same
-    plan, bitwise, with three Triton kernels (moebench/ops/routing.py); this is its reference.
-    """
-    T, K = top_i_TK.shape
-    N, E, dev = T * K, n_expert, top_i_TK.device
-    expert_N = top_i_TK.t().reshape(N)                   # n = k·T + t: choice rank first, then position
-    col_N = expert_N if valid_T is None else torch.where(valid_T.repeat(K), expert_N, E)
-    if fused:
-        row_N, keep_N, n_S, tok_S, offs_E, counts_E = routing.route_plan(col_N, T, E, *_cap_args(capacity))
-        return _Plan(offs_E, counts_E, n_S, row_N, keep_N, tok_S)
-    # (E+1, N), so that the running count is a scan along the contiguous last dim: CUDA scans an
-    # outer dim with one thread per column, i.e. 32 threads walking 32k rows (milliseconds)
-    cum_CN = (torch.arange(E + 1, device=dev)[:, None] == col_N[None, :]).cumsum(1, dtype=torch.int32)
-    counts_C = cum_CN[:, -1]
-    rank_N = cum_CN.gather(0, col_N[None, :]).squeeze(0)
-    is_expert_C = torch.arange(E + 1, device=dev) < E
-    if capacity is None:
-        kept_C = counts_C
-    elif isinstance(capacity, torch.Tensor):
-        kept_C = torch.minimum(counts_C, capacity.int())
-    else:
-        kept_C = counts_C.clamp(max=capacity)
-    kept_C = torch.where(is_expert_C, kept_C, 0)
-    offs_C = kept_C.cumsum(0, dtype=torch.int32)
-    drops_C = counts_C - kept_C
-    drop_base_C = offs_C[-1] + drops_C.cumsum(0, dtype=torch.int32) - drops_C
-    kept_N = kept_C[col_N]
-    keep_N = rank_N <= kept_N
-    row_N = torch.where(keep_N, (offs_C - kept_C)[col_N] + rank_N - 1, drop_base_C[col_N] + rank_N - kept_N - 1).long()
-    n_S = torch.empty_like(row_N).scatter_(0, row_N, torch.arange(N, device=dev))   # invert n -> row
-    return _Plan(offs_C[:E], counts_C[:E], n_S, row_N, keep_N, n_S % T)
-
-
-def _cap_args(capacity) -> tuple:
-    """(mode, int, tensor) for the kernel: 0 dropless, 1 a Python int, 2 a device tensor."""
-    if capacity is None:
-        return 0, 0, None
-    if isinstance(capacity, torch.Tensor):
-        return 2, 0, capacity.reshape(1).int()
-    return 1, int(capacity), None
-
-
-# The buffer rows are a permutation of the assignments (row_N and its inverse n_S), so dispatch and
-# combine are gathers in both directions: no index_add_, hence no atomics. Rows after offs_E[-1]
-# (dropped assignments) hold grouped_mm's uninitialised memory, possibly inf/NaN, in the output and
-# in the input gradient; they are excluded by selection (torch.where), never by multiplying with 0.
-
-
-def _sum_over_k(v_ND: torch.Tensor, T: int) -> torch.Tensor:
-    # plain additions in choice order, like the loop path; `sum` would be promoted to fp32 by autocast
-    out = v_ND[:T]
-    for k in range(1, v_ND.shape[0] // T):
-        out = out + v_ND[k * T:(k + 1) * T]
-    return out
-
-
-class _Dispatch(torch.autograd.Function):
-    """x_SD = x_TD[n_S % T]; backward: g_TD[t] = Σ_k g_SD[row(k·T + t)] over kept assignments."""
-
-    @staticmethod
-    def forward(ctx, x_TD, tok_S, row_N, keep_N, fused: bool):
-        ctx.save_for_backward(row_N, keep_N)
-        ctx.T, ctx.fused = x_TD.shape[0], fused
-        return x_TD.index_select(0, tok_S)
-
-    @staticmethod
-    def backward(ctx, g_SD):
-        row_N, keep_N = ctx.saved_tensors
-        if ctx.fused:       # row_N stands in for the unused weights
-            return routing.gather_sum(g_SD, row_N, row_N, keep_N, ctx.T, False), None, None, None, None
-        g_ND = torch.where(keep_N[:, None], g_SD.index_select(0, row_N), 0)
-        return _sum_over_k(g_ND, ctx.T), None, None, None, None
-
-
-class _Combine(torch.autograd.Function):
-    """y_TD[t] = Σ_k p_N[n] · out_SD[row_N[n]] over the kept assignments n = k·T + t."""
-
-    @staticmethod
-    def forward(ctx, out_SD, p_N, row_N, keep_N, n_S, T: int, fused: bool):
-        ctx.T, ctx.fused = T, fused
-        if fused:           # p stays fp32: the kernel multiplies and sums in fp32
-            ctx.save_for_backward(out_SD, p_N, row_N, keep_N, n_S)
-            return routing.gather_sum(out_SD, p_N, row_N, keep_N, T, True)
-        w_N = p_N.to(out_SD.dtype)
-        o_ND = out_SD.index_select(0, row_N)
-        y_ND = torch.where(keep_N[:, None], o_ND * w_N[:, None], 0)
-        ctx.save_for_backward(out_SD, w_N, row_N, keep_N, n_S)
-        return _sum_over_k(y_ND, T)
-
-    @staticmethod
-    def backward(ctx, g_TD):
-        out_SD, w_N, row_N, keep_N, n_S = ctx.saved_tensors
-        if ctx.fused:
-            want_out, want_p = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            g_out, g_p = routing.combine_bwd(g_TD, out_SD, w_N, n_S, keep_N, want_out, want_p)
-            return g_out if want_out else None, g_p if want_p else None, None, None, None, None, None
-        K = keep_N.shape[0] // ctx.T
-        g_ND = g_TD.repeat(K, 1) if K > 1 else g_TD           # n = k·T + t reads g_TD[t]
-        g_out = g_p = None
-        if ctx.needs_input_grad[0]:
-            # row s of the buffer holds assignment n_S[s]: gather back through the inverse permutation
-            g_out = torch.where(keep_N[:, None], g_ND * w_N[:, None], 0).index_select(0, n_S)
-        if ctx.needs_input_grad[1]:
-            o_ND = out_SD.index_select(0, row_N)
-            g_p = torch.where(keep_N, (g_ND.float() * o_ND.float()).sum(-1), 0)
-        return g_out, g_p, None, None, None, None, None
-
-
 def _forward_grouped(x_TD, valid_T, top_p_TK, top_i_TK, w1_EDF, w2_EFD, capacity, activation, fused=False):
     T, K = top_i_TK.shape
-    plan = plan_grouped(top_i_TK, valid_T, w1_EDF.shape[0], capacity, fused)
+    plan = routing.plan_grouped(top_i_TK, valid_T, w1_EDF.shape[0], capacity, fused)
     p_N = top_p_TK.t().reshape(-1)
-    x_SD = _Dispatch.apply(x_TD, plan.tok_S, plan.row_N, plan.keep_N, fused)
+    x_SD = routing.dispatch(x_TD, plan, fused)
     out_SD = experts_grouped(x_SD, w1_EDF, w2_EFD, plan.offs_E, activation)
-    y_TD = _Combine.apply(out_SD, p_N, plan.row_N, plan.keep_N, plan.n_S, T, fused)
+    y_TD = routing.combine(out_SD, p_N, plan, T, fused)
     return y_TD, plan.counts_E, plan.offs_E[-1]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moebench.ops.scan import Impl, kernels, resolve_impl
+from moebench.ops.scan import Impl, kernels, use_kernels
 
 
 def _check_activation(activation):
@@ -34,9 +34,9 @@ def causal_conv1d_ref(x_BDL, weight_DW, bias_D=None, activation="silu"):
     return y_BDL.to(x_BDL.dtype)
 
 
-def causal_conv1d(x_BDL, weight_DW, bias_D=None, activation="silu", impl: Impl = "auto"):
+def causal_conv1d(x_BDL, weight_DW, bias_D=None, activation="silu", impl: Impl = "ref"):
     """'fast': causal_conv1d.causal_conv1d_fn (CUDA); 'ref': causal_conv1d_ref."""
-    if resolve_impl(impl, x_BDL.device) == "fast":
+    if use_kernels(impl, x_BDL):
         return kernels.causal_conv1d_fn(x_BDL, weight_DW, bias_D, activation=activation)
     return causal_conv1d_ref(x_BDL, weight_DW, bias_D, activation)
 
@@ -60,9 +60,10 @@ def causal_conv1d_update_ref(x_BD, conv_state_BDS, weight_DW, bias_D=None, activ
     return y_BD.to(x_BD.dtype)
 
 
-def causal_conv1d_update(x_BD, conv_state_BDS, weight_DW, bias_D=None, activation="silu", impl: Impl = "auto"):
+def causal_conv1d_update(x_BD, conv_state_BDS, weight_DW, bias_D=None, activation="silu",
+                         impl: Impl = "ref"):
     """'fast': causal_conv1d.causal_conv1d_update (CUDA); 'ref': causal_conv1d_update_ref."""
-    if resolve_impl(impl, x_BD.device) == "fast":
+    if use_kernels(impl, x_BD):
         # the kernel wants x in the state's dtype (under autocast x may be bf16, the state fp32)
         return kernels.causal_conv1d_update(x_BD.to(conv_state_BDS.dtype), conv_state_BDS, weight_DW, bias_D,
                                             activation=activation).to(x_BD.dtype)

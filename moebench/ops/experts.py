@@ -12,7 +12,7 @@ takes the weights as they are stored (row-major K×N), with no transpose or copy
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,6 @@ import torch.nn.functional as F
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 HAS_GROUPED_MM = _grouped_mm is not None
 
-Impl = Literal["auto", "grouped", "loop"]
 _ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu}
 
 
@@ -31,24 +30,6 @@ def act_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name not in _ACTS:
         raise ValueError(f"unknown activation {name!r}; expected one of {sorted(_ACTS)}")
     return _ACTS[name]
-
-
-def resolve_impl(impl: Impl, dims: tuple[int, ...] = ()) -> Literal["grouped", "loop"]:
-    """Decide once, at model build. 'auto' falls back to the loop; an explicit 'grouped' never does.
-
-    'auto' also needs every width in `dims` to be a multiple of 8: grouped_mm wants 16-byte rows,
-    which is 8 elements in bf16 (the dtype of interest), so a tiny odd-sized test model still runs.
-    """
-    if impl == "loop":
-        return "loop"
-    if impl == "grouped":
-        if not HAS_GROUPED_MM:
-            raise RuntimeError(f"impl='grouped' needs torch.nn.functional.grouped_mm or torch._grouped_mm "
-                               f"(torch >= 2.8); this is torch {torch.__version__}")
-        return "grouped"
-    if impl == "auto":
-        return "grouped" if HAS_GROUPED_MM and all(d % 8 == 0 for d in dims) else "loop"
-    raise ValueError(f"impl must be 'auto', 'grouped' or 'loop', got {impl!r}")
 
 
 class _ContiguousGrad(torch.autograd.Function):

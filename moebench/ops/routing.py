@@ -1,22 +1,30 @@
-"""The routing of the grouped MoE path in Triton: the plan (a counting sort of the assignments by
-expert, three small kernels where the torch reference takes about fifteen), and fused gathers: the
-combine y_TD = Σ_k p·out_SD[row], its backward, and the backward of the dispatch. Each gather is one
-pass over the rows it reads and writes, where the plain-torch twins in moebench/models/moe.py (the
-reference) take an index_select, a broadcast multiply, a torch.where and a sum, each a full pass
-over a (T, D) tensor.
+"""The routing of the grouped MoE path (moebench/models/moe.py), each op as a plain-torch reference
+beside its Triton twin, as mamba-ssm keeps selective_scan_ref beside selective_scan_fn:
+
+    plan_grouped   the plan: a counting sort of the T·K assignments by expert (torch: about fifteen
+                   ops; Triton: route_plan, three small kernels, the same plan bitwise)
+    dispatch       x_SD = x_TD[tok_S], whose backward sums the gradients over k   (gather_sum_ref | gather_sum)
+    combine        y_TD = Σ_k p·out_SD[row]                                      (gather_sum_ref | gather_sum)
+                   and its backward                                              (combine_bwd_ref | combine_bwd)
+
+`fused` picks the twin (the model's Impl.routing == "triton"). Each Triton gather is one pass over
+the rows it reads and writes, where the torch reference takes an index_select, a broadcast
+multiply, a torch.where and a sum, each a full pass over a (T, D) tensor.
 
 Shape suffixes as in moe.py: T tokens, K choices, N = K·T assignments (n = k·T + t), S = N buffer
 rows, D width. row_N maps an assignment to its buffer row, n_S is its inverse; keep_N marks the
-kept assignments. Dropped rows of the buffer are never read (masked loads), so the uninitialised
-memory grouped_mm leaves there cannot leak in, as in the reference's torch.where.
+kept assignments. Dropped rows of the buffer are never read (masked loads, or torch.where), so the
+uninitialised memory grouped_mm leaves there cannot leak in.
 
-Sums over k and the dot products of the router gradient accumulate in fp32 and round once: the
-reference rounds after each bf16 operation, so the two agree to bf16 rounding, not bitwise.
-
-The ops are torch.library triton_ops, so torch.compile traces them. On a CPU they run under
-Triton's interpreter (TRITON_INTERPRET=1 before the first import of triton), which the CPU tests use.
+Sums over k and the dot products of the router gradient accumulate in fp32 and round once in the
+Triton gathers: the reference rounds after each bf16 operation, so the two agree to bf16 rounding,
+not bitwise. The Triton ops are torch.library triton_ops, so torch.compile traces them. On a CPU they
+run under Triton's interpreter (TRITON_INTERPRET=1 before the first import of triton), which the
+CPU tests use.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -29,13 +37,156 @@ except ImportError:                    # a CPU box without triton: the torch ref
     HAS_TRITON = False
 
 
-def fused_available(device: torch.device) -> bool:
-    """The default: fused on CUDA when triton imports, unless MOEBENCH_FUSED_ROUTING=0 (the torch
-    reference everywhere, for debugging). A CPU runs them only when asked, under Triton's
-    interpreter, as the tests do."""
-    import os
-    return HAS_TRITON and device.type == "cuda" and os.environ.get("MOEBENCH_FUSED_ROUTING", "1") != "0"
+# ---- the torch references, and the autograd functions that pick a twin ---------------------------
 
+
+class Plan(NamedTuple):
+    offs_E: torch.Tensor    # (E,) int32 cumulative ends of the kept rows of each expert
+    counts_E: torch.Tensor  # (E,) int32 assignments per expert before dropping (valid tokens only)
+    n_S: torch.Tensor       # (S,) int64 the assignment n = k·T + t held by buffer row s
+    row_N: torch.Tensor     # (N,) int64 the buffer row of assignment n (inverse of n_S)
+    keep_N: torch.Tensor    # (N,) bool assignment n is kept
+    tok_S: torch.Tensor     # (S,) int64 the token of buffer row s: n_S mod T
+
+
+def plan_grouped(top_i_TK: torch.Tensor, valid_T: torch.Tensor | None, n_expert: int,
+                 capacity: int | torch.Tensor | None, fused: bool = False) -> Plan:
+    """Counting sort of the T·K assignments by expert: static shapes, no host sync.
+
+    Invalid tokens go to a virtual column E. Rank r (1-based) of assignment n is its place among
+    the assignments of its column in priority order n = k·T + t, so capacity keeps ranks <= cap.
+    Buffer layout: the kept rows of expert 0, 1, ..., E-1 (offs_E), then the dropped rows of expert
+    0, 1, ..., E-1, then the invalid ones, each segment in n order. fused=True computes the same
+    plan, bitwise, with three Triton kernels (route_plan below); this is its reference.
+    """
+    T, K = top_i_TK.shape
+    N, E, dev = T * K, n_expert, top_i_TK.device
+    expert_N = top_i_TK.t().reshape(N)                   # n = k·T + t: choice rank first, then position
+    col_N = expert_N if valid_T is None else torch.where(valid_T.repeat(K), expert_N, E)
+    if fused:
+        row_N, keep_N, n_S, tok_S, offs_E, counts_E = route_plan(col_N, T, E, *_cap_args(capacity))
+        return Plan(offs_E, counts_E, n_S, row_N, keep_N, tok_S)
+    # (E+1, N), so that the running count is a scan along the contiguous last dim: CUDA scans an
+    # outer dim with one thread per column, i.e. 32 threads walking 32k rows (milliseconds)
+    cum_CN = (torch.arange(E + 1, device=dev)[:, None] == col_N[None, :]).cumsum(1, dtype=torch.int32)
+    counts_C = cum_CN[:, -1]
+    rank_N = cum_CN.gather(0, col_N[None, :]).squeeze(0)
+    is_expert_C = torch.arange(E + 1, device=dev) < E
+    if capacity is None:
+        kept_C = counts_C
+    elif isinstance(capacity, torch.Tensor):
+        kept_C = torch.minimum(counts_C, capacity.int())
+    else:
+        kept_C = counts_C.clamp(max=capacity)
+    kept_C = torch.where(is_expert_C, kept_C, 0)
+    offs_C = kept_C.cumsum(0, dtype=torch.int32)
+    drops_C = counts_C - kept_C
+    drop_base_C = offs_C[-1] + drops_C.cumsum(0, dtype=torch.int32) - drops_C
+    kept_N = kept_C[col_N]
+    keep_N = rank_N <= kept_N
+    row_N = torch.where(keep_N, (offs_C - kept_C)[col_N] + rank_N - 1, drop_base_C[col_N] + rank_N - kept_N - 1).long()
+    n_S = torch.empty_like(row_N).scatter_(0, row_N, torch.arange(N, device=dev))   # invert n -> row
+    return Plan(offs_C[:E], counts_C[:E], n_S, row_N, keep_N, n_S % T)
+
+
+def _cap_args(capacity) -> tuple:
+    """(mode, int, tensor) for the kernel: 0 dropless, 1 a Python int, 2 a device tensor."""
+    if capacity is None:
+        return 0, 0, None
+    if isinstance(capacity, torch.Tensor):
+        return 2, 0, capacity.reshape(1).int()
+    return 1, int(capacity), None
+
+
+# The buffer rows are a permutation of the assignments (row_N and its inverse n_S), so dispatch and
+# combine are gathers in both directions: no index_add_, hence no atomics. Rows after offs_E[-1]
+# (dropped assignments) hold grouped_mm's uninitialised memory, possibly inf/NaN, in the output and
+# in the input gradient; they are excluded by selection (torch.where), never by multiplying with 0.
+
+
+def _sum_over_k(v_ND: torch.Tensor, T: int) -> torch.Tensor:
+    # plain additions in choice order, like the loop path; `sum` would be promoted to fp32 by autocast
+    out = v_ND[:T]
+    for k in range(1, v_ND.shape[0] // T):
+        out = out + v_ND[k * T:(k + 1) * T]
+    return out
+
+
+def gather_sum_ref(src_SD: torch.Tensor, w_N: torch.Tensor, row_N: torch.Tensor, keep_N: torch.Tensor,
+                   T: int, has_w: bool) -> torch.Tensor:
+    """(T, D): Σ_k keep·w·src_SD[row_N[k·T + t]] in src's dtype (w_N cast to it); w ignored unless has_w."""
+    v_ND = src_SD.index_select(0, row_N)
+    if has_w:
+        v_ND = v_ND * w_N.to(src_SD.dtype)[:, None]
+    return _sum_over_k(torch.where(keep_N[:, None], v_ND, 0), T)
+
+
+def combine_bwd_ref(g_TD: torch.Tensor, out_SD: torch.Tensor, w_N: torch.Tensor, n_S: torch.Tensor,
+                    keep_N: torch.Tensor, want_out: bool, want_p: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of combine: g_out_SD[s] = keep·w·g_TD[t] for the assignment n = n_S[s] of token t
+    (w_N in out's dtype, as combine's reference saved it); g_p_N[n] = keep·<g_TD[t], out_SD[row(n)]>
+    in fp32. None for what is not wanted."""
+    T = g_TD.shape[0]
+    K = keep_N.shape[0] // T
+    g_ND = g_TD.repeat(K, 1) if K > 1 else g_TD           # n = k·T + t reads g_TD[t]
+    g_out = g_p = None
+    if want_out:
+        # row s of the buffer holds assignment n_S[s]: gather back through the inverse permutation
+        g_out = torch.where(keep_N[:, None], g_ND * w_N[:, None], 0).index_select(0, n_S)
+    if want_p:
+        row_N = torch.empty_like(n_S).scatter_(0, n_S, torch.arange(len(n_S), device=n_S.device))
+        o_ND = out_SD.index_select(0, row_N)
+        g_p = torch.where(keep_N, (g_ND.float() * o_ND.float()).sum(-1), 0)
+    return g_out, g_p
+
+
+class Dispatch(torch.autograd.Function):
+    """x_SD = x_TD[tok_S]; backward: g_TD[t] = Σ_k g_SD[row(k·T + t)] over kept assignments."""
+
+    @staticmethod
+    def forward(ctx, x_TD, tok_S, row_N, keep_N, fused: bool):
+        ctx.save_for_backward(row_N, keep_N)
+        ctx.T, ctx.fused = x_TD.shape[0], fused
+        return x_TD.index_select(0, tok_S)
+
+    @staticmethod
+    def backward(ctx, g_SD):
+        row_N, keep_N = ctx.saved_tensors
+        # row_N stands in for the unused weights
+        g_TD = (gather_sum if ctx.fused else gather_sum_ref)(g_SD, row_N, row_N, keep_N, ctx.T, False)
+        return g_TD, None, None, None, None
+
+
+class Combine(torch.autograd.Function):
+    """y_TD[t] = Σ_k p_N[n] · out_SD[row_N[n]] over the kept assignments n = k·T + t."""
+
+    @staticmethod
+    def forward(ctx, out_SD, p_N, row_N, keep_N, n_S, T: int, fused: bool):
+        ctx.fused = fused
+        # the kernel multiplies and sums in fp32; the reference in out's dtype, as the loop path does
+        w_N = p_N if fused else p_N.to(out_SD.dtype)
+        ctx.save_for_backward(out_SD, w_N, keep_N, n_S)
+        return (gather_sum if fused else gather_sum_ref)(out_SD, w_N, row_N, keep_N, T, True)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        out_SD, w_N, keep_N, n_S = ctx.saved_tensors
+        want_out, want_p = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g_out, g_p = (combine_bwd if ctx.fused else combine_bwd_ref)(g_TD, out_SD, w_N, n_S, keep_N, want_out, want_p)
+        return g_out if want_out else None, g_p if want_p else None, None, None, None, None, None
+
+
+def dispatch(x_TD: torch.Tensor, plan: Plan, fused: bool) -> torch.Tensor:
+    """The expert-sorted buffer x_SD (kept rows first, grouped by expert: plan.offs_E)."""
+    return Dispatch.apply(x_TD, plan.tok_S, plan.row_N, plan.keep_N, fused)
+
+
+def combine(out_SD: torch.Tensor, p_N: torch.Tensor, plan: Plan, T: int, fused: bool) -> torch.Tensor:
+    """y_TD: each token's kept expert outputs weighted by their router probabilities p_N (fp32)."""
+    return Combine.apply(out_SD, p_N, plan.row_N, plan.keep_N, plan.n_S, T, fused)
+
+
+# ---- the Triton twins --------------------------------------------------------------------------
 
 if HAS_TRITON:
     @triton.jit

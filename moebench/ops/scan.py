@@ -12,14 +12,13 @@ Three implementations with identical math:
 """
 from __future__ import annotations
 
-import importlib.metadata
 import types
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-Impl = Literal["auto", "fast", "ref"]
+Impl = Literal["fast", "ref"]
 
 # mamba_ssm 2.3.2 raises at import when its extension or CUDA is missing, and not always an
 # ImportError (triton, a bad .so, a driver mismatch), so any exception means "no kernels".
@@ -38,27 +37,17 @@ except Exception as e:  # noqa: BLE001 (see above)
 HAS_MAMBA_KERNELS: bool = KERNEL_IMPORT_ERROR is None
 
 
-def mamba_ssm_version() -> str | None:
-    """Installed mamba-ssm version (from package metadata, without importing it), or None."""
-    try:
-        return importlib.metadata.version("mamba_ssm")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def resolve_impl(impl: Impl, device: torch.device | str | None = None) -> Literal["fast", "ref"]:
-    """Decide once, at model build: 'auto' falls back to 'ref'; an explicit 'fast' never does."""
-    if impl not in ("auto", "fast", "ref"):
-        raise ValueError(f"impl must be 'auto', 'fast' or 'ref', got {impl!r}")
-    device = torch.device(device) if device is not None else torch.get_default_device()
-    available = HAS_MAMBA_KERNELS and device.type == "cuda" and torch.cuda.is_available()
-    if impl == "ref" or (impl == "auto" and not available):
-        return "ref"
-    if not available:
-        why = KERNEL_IMPORT_ERROR if not HAS_MAMBA_KERNELS else f"device is {device}, the kernels need CUDA"
-        raise RuntimeError(f"impl='fast' is unavailable ({why}); install moebench[gpu] "
-                           f"(mamba-ssm, causal-conv1d) on a CUDA machine, or use impl='ref'")
-    return "fast"
+def use_kernels(impl: Impl, x: torch.Tensor) -> bool:
+    """Whether a call with a resolved impl ('fast' or 'ref', moebench/impl.py) takes the kernels; a
+    'fast' call with a tensor off CUDA gets a clear error instead of a kernel's."""
+    if impl == "ref":
+        return False
+    if impl != "fast":
+        raise ValueError(f"impl must be 'fast' or 'ref' (resolved by moebench.impl), got {impl!r}")
+    if not HAS_MAMBA_KERNELS or x.device.type != "cuda":
+        why = KERNEL_IMPORT_ERROR if not HAS_MAMBA_KERNELS else f"tensor on {x.device}, the kernels need CUDA"
+        raise RuntimeError(f"impl='fast' is unavailable ({why}); use impl='ref'")
+    return True
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -174,9 +163,9 @@ def selective_scan_chunked(u_BDL, delta_BDL, A_DN, B_BNL, C_BNL, D_D=None, z_BDL
 
 
 def selective_scan(u_BDL, delta_BDL, A_DN, B_BNL, C_BNL, D_D=None, z_BDL=None, delta_bias_D=None,
-                   delta_softplus=True, return_last_state=False, impl: Impl = "auto"):
+                   delta_softplus=True, return_last_state=False, impl: Impl = "ref"):
     """'fast': mamba_ssm's selective_scan_fn (CUDA); 'ref': selective_scan_chunked (any device)."""
-    if resolve_impl(impl, u_BDL.device) == "fast":
+    if use_kernels(impl, u_BDL):
         return kernels.selective_scan_fn(u_BDL, delta_BDL, A_DN, B_BNL, C_BNL, D=D_D, z=z_BDL,
                                          delta_bias=delta_bias_D, delta_softplus=delta_softplus,
                                          return_last_state=return_last_state)
@@ -211,9 +200,9 @@ def selective_state_update_ref(ssm_state_BDN, x_BD, dt_BD, A_DN, B_BN, C_BN, D_D
 
 
 def selective_state_update(ssm_state_BDN, x_BD, dt_BD, A_DN, B_BN, C_BN, D_D=None, z_BD=None,
-                           dt_bias_D=None, dt_softplus=True, impl: Impl = "auto"):
+                           dt_bias_D=None, dt_softplus=True, impl: Impl = "ref"):
     """'fast': mamba_ssm's triton selective_state_update; 'ref': selective_state_update_ref."""
-    if resolve_impl(impl, x_BD.device) == "fast":
+    if use_kernels(impl, x_BD):
         return kernels.selective_state_update(ssm_state_BDN, x_BD, dt_BD, A_DN, B_BN, C_BN, D_D, z=z_BD,
                                               dt_bias=dt_bias_D, dt_softplus=dt_softplus)
     return selective_state_update_ref(ssm_state_BDN, x_BD, dt_BD, A_DN, B_BN, C_BN, D_D, z_BD,
