@@ -74,7 +74,9 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moebench.errors import UserError
 
@@ -95,7 +97,6 @@ class Dist:
         trains several variants in one process, and tests may start it themselves)."""
         if self.world == 1:
             return
-        import torch.distributed as dist
         if device.type == "cuda":
             torch.cuda.set_device(device)   # NCCL and the mamba kernels use the current device
         if dist.is_initialized():
@@ -113,7 +114,6 @@ class Dist:
         model itself in one process. Evaluation and checkpoints use the model itself."""
         if self.world == 1:
             return model
-        from torch.nn.parallel import DistributedDataParallel as DDP
         dev = next(model.parameters()).device
         # gradients live in DDP's buckets instead of a second full-size copy
         return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, gradient_as_bucket_view=True)
@@ -134,7 +134,6 @@ class Dist:
         """Mean of a scalar over ranks, as a Python float (one sync: the NaN check needs it anyway)."""
         if self.world == 1:
             return x.item()
-        import torch.distributed as dist
         x = x.detach().float().clone()
         dist.all_reduce(x)
         return x.item() / self.world
@@ -143,7 +142,6 @@ class Dist:
         """True on every rank when `flag` is true on any rank."""
         if self.world == 1:
             return flag
-        import torch.distributed as dist
         t = torch.tensor(float(flag), device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
@@ -151,13 +149,11 @@ class Dist:
     def sum_(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place (returns x)."""
         if self.world > 1:
-            import torch.distributed as dist
             dist.all_reduce(x)
         return x
 
     def barrier(self) -> None:
         if self.world > 1:
-            import torch.distributed as dist
             dist.barrier()
 
     @contextmanager
@@ -204,10 +200,9 @@ def split_batch(batch: int, micro_batch: int | None, world: int) -> tuple[int, i
 def grad_sync(model: nn.Module, last: bool):
     """Context for one micro batch's forward and backward: DDP all-reduces the gradients after
     the last micro batch of a step only (no_sync before it)."""
-    return model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
+    return model.no_sync() if not last and isinstance(model, DDP) else nullcontext()
 
 
 def _destroy() -> None:
-    import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()

