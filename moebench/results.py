@@ -159,21 +159,33 @@ def _lr(result: dict):
     return (result.get("train_config") or [{}])[0].get("lr")
 
 
-# what defines a point, per kind: rows with equal keys on the same device measure the same thing
-POINT_KEYS = {
-    "bench-train": lambda c, r: (r["variant"], c["batch"], c["ctx"], c["dtype"], c["compile"], c.get("impl"),
-                                 c.get("moe_impl"), c.get("optimizer")),
-    "bench-moe": lambda c, r: (r["name"], c["tokens"], c["d"], c["hidden"], c["experts"], c["top_k"],
-                               c["capacity_factor"], c["dtype"]),
-    "bench-memory": lambda c, r: (r["variant"], r["mode"], r["length"], c["batch"], c["dtype"]),
-    "bench-generate": lambda c, r: (r["variant"], r["prompt_len"], c["batch"], c["gen_len"], c["dtype"],
-                                    c["cuda_graph"]),
-    "bench-multi-gpu": lambda c, r: (r["variant"], c["n_gpus"], _lr(r), r.get("steps")),
+# What defines a benchmark point, per kind: the settings a table of points shares (from the
+# invocation's config) and the point's place in that table (from its result). Rows with equal keys
+# on the same device measure the same thing; the latest one counts.
+TABLE_KEYS = {
+    "bench-train": lambda c: (c["compile"], c["batch"], c["ctx"], c["dtype"], c.get("impl"), c.get("moe_impl"),
+                              c.get("optimizer")),
+    "bench-moe": lambda c: (c["tokens"], c["d"], c["hidden"], c["experts"], c["top_k"], c["capacity_factor"],
+                            c["dtype"]),
+    "bench-memory": lambda c: (c["batch"], c["dtype"]),
+    "bench-generate": lambda c: (c["cuda_graph"], c["batch"], c["gen_len"], c["dtype"]),
+    "bench-multi-gpu": lambda c: (c["n_gpus"],),
+}
+ROW_KEYS = {
+    "bench-train": lambda r: (r["variant"],),
+    "bench-moe": lambda r: (r["name"],),
+    "bench-memory": lambda r: (r["variant"], r["mode"], r["length"]),
+    "bench-generate": lambda r: (r["variant"], r["prompt_len"]),
+    "bench-multi-gpu": lambda r: (r["variant"], _lr(r), r.get("steps")),
 }
 
 
+def table_key(row: dict) -> tuple:
+    return TABLE_KEYS[row["kind"]](row["config"])
+
+
 def point_key(row: dict) -> tuple:
-    return (row["kind"], row["device"], *POINT_KEYS[row["kind"]](row["config"], row["result"]))
+    return (row["kind"], row["device"], *table_key(row), *ROW_KEYS[row["kind"]](row["result"]))
 
 
 def latest_points(rows: list[dict]) -> list[dict]:

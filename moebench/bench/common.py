@@ -19,6 +19,7 @@ import torch
 
 from moebench import env
 from moebench.config import ModelConfig
+from moebench.errors import UserError
 from moebench.models.lm import build_model
 from moebench.results import FILES, append_record, bench_row, new_session
 
@@ -40,6 +41,8 @@ class Session:
         self.id = new_session()
         self.env = env.collect(device)
         self.device = env.device_name(device)
+        if results is not None and Path(results).exists() and not Path(results).is_dir():
+            raise UserError(f"{results} is a file: --out names the results folder (rows go to OUT/{FILES[kind]})")
         self.path = Path(results) / FILES[kind] if results is not None else None
         self.rows: list[dict] = []
 
