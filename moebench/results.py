@@ -263,10 +263,11 @@ def read_rows(path: str | Path) -> list[dict]:
         raise UserError(f"cannot read {p} ({e})") from None
     try:
         whole = json.loads(text)
-        raw = [whole] if isinstance(whole, dict) else None
     except json.JSONDecodeError:
-        raw = None
-    if raw is None:
+        whole = None
+    if isinstance(whole, dict) and whole.get("kind") in BENCH_KINDS and isinstance(whole.get("results"), list):
+        raw = legacy_bench_rows(whole, tag=p.stem)           # named as `results migrate` names it
+    else:
         raw = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():

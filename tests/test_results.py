@@ -273,8 +273,9 @@ def test_import_routes_by_kind_and_skips_rows_already_there(tmp_path):
     assert load_records(res / "lr_sweeps.jsonl") == [{**sweep, "schema": SCHEMA}]
     assert sorted(r["kind"] for r in load_records(res / "bench.jsonl")) == sorted(BENCH_KINDS)
     assert import_rows([src], res) == {"skipped": 8}
-    # a legacy record (one whole JSON file) imports as its points
+    # a legacy record (one whole JSON file) imports as its points, in the session `results migrate` gives them
     assert import_rows([LEGACY / "h100_moe_v6.json"], res)["bench.jsonl"] == 4
+    assert migrate_legacy(LEGACY, res)["skipped"] == 4
 
 
 def test_import_refuses_bad_input_and_writes_nothing(tmp_path, digest):

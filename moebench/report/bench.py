@@ -367,19 +367,14 @@ def _decode_summary(add, tag: str, res: list[dict]) -> None:
 # ---- the report ---------------------------------------------------------------------------------
 
 
-def bench_file(results: str | Path) -> Path:
-    """results/bench.jsonl of a results folder, or the file itself."""
-    p = Path(results)
-    if not p.exists():
-        raise UserError(f"no results at {p}: pass the results folder (with bench.jsonl)")
-    return p / FILES["bench-train"] if p.is_dir() else p
-
-
 def render_bench_report(results: str | Path = "results", out_dir: str | Path = "reports", plots: bool = True) -> Path:
     """reports/bench.md (+ bench_*.png figures, named by what they show) from results/bench.jsonl.
     Figures of earlier renders that no table shows any more are removed: every bench_*.png left in
-    out_dir is linked from bench.md."""
-    src = bench_file(results)
+    out_dir is linked from bench.md. `results` is the results folder, or a bench.jsonl file."""
+    src = Path(results)
+    if not src.exists():
+        raise UserError(f"no results at {src}: pass the results folder (with bench.jsonl)")
+    src = src / FILES["bench-train"] if src.is_dir() else src
     rows = [r for r in load_records(src) if r.get("kind") in BENCH_KINDS]
     sessions = by_session(rows)
     tables = group_tables(rows)
