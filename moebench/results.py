@@ -35,8 +35,9 @@ from moebench.errors import RunBusy, UserError
 
 SCHEMA = 2
 BENCH_KINDS = ("bench-train", "bench-moe", "bench-memory", "bench-generate", "bench-multi-gpu")
-FILES = {"train": "runs.jsonl", "lr_sweep": "lr_sweeps.jsonl", **{k: "bench.jsonl" for k in BENCH_KINDS}}
-ARCHIVE = Path("archive") / "bench.jsonl"
+BENCH_FILE = "bench.jsonl"
+FILES = {"train": "runs.jsonl", "lr_sweep": "lr_sweeps.jsonl", **{k: BENCH_FILE for k in BENCH_KINDS}}
+ARCHIVE = Path("archive") / BENCH_FILE
 
 
 def append_record(path: str | Path, record: dict) -> None:
@@ -237,7 +238,7 @@ def migrate_legacy(legacy_dir: str | Path = "results/bench", results: str | Path
         if not (isinstance(rec, dict) and rec.get("kind") in BENCH_KINDS and isinstance(rec.get("results"), list)):
             raise UserError(f"{p} is not a benchmark record (kind bench-*, a results list); move it out of {src}")
         legacy += legacy_bench_rows(rec, tag=p.stem)
-    current, archive = root / FILES["bench-train"], root / ARCHIVE
+    current, archive = root / BENCH_FILE, root / ARCHIVE
     kept = load_records(current)
     seen = {_line(r) for r in kept + load_records(archive)}
     new = [r for r in dict.fromkeys(map(_line, legacy)) if r not in seen]
@@ -296,7 +297,7 @@ def import_rows(paths: list[str | Path], results: str | Path = "results") -> dic
     for row in incoming:
         name = FILES[row["kind"]]
         if name not in seen:
-            old = load_records(root / name) + (load_records(root / ARCHIVE) if name == FILES["bench-train"] else [])
+            old = load_records(root / name) + (load_records(root / ARCHIVE) if name == BENCH_FILE else [])
             seen[name] = {_line(r) for r in old}
         line = _line(row)
         if line in seen[name]:

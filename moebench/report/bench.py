@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moebench.errors import UserError
-from moebench.results import BENCH_KINDS, FILES, latest_points, load_records, table_key
+from moebench.results import BENCH_FILE, BENCH_KINDS, latest_points, load_records, table_key
 
 
 @dataclass
@@ -374,7 +374,7 @@ def render_bench_report(results: str | Path = "results", out_dir: str | Path = "
     src = Path(results)
     if not src.exists():
         raise UserError(f"no results at {src}: pass the results folder (with bench.jsonl)")
-    src = src / FILES["bench-train"] if src.is_dir() else src
+    src = src / BENCH_FILE if src.is_dir() else src
     rows = [r for r in load_records(src) if r.get("kind") in BENCH_KINDS]
     sessions = by_session(rows)
     tables = group_tables(rows)
