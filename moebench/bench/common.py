@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from moebench import env
 from moebench.config import ModelConfig
@@ -113,7 +114,6 @@ def kernel_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5) 
     share of the work, whatever the host's launch overhead. None off CUDA."""
     if device.type != "cuda":
         return None
-    from torch.profiler import ProfilerActivity, profile
     fn()
     sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
