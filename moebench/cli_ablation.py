@@ -177,10 +177,10 @@ def report_cmd(
 
     Example: moebench report experts --preset gpu-small --lr-source sweep
     """
-    if ablation == "bench":       # the benchmark records, not an ablation
+    if ablation == "bench":       # the benchmark rows (RESULTS/bench.jsonl), not an ablation
         from moebench.report.bench import render_bench_report
-        bench_dir = "results/bench" if results == "results/runs.jsonl" else results
-        out.print(str(render_bench_report(bench_dir, out_dir)), highlight=False)
+        folder = "results" if results == "results/runs.jsonl" else results
+        out.print(str(render_bench_report(folder, out_dir)), highlight=False)
         return
     from moebench.report.ablation import build_report
 

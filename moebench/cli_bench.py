@@ -1,10 +1,10 @@
-"""`moebench bench train|moe|memory|generate`, `moebench generate CHECKPOINT` and
-`moebench report-bench`. Each command parses options, calls one function of moebench.bench /
-moebench.generate / moebench.report.bench, saves the record and prints a table."""
+"""`moebench bench train|moe|memory|generate`, `moebench generate CHECKPOINT` and `moebench results
+migrate|import`. Each command parses options and calls one function of moebench.bench /
+moebench.generate / moebench.results; a benchmark appends one row per point to RESULTS/bench.jsonl,
+prints a progress line per point on stderr and the session's table on stdout."""
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,11 +20,14 @@ if not out.is_terminal:           # piped or in a log: wide tables instead of wr
     out = Console(width=max(out.width, 180))
 err = Console(stderr=True)
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                        help="Throughput, memory and decoding benchmarks; one JSON record per run in results/bench/.")
+                        help="Throughput, memory and decoding benchmarks; one row per measured point in "
+                             "results/bench.jsonl.")
+results_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                          help="Bring rows into results/: old benchmark records, rows from another machine.")
 
 DEFAULT_FAMILY = "Mamba_25M,MoE-Mamba_25M,Transformer_25M,Transformer-MoE_25M"
-FormatOpt = Annotated[str, typer.Option("--format", help="table | json (the whole record on stdout)")]
-OutOpt = Annotated[Optional[str], typer.Option("--out", help="record file (default results/bench/<kind>_<time>.json)")]
+FormatOpt = Annotated[str, typer.Option("--format", help="table | json (the session's rows on stdout)")]
+OutOpt = Annotated[str, typer.Option("--out", help="results folder: rows are appended to OUT/bench.jsonl")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda")]
 DtypeOpt = Annotated[str, typer.Option(help="bf16 (autocast / bf16 weights) | fp32")]
 ImplOpt = Annotated[str, typer.Option(help="Mamba mixer: auto (= fast on CUDA, ref on CPU) | fast | ref")]
@@ -61,27 +64,6 @@ def _check(fmt: str, dtype: str, impl: str | None = None, moe_impl: str | None =
         raise UserError(f"unknown moe impl '{moe_impl}': use auto, grouped or loop")
 
 
-def _saver(kind: str, path: str | None):
-    """A callback that (re)writes the record after every result, so an interrupted run keeps its
-    finished points (the record says complete: false)."""
-    if path is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = f"results/bench/{kind}_{stamp}.json"
-    target = Path(path)
-    printed = [0]
-
-    def save(record: dict):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=1, default=str))
-        tmp.replace(target)
-        for r in record["results"][printed[0]:]:           # progress on stderr, one line per point
-            err.print(f"  {_progress(r)}", highlight=False, markup=False)
-        printed[0] = len(record["results"])
-    save.path = target
-    return save
-
-
 def _progress(r: dict) -> str:
     what = " ".join(str(r[k]) for k in ("variant", "name", "mode", "length", "prompt_len") if k in r)
     if r.get("status") != "ok":
@@ -94,21 +76,27 @@ def _progress(r: dict) -> str:
     return what
 
 
-def _show(record: dict, fmt: str, save) -> None:
-    from moebench.report.bench import header, table
-    err.print(f"record written to {save.path}", highlight=False)
+def _on_point(row: dict) -> None:
+    err.print(f"  {_progress(row['result'])}", highlight=False, markup=False)
+
+
+def _show(rows: list[dict], fmt: str, results: str) -> None:
+    from moebench.report.bench import by_session, group_tables, session_label, table, table_notes
+    err.print(f"{len(rows)} rows appended to {Path(results) / 'bench.jsonl'}", highlight=False)
     if fmt == "json":
-        print(json.dumps(record, indent=1, default=str))
+        print(json.dumps(rows, indent=1, default=str))
         return
-    title, cols, rows = table(record)
-    t = Table(title=Text(title), caption=Text(header(record)))
-    for c in cols:
-        t.add_column(c, justify="left" if c in ("variant", "mode", "path", "what", "impl (mixer/moe)") else "right")
-    for r in rows:
-        t.add_row(*map(Text, r))          # Text: "[dense-eq]" is a name, not Rich markup
-    out.print(t)
-    if record.get("ratios"):
-        out.print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in record["ratios"].items()))
+    sessions = by_session(rows)
+    for t in group_tables(rows):
+        title, cols, body = table(t, sessions)
+        rich = Table(title=Text(title), caption=Text(f"{t.kind} on {t.device} · {session_label(t.rows[0])}"))
+        for c in cols:
+            rich.add_column(c, justify="left" if c in ("variant", "mode", "path", "what", "impl (mixer/moe)") else "right")
+        for line in body:
+            rich.add_row(*map(Text, line))          # Text: "[dense-eq]" is a name, not Rich markup
+        out.print(rich)
+        for note in table_notes(t, sessions):
+            out.print(note, highlight=False)
 
 
 def _cuda_required(device: str):
@@ -132,21 +120,20 @@ def train_cmd(
     loss_chunk: Annotated[Optional[int], typer.Option(help="tokens per head+loss chunk (default: as train, 8192 on CUDA)")] = None,
     baselines: Annotated[bool, typer.Option(help="also time each MoE variant's dense-equivalent and loop baselines")] = True,
     fmt: FormatOpt = "table",
-    out_file: Annotated[Optional[str], typer.Option("--out", help="record file (default results/bench/bench-train_<time>.json)")] = None,
+    results: OutOpt = "results",
 ):
     """Whole training steps (forward + backward + fused AdamW): tokens/s, TFLOP/s, MFU, peak memory.
 
     Examples: moebench bench train MoE-Mamba_25M-e32 Mamba_25M;  moebench bench train Mamba_25M@tiny --device cpu --dtype fp32
     """
-    from moebench.bench import bench_train
+    from moebench.bench.train_step import bench_train
     _check(fmt, dtype, impl, moe_impl)
     _cuda_required(device)
     cfgs = _variants(variants)
-    save = _saver("bench-train", out_file)
-    rec = bench_train(cfgs, batch=batch, ctx=ctx, dtype=dtype, compile=compile, steps=steps, warmup=warmup,
-                      device=device, impl=impl, moe_impl=moe_impl, loss_chunk=loss_chunk, baselines=baselines,
-                      on_update=save)
-    _show(rec, fmt, save)
+    rows = bench_train(cfgs, batch=batch, ctx=ctx, dtype=dtype, compile=compile, steps=steps, warmup=warmup,
+                       device=device, impl=impl, moe_impl=moe_impl, loss_chunk=loss_chunk, baselines=baselines,
+                       results=results, on_point=_on_point)
+    _show(rows, fmt, results)
 
 
 @bench_app.command("moe")
@@ -163,22 +150,21 @@ def moe_cmd(
     loop: Annotated[bool, typer.Option(help="also time the per-expert loop")] = True,
     device: DeviceOpt = "auto",
     fmt: FormatOpt = "table",
-    out_file: OutOpt = None,
+    results: OutOpt = "results",
 ):
     """One MoE layer (grouped, loop, the grouped GEMMs alone) against one dense FFN, fwd and fwd+bwd.
 
     Example: moebench bench moe --tokens 32768 --experts 32
     """
-    from moebench.bench import bench_moe
+    from moebench.bench.moe_layer import bench_moe
     _check(fmt, dtype)
     _cuda_required(device)
     if not 1 <= top_k <= experts:
         raise UserError(f"need 1 <= top-k <= experts, got {top_k} and {experts}")
-    save = _saver("bench-moe", out_file)
-    rec = bench_moe(tokens=tokens, d=d, hidden=hidden, experts=experts, top_k=top_k,
-                    capacity_factor=capacity_factor or None, dtype=dtype, steps=steps, warmup=warmup,
-                    device=device, loop=loop, on_update=save)
-    _show(rec, fmt, save)
+    rows = bench_moe(tokens=tokens, d=d, hidden=hidden, experts=experts, top_k=top_k,
+                     capacity_factor=capacity_factor or None, dtype=dtype, steps=steps, warmup=warmup,
+                     device=device, loop=loop, results=results, on_point=_on_point)
+    _show(rows, fmt, results)
 
 
 @bench_app.command("memory")
@@ -194,26 +180,28 @@ def memory_cmd(
     moe_impl: MoeImplOpt = "auto",
     plots: Annotated[Optional[str], typer.Option(help="also write the PNG plot into this folder")] = None,
     fmt: FormatOpt = "table",
-    out_file: OutOpt = None,
+    results: OutOpt = "results",
 ):
     """Peak memory and time of training (fwd+bwd) and prefill (no grad, last-position logits)
     against sequence length; out-of-memory is recorded as a result.
 
     Example: moebench bench memory --lengths 1024,4096,16384,65536
     """
-    from moebench.bench import bench_memory
+    from moebench.bench.memory import bench_memory
     _check(fmt, dtype, impl, moe_impl)
     _cuda_required(device)
     cfgs, lens = _variants(variants), _ints(lengths, "lengths")
-    save = _saver("bench-memory", out_file)
-    rec = bench_memory(cfgs, lengths=lens, batch=batch, dtype=dtype,
-                       device=device, impl=impl, moe_impl=moe_impl, repeats=repeats, on_update=save)
+    rows = bench_memory(cfgs, lengths=lens, batch=batch, dtype=dtype, device=device, impl=impl,
+                        moe_impl=moe_impl, repeats=repeats, results=results, on_point=_on_point)
     if plots:
-        from moebench.report.bench import plot_memory
+        from moebench.report.bench import group_tables
+        from moebench.report.figures import figure_stem, plot_bench_memory
         Path(plots).mkdir(parents=True, exist_ok=True)
-        for p in plot_memory(rec, Path(plots)):
-            err.print(f"plot written to {p}", highlight=False)
-    _show(rec, fmt, save)
+        for t in group_tables(rows):
+            p = plot_bench_memory(t.rows, Path(plots) / f"{figure_stem(t.kind, t.key, t.device, [t.key])}.png")
+            if p:
+                err.print(f"plot written to {p}", highlight=False)
+    _show(rows, fmt, results)
 
 
 @bench_app.command("generate")
@@ -228,7 +216,7 @@ def generate_bench_cmd(
     impl: ImplOpt = "auto",
     moe_impl: MoeImplOpt = "auto",
     fmt: FormatOpt = "table",
-    out_file: OutOpt = None,
+    results: OutOpt = "results",
 ):
     """Prefill + step decoding against context length: decode tokens/s, memory, the KV-cache
     bandwidth bound of attention models and the (constant) state of Mamba models.
@@ -236,17 +224,16 @@ def generate_bench_cmd(
     Example: moebench bench generate --prompt-len 8192 --batch 64 --cuda-graph
     """
     import torch
-    from moebench.bench import bench_generate
+    from moebench.bench.generate import bench_generate
     _check(fmt, dtype, impl, moe_impl)
     _cuda_required(device)
     if cuda_graph and (device == "cpu" or not torch.cuda.is_available()):
         raise UserError("--cuda-graph needs a CUDA device")
     cfgs, lens = _variants(variants), _ints(prompt_len, "prompt lengths")
-    save = _saver("bench-generate", out_file)
-    rec = bench_generate(cfgs, prompt_lens=lens, gen_len=gen_len,
-                         batch=batch, cuda_graph=cuda_graph, dtype=dtype, device=device, impl=impl,
-                         moe_impl=moe_impl, on_update=save)
-    _show(rec, fmt, save)
+    rows = bench_generate(cfgs, prompt_lens=lens, gen_len=gen_len, batch=batch, cuda_graph=cuda_graph,
+                          dtype=dtype, device=device, impl=impl, moe_impl=moe_impl, results=results,
+                          on_point=_on_point)
+    _show(rows, fmt, results)
 
 
 def generate_cmd(
@@ -266,7 +253,7 @@ def generate_cmd(
     Example: moebench generate results/runs/<run_id>/ckpt.pt --prompt "Once upon a time" --top-k 50 --seed 0
     """
     import torch
-    from moebench.generate import generate
+    from moebench.generate import generate, load_for_generation
     model, tok, dev = load_for_generation(checkpoint, device)
     if cuda_graph and dev.type != "cuda":
         raise UserError("--cuda-graph needs a CUDA device")
@@ -283,58 +270,41 @@ def generate_cmd(
     print(prompt + tok.decode(new))
 
 
-def load_for_generation(path: str, device: str = "auto"):
-    """(model in eval mode, tokenizer, device) from a checkpoint; bad paths and contents are UserErrors."""
-    import torch
-    from moebench import checkpoint
-    from moebench.config import ModelConfig
-    from moebench.env import resolve_device
-    from moebench.data import get_tokenizer
-    from moebench.generate import cast_for_inference
-    from moebench.models.lm import build_model
-
-    dev = resolve_device(device)
-    if not Path(path).is_file():
-        raise UserError(f"no checkpoint at {path}" + (" (a folder: pass its ckpt.pt)" if Path(path).is_dir() else ""))
-    state = checkpoint.load(path, map_location="cpu")
-    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
-        raise UserError(f"{path} is not a moebench checkpoint (needs 'model' and 'model_config')")
-    try:
-        cfg = ModelConfig.from_dict(state["model_config"])
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path}: bad model_config ({e})") from None
-    model = build_model(cfg, impl="auto", device=dev)    # built on the device: 'auto' picks the kernels there
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit {cfg.name} ({str(e).splitlines()[0][:160]})") from None
-    model.eval()
-    if dev.type == "cuda":    # bf16 weights: no per-step autocast copies of every expert; graph friendly
-        model = cast_for_inference(model, torch.bfloat16)
-    return model, get_tokenizer(), dev
-
-
-def report_bench_cmd(
-    results: Annotated[str, typer.Option(help="folder (or one file) of bench records")] = "results/bench",
-    out_dir: Annotated[str, typer.Option("--out", help="report folder")] = "reports",
-    plots: Annotated[bool, typer.Option(help="write the PNG plots")] = True,
-    summary: Annotated[bool, typer.Option("--summary", help="print the summary table on stdout")] = False,
+@results_app.command("migrate")
+def migrate_cmd(
+    folder: Annotated[str, typer.Argument(help="folder of the old records (*.json, one per invocation)")] = "results/bench",
+    results: Annotated[str, typer.Option("--out", help="results folder (bench.jsonl, archive/bench.jsonl)")] = "results",
 ):
-    """Render results/bench/*.json into reports/bench.md (+ PNGs).
+    """Old benchmark records (FOLDER/*.json) -> one row per point: the latest of each point in
+    OUT/bench.jsonl, the points it supersedes in OUT/archive/bench.jsonl. Rows already in either file
+    are skipped; the old files are left in place.
 
-    Example: moebench report-bench --results results/bench --out reports
+    Example: moebench results migrate results/bench && git rm results/bench/*.json
     """
-    from moebench.report.bench import load_bench_records, render_bench_report, summary_markdown
-    if not Path(results).exists():
-        raise UserError(f"no results at {results}")
-    path = render_bench_report(results, out_dir, plots=plots)
-    err.print(f"report written to {path}", highlight=False)
-    if summary:
-        print(summary_markdown(load_bench_records(results)))
+    from moebench.results import migrate_legacy
+    n = migrate_legacy(folder, results)
+    out.print(f"{n['points']} points of {n['files']} records: {n['current']} appended to {Path(results) / 'bench.jsonl'}, "
+              f"{n['archived']} to {Path(results) / 'archive' / 'bench.jsonl'}, {n['skipped']} there already; "
+              f"{folder}/*.json can go", highlight=False, soft_wrap=True)
+
+
+@results_app.command("import")
+def import_cmd(
+    files: Annotated[list[str], typer.Argument(help="files of rows (JSON lines), e.g. a GPU machine's bench.jsonl")],
+    results: Annotated[str, typer.Option("--out", help="results folder")] = "results",
+):
+    """Append rows to the file of OUT their kind belongs in (train -> runs.jsonl, lr_sweep ->
+    lr_sweeps.jsonl, bench-* -> bench.jsonl), skipping rows already there (identical JSON).
+
+    Example: moebench results import /tmp/gpu-out/bench.jsonl && moebench report bench
+    """
+    from moebench.results import import_rows
+    n = import_rows(files, results)
+    added = ", ".join(f"{v} to {Path(results) / k}" for k, v in n.items() if k != "skipped") or "nothing"
+    out.print(f"appended {added}; {n['skipped']} rows there already", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")
+    app.add_typer(results_app, name="results")
     app.command("generate")(generate_cmd)
-    app.command("report-bench")(report_bench_cmd)
-

@@ -307,3 +307,36 @@ def generate(model, prompt_BL: torch.Tensor, max_new_tokens: int, temperature: f
             if i + 1 < max_new_tokens:
                 logits_BV = dec.step(tok_B)
     return torch.cat([prompt_BL, out_BN], dim=1)
+
+
+def load_for_generation(path: str, device: str = "auto"):
+    """(model in eval mode, tokenizer, device) from a checkpoint; bad paths and contents are UserErrors."""
+    # imported here: loading a checkpoint needs the tokenizer and the model builder, decoding alone does not
+    from pathlib import Path
+
+    from moebench import checkpoint
+    from moebench.config import ModelConfig
+    from moebench.data import get_tokenizer
+    from moebench.env import resolve_device
+    from moebench.errors import UserError
+    from moebench.models.lm import build_model
+
+    dev = resolve_device(device)
+    if not Path(path).is_file():
+        raise UserError(f"no checkpoint at {path}" + (" (a folder: pass its ckpt.pt)" if Path(path).is_dir() else ""))
+    state = checkpoint.load(path, map_location="cpu")
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+        raise UserError(f"{path} is not a moebench checkpoint (needs 'model' and 'model_config')")
+    try:
+        cfg = ModelConfig.from_dict(state["model_config"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: bad model_config ({e})") from None
+    model = build_model(cfg, impl="auto", device=dev)    # built on the device: 'auto' picks the kernels there
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit {cfg.name} ({str(e).splitlines()[0][:160]})") from None
+    model.eval()
+    if dev.type == "cuda":    # bf16 weights: no per-step autocast copies of every expert; graph friendly
+        model = cast_for_inference(model, torch.bfloat16)
+    return model, get_tokenizer(), dev

@@ -16,7 +16,7 @@ import statistics
 import torch
 from torch import nn
 
-from moebench.bench import capture_cuda_graph
+from moebench.bench.common import capture_cuda_graph
 from moebench.generate import cast_for_inference
 from moebench.models.mamba import Mamba
 from moebench.ops import mamba_decode

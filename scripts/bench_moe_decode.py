@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moebench.bench import capture_cuda_graph
+from moebench.bench.common import capture_cuda_graph
 from moebench.models.moe import MoE
 from moebench.ops import moe_decode
 from moebench.ops.moe_decode import (decode_experts, decode_experts_ref, decode_moe_residual,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from moebench.bench import median_ms as bench_median_ms
+from moebench.bench.common import median_ms as bench_median_ms
 from moebench.config import TrainConfig
 from moebench.models.lm import build_model
 from moebench.ops import adamw as adamw_ops

@@ -1,26 +1,27 @@
 #!/usr/bin/env bash
-# Every benchmark of the speed/memory/generation issue in one command on a lent H100; JSON records
-# into $OUT (8 files at most, flat), the summary against the targets printed last.
+# Every benchmark of the speed/memory/generation issue in one command on a lent H100: one row per
+# measured point appended to $OUT/bench.jsonl, the report's bench.md copied to $OUT (its figures stay
+# behind: at most 8 files come back from a lent machine) and its summary against the targets printed last.
 #
 #   usage (repo root, device machine):   bash scripts/gpu_bench.sh
 #   check it on a CPU first (1-2 minutes, CPU twins):  SMOKE=1 OUT=/tmp/smoke bash scripts/gpu_bench.sh
-#   then, locally:  cp <files_at>/*.json results/bench/ && moebench report-bench   (or: moebench report bench)
+#   then, locally:  moebench results import <files_at>/bench.jsonl && moebench report bench
 #
 # Sections run in order of importance, each under its own time limit and a 7.5-minute overall
-# deadline. A record is rewritten after every measured point, so a section that is cut short still
-# leaves its finished points (with "complete": false).
-#   train.json            bench train: MoE-Mamba_25M-e32 (+ dense-equivalent, loop), Mamba_25M,
-#                         Transformer_25M, Transformer-MoE_25M (+ baselines); 32 x 1024, bf16, eager
-#   moe.json              bench moe: one MoE layer, T=32768, d=512, expert 1536, E=32
-#   generate_graph.json   bench generate: batch 64, prompts 1k..8k, 128 new tokens, CUDA graphs
-#   generate_eager.json   the same without CUDA graphs
-#   memory.json           bench memory: batch 1, lengths 512..65536, training and prefill
-#   train_compile.json    bench train MoE-Mamba_25M-e32 --compile, with its baselines (only if time is left;
-#                         not in SMOKE mode, where fp32 grouped_mm does not trace under torch.compile)
-#   (log only)            scripts/bench_moe_decode.py (one MoE layer at decode), scripts/bench_mamba_decode.py
-#                         (Mamba sublayers at decode) and scripts/bench_optim.py
-#   bench.md, bench.log   the rendered report (plots left out: render them locally) and every section's output
-#                         (including `pytest -m gpu tests/test_generate.py`: CUDA-graph decode == eager decode)
+# deadline. Every point is appended to bench.jsonl as soon as it is measured, so a section that is
+# cut short keeps its finished points. One session (one invocation) per section:
+#   train           bench train: MoE-Mamba_25M-e32 (+ dense-equivalent, loop), Mamba_25M,
+#                   Transformer_25M, Transformer-MoE_25M (+ baselines); 32 x 1024, bf16, eager
+#   moe             bench moe: one MoE layer, T=32768, d=512, expert 1536, E=32
+#   generate-graph  bench generate: batch 64, prompts 1k..8k, 128 new tokens, CUDA graphs
+#   generate-eager  the same without CUDA graphs
+#   memory          bench memory: batch 1, lengths 512..65536, training and prefill
+#   compile         bench train MoE-Mamba_25M-e32 --compile, with its baselines (only if time is left;
+#                   not in SMOKE mode, where fp32 grouped_mm does not trace under torch.compile)
+#   (log only)      scripts/bench_moe_decode.py (one MoE layer at decode), scripts/bench_mamba_decode.py
+#                   (Mamba sublayers at decode) and scripts/bench_optim.py
+#   bench.md, bench.log   the rendered report and every section's output
+#                   (including `pytest -m gpu tests/test_generate.py`: CUDA-graph decode == eager decode)
 set -u
 cd "$(dirname "$0")/.."
 if [ "${SMOKE:-0}" = 1 ]; then     # SMOKE=1: the same sections on the CPU twins, tiny sizes (checks the script)
@@ -34,7 +35,7 @@ else
   GEN="--batch 64 --prompt-len 1024,2048,4096,8192 --gen-len 128"; GRAPH="--cuda-graph"
   MEM="--batch 1 --lengths 512,1024,2048,4096,8192,16384,32768,65536"; COMPILE="--steps 10 --warmup 20"
 fi
-OUT=${OUT:-results/bench/gpu-$(date +%Y%m%d-%H%M%S)}
+OUT=${OUT:-/tmp/gpu_bench-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 LOG="$OUT/bench.log"
 DEADLINE=${DEADLINE:-450}          # seconds for all sections together
@@ -51,7 +52,7 @@ section() {  # section NAME LIMIT_S COMMAND... : COMMAND under min(LIMIT, time l
   timeout -k 10 "$limit" "$@" >>"$LOG" 2>&1
   local rc=$?
   local status="ok"
-  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status="TIMED OUT (partial record kept)"
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status="TIMED OUT (measured points kept)"
   elif [ $rc -ne 0 ]; then status="FAILED rc=$rc"; fi
   echo "--- $name: $status in $((SECONDS - t0))s" | tee -a "$LOG"
   if [ "$status" != "ok" ]; then tail -n 4 "$LOG" | sed 's/^/    /'; fi
@@ -60,25 +61,28 @@ section() {  # section NAME LIMIT_S COMMAND... : COMMAND under min(LIMIT, time l
 # shellcheck disable=SC2086  # the option strings above are meant to split into words
 MB="python3 -m moebench"
 section train 150 $MB bench train MoE-Mamba_25M-e32$T Mamba_25M$T Transformer_25M$T Transformer-MoE_25M$T \
-  $TRAIN $DEV --out "$OUT/train.json"
-section moe 45 $MB bench moe $MOE $DEV --out "$OUT/moe.json"
+  $TRAIN $DEV --out "$OUT"
+section moe 45 $MB bench moe $MOE $DEV --out "$OUT"
 [ "${SMOKE:-0}" = 1 ] || section gpu-tests 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_generate.py
-section generate-graph 90 $MB bench generate --variants "$FAMILY" $GEN $GRAPH $DEV --out "$OUT/generate_graph.json"
-section generate-eager 90 $MB bench generate --variants "$FAMILY" $GEN $DEV --out "$OUT/generate_eager.json"
+section generate-graph 90 $MB bench generate --variants "$FAMILY" $GEN $GRAPH $DEV --out "$OUT"
+section generate-eager 90 $MB bench generate --variants "$FAMILY" $GEN $DEV --out "$OUT"
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-section memory 120 $MB bench memory --variants "$FAMILY" $MEM $DEV --out "$OUT/memory.json"
+section memory 120 $MB bench memory --variants "$FAMILY" $MEM $DEV --out "$OUT"
 # compiled, with both baselines: the run in which the training targets can hold together (the
 # compiled loop recompiles for a while, hence the longer warm-up)
 [ -n "$COMPILE" ] && section compile 180 $MB bench train MoE-Mamba_25M-e32$T --compile $COMPILE $DEV \
-  --out "$OUT/train_compile.json"
+  --out "$OUT"
 if [ "${SMOKE:-0}" != 1 ]; then     # GPU-only scripts, output in the log
   section moe-decode 60 python3 scripts/bench_moe_decode.py
   section mamba-decode 60 python3 scripts/bench_mamba_decode.py
   section optimizer 60 python3 scripts/bench_optim.py
 fi
 
-python3 -m moebench report-bench --results "$OUT" --out /tmp/moebench_report --no-plots >>"$LOG" 2>&1 \
-  && cp /tmp/moebench_report/bench.md "$OUT/bench.md"
+rm -f "$OUT/bench.jsonl.lock"        # the writers' lock: nothing writes any more
+REPORT=/tmp/gpu_bench_report
+python3 -m moebench report bench --results "$OUT" --out "$REPORT" >>"$LOG" 2>&1 \
+  && cp "$REPORT/bench.md" "$OUT/bench.md" || echo "--- report: FAILED (see $LOG)"
 echo
-echo "== summary ($((SECONDS - START))s of benchmarks; records in $OUT) =="
-python3 -m moebench.report.bench "$OUT"
+echo "== summary ($((SECONDS - START))s of benchmarks; rows in $OUT/bench.jsonl) =="
+# the report's summary section: from its heading to the next one
+[ -f "$OUT/bench.md" ] && sed -n '/^## Summary/,/^## /{/^## [^S]/!p}' "$OUT/bench.md"

@@ -4,7 +4,7 @@
 # GPU (gradient accumulation) and under torchrun on N GPUs. Same micro batches in the same steps
 # (moebench/distributed.py), so the losses must agree to rounding. Needs .whl/ and .carry/data/prose.
 #   usage (repo root, device machine):  MOEBENCH_GIT_SHA=<sha> bash scripts/gpu_multi.sh [N_GPUS] [STEPS]
-#   then locally: cp <files_at>/multi_gpu.json results/bench/<card>_multi_gpu.json
+#   then locally: moebench results import <files_at>/bench.jsonl   (one bench-multi-gpu row per model)
 set -u
 cd "$(dirname "$0")/.."
 . scripts/device_env.sh || exit 1
@@ -29,4 +29,4 @@ for model in $MODELS; do
     rm -f "$dir"/runs/*/ckpt.pt          # the 100M MoE's checkpoint is 29 GB: keep the disk free
   done
 done
-python3 scripts/multi_gpu_summary.py "$RUNS" "$NGPU" "$OUT/$(basename "$RUNS").json" 2>&1 | tee -a "$LOG"
+python3 scripts/multi_gpu_summary.py "$RUNS" "$NGPU" "$OUT" 2>&1 | tee -a "$LOG"

@@ -12,8 +12,8 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from moebench.bench import dense_equivalent
-from moebench.bench import median_ms as bench_median_ms
+from moebench.bench.common import median_ms as bench_median_ms
+from moebench.bench.train_step import dense_equivalent
 from moebench.models.lm import LOSS_CHUNK_CUDA
 from moebench.registry import get as get_variant
 

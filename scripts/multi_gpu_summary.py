@@ -1,22 +1,22 @@
-"""Summarise the runs of scripts/gpu_multi.sh into one bench record (kind bench-multi-gpu): per model,
-tokens/s on 1 and N GPUs (steady state: between the first and the last curve point, so start-up and
-the first steps' autotuning are left out), per GPU, the scaling efficiency, and the training and
-validation losses of the two runs side by side.
+"""Summarise the runs of scripts/gpu_multi.sh into bench rows (kind bench-multi-gpu, one per model,
+appended to OUT_DIR/bench.jsonl through moebench.results): tokens/s on 1 and N GPUs (steady state:
+between the first and the last curve point, so start-up and the first steps' autotuning are left
+out), per GPU, the scaling efficiency, and the training and validation losses of the two runs side by side.
 
-    usage: python3 scripts/multi_gpu_summary.py RUNS_DIR N_GPUS OUT.json
+    usage: python3 scripts/multi_gpu_summary.py RUNS_DIR N_GPUS OUT_DIR
+    then, locally: moebench results import <files_at>/bench.jsonl
 """
 from __future__ import annotations
 
 import csv
 import json
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from moebench import env
-from moebench.results import load_records
+from moebench.results import FILES, append_record, bench_row, load_records, new_session
 
 
 def _num(v):
@@ -77,13 +77,12 @@ def main(runs: str, ngpu: int, out: str) -> None:
         results.append(res)
         print(json.dumps({k: v for k, v in res.items() if k not in ("loss_by_step", "train_config")}))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    record = {"schema": 1, "kind": "bench-multi-gpu", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "complete": all(r["status"] == "ok" for r in results),
-              "config": {"n_gpus": ngpu, "launcher": "torchrun --standalone", "parallelism": "DDP (NCCL)"},
-              "results": results, "env": env.collect(dev), "device": env.device_name(dev),
-              "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-              if torch.cuda.is_available() else []}
-    Path(out).write_text(json.dumps(record, indent=1))
+    config = {"n_gpus": ngpu, "launcher": "torchrun --standalone", "parallelism": "DDP (NCCL)",
+              "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+    session, envd, device = new_session(), env.collect(dev), env.device_name(dev)
+    for res in results:
+        append_record(Path(out) / FILES["bench-multi-gpu"],
+                      bench_row("bench-multi-gpu", session, config, res, env=envd, device=device))
 
 
 if __name__ == "__main__":

@@ -1,20 +1,30 @@
-"""Benchmarks on CPU with tiny configs: each command runs and writes a valid self-describing record,
-MoE variants get their dense-equivalent and loop baselines, out-of-memory is recorded as a result,
-and the report renders the records."""
+"""Benchmarks on CPU with tiny configs: each benchmark appends one self-describing row per point as
+soon as it is measured, MoE variants get their dense-equivalent and loop baselines (ratios computed
+within a session), out-of-memory is recorded as a result, and the report renders the latest row of
+each point into tables and figures named by what they show."""
 from __future__ import annotations
 
 import json
+import re
+import runpy
+import sys
 from dataclasses import replace
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-import moebench.bench as bench
-from moebench.report.bench import load_bench_records, render_bench_report, summary_rows, table
+from moebench.bench import common, memory, train_step
+from moebench.bench.generate import bench_generate
+from moebench.bench.memory import bench_memory
+from moebench.bench.train_step import bench_train
+from moebench.errors import UserError
 from moebench.registry import get
+from moebench.report.bench import (by_session, group_tables, moe_ratios, render_bench_report, summary_rows, table,
+                                   train_ratios)
+from moebench.results import SCHEMA, append_record, bench_row, load_records
 
-RECORD_KEYS = {"schema", "kind", "created", "complete", "config", "results", "env", "device"}
+ROW_KEYS = {"schema", "kind", "session", "created", "device", "env", "config", "result"}
 ENV_KEYS = {"git_sha", "git_dirty", "torch", "device", "device_name"}
 
 
@@ -26,77 +36,90 @@ def small(name: str):
     return replace(get(name + "@tiny"), vocab_size=256)
 
 
-def check_record(rec: dict, kind: str):
-    assert RECORD_KEYS <= rec.keys(), RECORD_KEYS - rec.keys()
-    assert rec["kind"] == kind and rec["schema"] == bench.SCHEMA and rec["complete"] is True
-    assert ENV_KEYS <= rec["env"].keys()
-    json.dumps(rec)                                        # serialisable as is
+def check_rows(rows: list[dict], kind: str):
+    """Rows of one session: self-describing, one schema, JSON as they are."""
+    assert rows and {r["session"] for r in rows} == {rows[0]["session"]}
+    for r in rows:
+        assert r.keys() == ROW_KEYS and r["kind"] == kind and r["schema"] == SCHEMA
+        assert ENV_KEYS <= r["env"].keys() and r["device"] == r["env"]["device_name"]
+        assert r["config"] == rows[0]["config"]
+        json.dumps(r)
 
 
-def test_bench_train_with_baselines():
-    rec = bench.bench_train([small("MoE-Mamba_25M"), small("Mamba_25M")], batch=1, ctx=16, dtype="fp32",
-                            steps=2, warmup=1, device="cpu")
-    check_record(rec, "bench-train")
-    by = {r["variant"]: r for r in rec["results"]}
+def test_bench_train_with_baselines(tmp_path):
+    rows = bench_train([small("MoE-Mamba_25M"), small("Mamba_25M")], batch=1, ctx=16, dtype="fp32",
+                       steps=2, warmup=1, device="cpu", results=tmp_path)
+    check_rows(rows, "bench-train")
+    assert load_records(tmp_path / "bench.jsonl") == rows
+    by = {r["result"]["variant"]: r for r in rows}
     assert list(by) == ["MoE-Mamba_25M@tiny", "MoE-Mamba_25M@tiny[dense-eq]", "MoE-Mamba_25M@tiny[loop]",
                         "Mamba_25M@tiny"]
-    main, dense, loop = by["MoE-Mamba_25M@tiny"], by["MoE-Mamba_25M@tiny[dense-eq]"], by["MoE-Mamba_25M@tiny[loop]"]
-    assert all(r["status"] == "ok" for r in rec["results"])
+    main, dense, loop = (by[f"MoE-Mamba_25M@tiny{s}"]["result"] for s in ("", "[dense-eq]", "[loop]"))
+    assert all(r["result"]["status"] == "ok" for r in rows)
     assert dense["model"]["ffn"] == "dense" and dense["baseline"] == "dense-equivalent" and dense["of"] == main["variant"]
-    assert loop["impl"]["moe"] == "loop" and loop["baseline"] == "loop"
-    assert main["impl"]["mixer"] == "ref" and main["impl"]["compile"] is False
+    assert loop["impl"]["moe"] == "loop" and loop["baseline"] == "loop" and loop["of"] == main["variant"]
+    assert main["impl"]["mixer"] == "ref" and main["impl"]["compile"] is False and main["of"] is None
     assert dense["params"]["active"] < main["params"]["total"]
-    for r in rec["results"]:
-        assert len(r["step_s"]["all"]) == 2 and r["tokens_per_s"] > 0 and r["mfu"] is None
-    assert main["ratios"]["vs_dense_equivalent"] == pytest.approx(main["tokens_per_s"] / dense["tokens_per_s"])
-    assert "ratios" not in by["Mamba_25M@tiny"]
+    for r in rows:
+        assert len(r["result"]["step_s"]["all"]) == 2 and r["result"]["tokens_per_s"] > 0 and r["result"]["mfu"] is None
+        assert "ratios" not in r["result"], "derived from several points: computed by the report"
+    ratios = train_ratios(by["MoE-Mamba_25M@tiny"], by_session(rows))
+    assert ratios == {"vs_dense_equivalent": pytest.approx(main["tokens_per_s"] / dense["tokens_per_s"]),
+                      "vs_loop": pytest.approx(main["tokens_per_s"] / loop["tokens_per_s"])}
+    assert train_ratios(by["Mamba_25M@tiny"], by_session(rows)) == {}
 
 
 def test_bench_train_records_oom(monkeypatch):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-    monkeypatch.setattr(bench, "_train_one", oom)
-    rec = bench.bench_train([small("Transformer-MoE_25M")], batch=1, ctx=8, dtype="fp32", steps=1, warmup=0,
-                            device="cpu")
-    assert [r["status"] for r in rec["results"]] == ["oom"] * 3
-    assert rec["results"][0]["ratios"] == {"vs_dense_equivalent": None, "vs_loop": None}
+    monkeypatch.setattr(train_step, "time_train_step", oom)
+    rows = bench_train([small("Transformer-MoE_25M")], batch=1, ctx=8, dtype="fp32", steps=1, warmup=0, device="cpu")
+    assert [r["result"]["status"] for r in rows] == ["oom"] * 3
+    assert "simulated" in rows[0]["result"]["error"]
+    assert train_ratios(rows[0], by_session(rows)) == {"vs_dense_equivalent": None, "vs_loop": None}
+
+    def other(*a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access")
+    monkeypatch.setattr(train_step, "time_train_step", other)
+    with pytest.raises(RuntimeError, match="illegal memory access"):       # only out-of-memory is a result
+        bench_train([small("Mamba_25M")], batch=1, ctx=8, dtype="fp32", steps=1, warmup=0, device="cpu")
 
 
-def test_bench_memory_records_oom_as_a_result(monkeypatch):
-    real = bench.memory_train_step
+def test_bench_memory_appends_each_point_as_measured_and_records_oom(monkeypatch, tmp_path):
+    real = memory.memory_train_step
 
     def fake(model, idx_BL, tgt_BL, amp, loss_chunk):
         if idx_BL.shape[1] >= 32:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB (simulated)")
         return real(model, idx_BL, tgt_BL, amp, loss_chunk)
-    monkeypatch.setattr(bench, "memory_train_step", fake)
-    saved = []
-    cfg = small("Transformer-MoE_25M")
-    rec = bench.bench_memory([cfg], lengths=[64, 8, 32, 16], dtype="fp32", device="cpu", repeats=1, warmup=0,
-                             on_update=lambda r: saved.append(len(r["results"])))
-    check_record(rec, "bench-memory")
-    got = {(r["mode"], r["length"]): r for r in rec["results"]}
+    monkeypatch.setattr(memory, "memory_train_step", fake)
+    on_disk = []
+    rows = bench_memory([small("Transformer-MoE_25M")], lengths=[64, 8, 32, 16], dtype="fp32", device="cpu",
+                        repeats=1, warmup=0, results=tmp_path,
+                        on_point=lambda row: on_disk.append(len(load_records(tmp_path / "bench.jsonl"))))
+    check_rows(rows, "bench-memory")
+    assert on_disk == list(range(1, 9)), "each point is in bench.jsonl before the next one is measured"
+    got = {(r["result"]["mode"], r["result"]["length"]): r["result"] for r in rows}
     assert [got["train", n]["status"] for n in (8, 16, 32, 64)] == ["ok", "ok", "oom", "oom"]
     assert "simulated" in got["train", 32]["error"] and got["train", 64]["skipped"] is True
     assert all(got["prefill", n]["status"] == "ok" for n in (8, 16, 32, 64))
     assert got["prefill", 64]["tokens"] == 64 and got["prefill", 64]["time_s"]["n"] == 1
-    assert saved == list(range(1, 9)) + [8], "the record is saved after every point, and once complete"
 
 
 def test_memory_prefill_uses_last_position_logits():
     torch.manual_seed(0)
-    model = bench.build(small("Mamba_25M"), "ref", "auto", torch.device("cpu")).eval()
+    model = common.build(small("Mamba_25M"), "ref", "auto", torch.device("cpu")).eval()
     seen = []
     model.head.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
-    logits = bench.memory_prefill_step(model, torch.randint(0, 256, (2, 12)), bench.amp_context("fp32", None))
+    logits = memory.memory_prefill_step(model, torch.randint(0, 256, (2, 12)), common.amp_context("fp32", None))
     assert logits.shape == (2, 256) and seen == [(2, model.cfg.d_model)]
 
 
 def test_bench_generate_state_and_kv():
-    rec = bench.bench_generate([small("MoE-Mamba_25M"), small("Transformer-MoE_25M")], prompt_lens=[8, 32],
-                               gen_len=3, batch=2, dtype="fp32", device="cpu")
-    check_record(rec, "bench-generate")
-    res = {(r["variant"], r["prompt_len"]): r for r in rec["results"]}
+    rows = bench_generate([small("MoE-Mamba_25M"), small("Transformer-MoE_25M")], prompt_lens=[8, 32],
+                          gen_len=3, batch=2, dtype="fp32", device="cpu")
+    check_rows(rows, "bench-generate")
+    res = {(r["result"]["variant"], r["result"]["prompt_len"]): r["result"] for r in rows}
     assert all(r["status"] == "ok" and r["decode_tokens_per_s"] > 0 for r in res.values())
     mm8, mm32 = res["MoE-Mamba_25M@tiny", 8], res["MoE-Mamba_25M@tiny", 32]
     assert mm8["state_bytes"] == mm32["state_bytes"] and "kv_bytes_per_step" not in mm8
@@ -104,13 +127,89 @@ def test_bench_generate_state_and_kv():
     assert tm8["kv_bytes_per_step"] < tm32["kv_bytes_per_step"]
     # 2 layers x (K and V) x batch 2 x 64 channels x 33.5 positions on average x 4 bytes
     assert tm32["kv_bytes_per_step"] == 2 * 2 * 2 * 64 * (32 + 2) * 4
-    assert rec["bandwidth"]["used_bytes_s"] is None          # CPU: no bound, and no guess
+    assert mm8["bandwidth"]["used_bytes_s"] is None                     # CPU: no bound, and no guess
     assert mm32["prompt_logits_gib"] == pytest.approx(2 * 32 * 256 * 4 / 2**30)
     # on a CPU the decode steps take the MoE's training path, not the Triton decode kernels
     assert mm8["impl"]["decode"] is False and tm8["impl"]["decode"] is False
 
 
-# ---- CLI + report -------------------------------------------------------------------------------
+# ---- report: built from rows ------------------------------------------------------------------
+
+ENV = {"git_sha": "abc1234", "git_dirty": False, "torch": "2.13.0", "mamba_ssm": "2.3.2", "device": "cuda",
+       "device_name": "NVIDIA H100 80GB HBM3"}
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def train_row(session, created, variant, tok_s, *, baseline=None, of=None, device=H100, status="ok", **config):
+    cfg = {"batch": 32, "ctx": 1024, "dtype": "bf16", "compile": False, "impl": "fast", "moe_impl": "auto",
+           "adamw": "fused", "steps": 20, "warmup": 5, **config}
+    res = {"variant": variant, "baseline": baseline, "of": of, "status": status, "tokens_per_s": tok_s,
+           "step_s": {"median": 32768 / tok_s}, "tflops": 1.0, "mfu": 0.1, "peak_mem_gib": 1.0,
+           "impl": {"mixer": "fast", "moe": "grouped" if "MoE" in variant else None}}
+    return bench_row("bench-train", session, cfg, res, env=ENV, device=device, created=created)
+
+
+def moe_session(session, created, ms: dict):
+    cfg = {"tokens": 64, "d": 16, "hidden": 32, "experts": 4, "top_k": 1, "capacity_factor": 1.0, "dtype": "bf16"}
+    return [bench_row("bench-moe", session, cfg, {"name": n, "status": "ok", "fwd_ms": {"median": v / 3},
+                                                   "fwd_bwd_ms": {"median": v}, "tflops_fwd_bwd": 1.0},
+                      env=ENV, device=H100, created=created) for n, v in ms.items()]
+
+
+def test_ratios_come_from_the_rows_of_one_session():
+    a = "20260101T000000Z-aaaaaa"
+    b = "20260102T000000Z-bbbbbb"
+    rows = [train_row(a, "2026-01-01T00:00:00+00:00", "MoE", 300e3),
+            train_row(a, "2026-01-01T00:01:00+00:00", "MoE[dense-eq]", 400e3, baseline="dense-equivalent", of="MoE"),
+            train_row(a, "2026-01-01T00:02:00+00:00", "MoE[loop]", 100e3, baseline="loop", of="MoE"),
+            train_row(b, "2026-01-02T00:00:00+00:00", "MoE", 360e3),      # measured again, alone
+            train_row(b, "2026-01-02T00:01:00+00:00", "MoE[loop]", 90e3, baseline="loop", of="MoE", status="oom")]
+    sessions = by_session(rows)
+    assert train_ratios(rows[0], sessions) == {"vs_dense_equivalent": 0.75, "vs_loop": 3.0}
+    assert train_ratios(rows[3], sessions) == {"vs_loop": None}, "never against another session's baseline"
+    [t] = group_tables(rows)
+    # the newest session's points in its order, then the older sessions' others
+    assert [r["result"]["variant"] for r in t.rows] == ["MoE", "MoE[loop]", "MoE[dense-eq]"]
+    assert [r["session"] for r in t.rows] == [b, b, a] and t.sessions == [b, a]
+    title, cols, body = table(t, sessions)
+    assert cols[-1] == "session" and [line[-1] for line in body] == ["[1]", "[1]", "[2]"]
+    assert body[0][:1] + body[0][-3:] == ["MoE", "-", "-", "[1]"] and body[1][2] == "OOM"
+    moe = moe_session(a, "2026-01-01T00:00:00+00:00", {"dense": 1.0, "grouped": 2.5, "loop": 10.0})
+    moe += moe_session(b, "2026-01-02T00:00:00+00:00", {"grouped": 2.0})
+    assert moe_ratios(by_session(moe)[a]) == {"grouped_over_dense": 2.5, "loop_over_grouped": 4.0}
+    assert moe_ratios(by_session(moe)[b]) == {}
+    summary = {line[0]: line[1] for line in summary_rows(group_tables(rows + moe), by_session(rows + moe))}
+    assert summary["train eager MoE"].startswith("360.0k") and summary["↳ MoE vs loop"] == "-"
+    assert summary["MoE layer fwd+bwd (ms)"] == "grouped 2.00, dense 1.00, loop 10.00"
+
+
+def test_report_names_figures_by_content_and_links_every_png(tmp_path):
+    res, rep = tmp_path / "results", tmp_path / "reports"
+    rows = [train_row("20260101T000000Z-aaaaaa", "2026-01-01T00:00:00+00:00", "Mamba_25M", 3e5),
+            train_row("20260102T000000Z-bbbbbb", "2026-01-02T00:00:00+00:00", "Mamba_25M", 3e5,
+                      adamw="triton"),
+            train_row("20260103T000000Z-cccccc", "2026-01-03T00:00:00+00:00", "Mamba_25M", 4e5, compile=True),
+            train_row("20260103T000000Z-dddddd", "2026-01-03T00:00:00+00:00", "Mamba_25M", 1e3,
+                      device="cpu (x86_64, 2 threads)", dtype="fp32")]
+    for r in rows:
+        append_record(res / "bench.jsonl", r)
+    rep.mkdir()
+    (rep / "bench_train_2.png").write_bytes(b"an old figure")                     # a counter: removed
+    (rep / "experts_loss.png").write_bytes(b"the ablation report's")               # not ours: kept
+    md = render_bench_report(res, rep).read_text()
+    pngs = sorted(p.name for p in rep.glob("*.png"))
+    # the H100 tables differ in compile and optimizer, so both are named; the CPU one needs neither
+    assert pngs == ["bench_train_compiled_32x1024_fused-adamw_h100.png", "bench_train_eager_32x1024_cpu.png",
+                    "bench_train_eager_32x1024_fused-adamw_h100.png", "bench_train_eager_32x1024_triton-adamw_h100.png",
+                    "experts_loss.png"]
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert sorted(linked) == [p for p in pngs if p.startswith("bench_")]
+    assert md.count("## training steps") == 4 and "session 20260102T000000Z-bbbbbb" in md
+    with pytest.raises(UserError, match="no results"):
+        render_bench_report(tmp_path / "missing", rep)
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
 
 
 def _run(args):
@@ -121,67 +220,65 @@ def _run(args):
 
 
 def test_cli_bench_commands_and_report(tmp_path):
-    res = tmp_path / "results"
+    res, rep = tmp_path / "results", tmp_path / "reports"
     r = _run(["bench", "train", "Transformer-MoE_25M@tiny", "--batch", "1", "--ctx", "16", "--steps", "1",
-              "--warmup", "0", "--dtype", "fp32", "--device", "cpu", "--format", "json",
-              "--out", str(res / "train.json")])
-    rec = json.loads(r.stdout)
-    check_record(rec, "bench-train")
-    assert rec == json.loads((res / "train.json").read_text())
-    assert [x["variant"] for x in rec["results"]][1:] == ["Transformer-MoE_25M@tiny[dense-eq]",
-                                                          "Transformer-MoE_25M@tiny[loop]"]
+              "--warmup", "0", "--dtype", "fp32", "--device", "cpu", "--format", "json", "--out", str(res)])
+    rows = json.loads(r.stdout)
+    check_rows(rows, "bench-train")
+    assert rows == load_records(res / "bench.jsonl")
+    assert [x["result"]["variant"] for x in rows][1:] == ["Transformer-MoE_25M@tiny[dense-eq]",
+                                                           "Transformer-MoE_25M@tiny[loop]"]
     r = _run(["bench", "moe", "--tokens", "64", "--d", "16", "--hidden", "32", "--experts", "4", "--steps", "1",
-              "--warmup", "0", "--dtype", "fp32", "--device", "cpu", "--out", str(res / "moe.json")])
-    assert "grouped" in r.stdout and "dense" in r.stdout
-    moe = json.loads((res / "moe.json").read_text())
-    check_record(moe, "bench-moe")
-    assert {x["name"] for x in moe["results"]} >= {"dense", "grouped", "loop"}
-    assert all(x["kernel_ms_fwd_bwd"] is None for x in moe["results"])      # GPU kernels: CUDA only
+              "--warmup", "0", "--dtype", "fp32", "--device", "cpu", "--no-loop", "--out", str(res)])
+    assert "grouped" in r.stdout and "dense" in r.stdout and "ratios: grouped_over_dense" in r.stdout
+    moe = [x for x in load_records(res / "bench.jsonl") if x["kind"] == "bench-moe"]
+    check_rows(moe, "bench-moe")
+    assert {x["result"]["name"] for x in moe} >= {"dense", "grouped"}
+    assert all(x["result"]["kernel_ms_fwd_bwd"] is None for x in moe)          # GPU kernels: CUDA only
     _run(["bench", "memory", "--variants", "Mamba_25M@tiny", "--lengths", "8,16", "--repeats", "1",
-          "--dtype", "fp32", "--device", "cpu", "--out", str(res / "memory.json"), "--plots", str(tmp_path / "p")])
-    assert (tmp_path / "p" / "bench_memory.png").exists()
+          "--dtype", "fp32", "--device", "cpu", "--out", str(res), "--plots", str(tmp_path / "p")])
+    assert [p.name for p in (tmp_path / "p").iterdir()] == ["bench_memory_b1_cpu.png"]
     r = _run(["bench", "generate", "--variants", "Mamba_25M@tiny,Transformer_25M@tiny", "--prompt-len", "8,16",
-              "--gen-len", "2", "--batch", "2", "--dtype", "fp32", "--device", "cpu",
-              "--out", str(res / "gen.json")])
+              "--gen-len", "2", "--batch", "2", "--dtype", "fp32", "--device", "cpu", "--out", str(res)])
     assert "Transformer_25M@tiny" in r.stdout
-
-    records = load_bench_records(res)
-    assert sorted(x["kind"] for x in records) == ["bench-generate", "bench-memory", "bench-moe", "bench-train"]
-    for rec in records:
-        title, cols, rows = table(rec)
-        assert rows and all(len(row) == len(cols) for row in rows)
-    assert summary_rows(records)
-    _run(["report-bench", "--results", str(res), "--out", str(tmp_path / "rep")])
-    md = (tmp_path / "rep" / "bench.md").read_text()
+    assert {x["kind"] for x in load_records(res / "bench.jsonl")} == {"bench-generate", "bench-memory", "bench-moe",
+                                                                     "bench-train"}
+    _run(["report", "bench", "--results", str(res), "--out", str(rep)])
+    md = (rep / "bench.md").read_text()
     assert "Transformer-MoE_25M@tiny[dense-eq]" in md and "## Summary" in md
-    assert (tmp_path / "rep" / "bench_memory.png").exists() and (tmp_path / "rep" / "bench_generate_eager.png").exists()
-    assert render_bench_report(res, tmp_path / "rep2", plots=False).name == "bench.md"
+    pngs = sorted(p.name for p in rep.glob("*.png"))
+    assert pngs == ["bench_generate_eager_b2_cpu.png", "bench_memory_b1_cpu.png", "bench_train_eager_1x16_cpu.png"]
+    assert all(f"]({p})" in md for p in pngs)
 
 
-def test_cli_bench_bad_input_is_a_user_error():
+def test_cli_bench_bad_input_is_a_user_error(tmp_path):
     from moebench.cli import app
-    from moebench.errors import UserError
+    (tmp_path / "file").write_text("")
     for args in (["bench", "train", "NoSuchModel"], ["bench", "memory", "--lengths", "a,b"],
-                 ["bench", "train", "Mamba_25M@tiny", "--format", "xml"]):
+                 ["bench", "train", "Mamba_25M@tiny", "--format", "xml"],
+                 ["bench", "memory", "--variants", "Mamba_25M@tiny", "--device", "cpu", "--out", str(tmp_path / "file")],
+                 ["report", "bench", "--results", str(tmp_path / "missing")]):
         r = CliRunner().invoke(app, args)
         assert isinstance(r.exception, UserError), (args, r.output)
 
 
-def test_multi_gpu_record_renders(tmp_path):
-    """scripts/multi_gpu_summary.py's record (kind bench-multi-gpu) in the tables and the summary."""
-    import json
-    res = {"variant": "MoE-Mamba_100M", "world_sizes": [1, 2], "status": "ok", "steps": 40,
-           "tokens_per_s": {"1": 77e3, "2": 127e3}, "tokens_per_s_per_gpu": {"1": 77e3, "2": 63.5e3},
-           "scaling_efficiency": 127 / 154, "speedup": 127 / 77, "max_abs_loss_diff": 0.025,
-           "final_val_loss": {"1": 6.4318, "2": 6.4249}, "peak_mem_gib_rank0": {"1": 48.8, "2": 58.2},
-           "train_config": [{"lr": 5e-4}, {"lr": 5e-4}], "repeat_1gpu_max_abs_loss_diff": 0.5}
-    rec = {"schema": 1, "kind": "bench-multi-gpu", "created": "2026-11-25T21:00:00+00:00", "complete": True,
-           "config": {"n_gpus": 2, "parallelism": "DDP (NCCL)"}, "results": [res, {"variant": "X", "status": "missing"}],
-           "env": {}, "device": "NVIDIA H100 80GB HBM3"}
-    (tmp_path / "m.json").write_text(json.dumps(rec))
-    recs = load_bench_records(tmp_path)
-    title, cols, rows = table(recs[0])
-    assert "1 vs 2 GPUs" in title and rows[0][6] == "82%" and rows[0][9] == "6.4318 / 6.4249" and rows[0][8] == "0.500"
-    assert rows[1][-1] == "MISSING"
-    assert any("2 GPUs MoE-Mamba_100M" in r[0] and "scaling 82%" in r[1] for r in summary_rows(recs))
-    assert "data parallel" in render_bench_report(tmp_path, tmp_path / "rep", plots=False).read_text()
+def test_multi_gpu_summary_writes_a_row_that_renders(tmp_path, monkeypatch):
+    """scripts/multi_gpu_summary.py: the 1- and N-GPU runs of a model -> one bench-multi-gpu row."""
+    runs = tmp_path / "runs"
+    for world, tok_s, mem in (("1", 77e3, 48.8), ("2", 127e3, 58.2)):
+        d = runs / f"MoE-Mamba_100M-w{world}"
+        (d / "runs").mkdir(parents=True)
+        curve = d / "curve.csv"
+        curve.write_text("step,tokens,loss,tok_s\n1,32768,7.0,{0}\n40,1310720,6.4,{0}\n".format(tok_s))
+        append_record(d / "runs.jsonl", {"schema": 1, "kind": "train", "curve": str(curve),
+                                         "metrics": {"tokens_per_s": tok_s, "val_loss": 6.43, "peak_mem_gib": mem},
+                                         "train": {"lr": 5e-4}, "env": {"git_sha": "abc"}, "params": {}})
+    monkeypatch.setattr(sys, "argv", ["multi_gpu_summary.py", str(runs), "2", str(tmp_path / "out")])
+    runpy.run_path("scripts/multi_gpu_summary.py", run_name="__main__")
+    [row] = load_records(tmp_path / "out" / "bench.jsonl")
+    assert row["kind"] == "bench-multi-gpu" and row["schema"] == SCHEMA and row["config"]["n_gpus"] == 2
+    assert row["result"]["scaling_efficiency"] == pytest.approx(127 / 154)
+    [t] = group_tables([row])
+    title, cols, body = table(t, by_session([row]))
+    assert "1 vs 2 GPUs" in title and body[0][6] == "82%" and body[0][9] == "6.4300 / 6.4300"
+    assert any("2 GPUs MoE-Mamba_100M" in r[0] and "scaling 82%" in r[1] for r in summary_rows([t], by_session([row])))

@@ -1,35 +1,72 @@
-"""Benchmark records (results/bench/*.json) -> tables, a summary against the targets, and
-reports/bench.md with PNGs. Reads results only; pandas-free, matplotlib only for the plots.
+"""Benchmark rows (results/bench.jsonl) -> tables, a summary against the targets, and
+reports/bench.md with figures. Reads results only, through results.load_records.
 
-The table functions return (title, columns, rows) of strings, so that the CLI (Rich) and the
-markdown report print the same numbers.
+The latest row of each (kind, point configuration, device) counts (results.latest_points). Points
+are laid out as one table per (kind, table configuration, device), and each table says which
+sessions its points come from. Values derived from several points (a MoE's ratio to its baselines)
+are computed from the rows of one session. The table functions return (title, columns, rows) of
+strings, so that the CLI (Rich) and the markdown print the same numbers.
 """
 from __future__ import annotations
 
-import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
-KINDS = ("bench-train", "bench-moe", "bench-memory", "bench-generate", "bench-multi-gpu")
+from moebench.errors import UserError
+from moebench.results import BENCH_FILE, BENCH_KINDS, latest_points, load_records, table_key
 
 
-# ---- loading ------------------------------------------------------------------------------------
+@dataclass
+class BenchTable:
+    kind: str
+    device: str
+    key: tuple             # the table configuration (results.TABLE_KEYS)
+    rows: list[dict]       # the latest row of each point, in the newest session's order
+    sessions: list[str]    # the sessions the rows come from, newest first
 
 
-def load_bench_records(results_dir: str | Path) -> list[dict]:
-    """Every bench record (*.json with a 'kind' of bench-*) under results_dir, oldest first."""
-    root = Path(results_dir)
-    paths = [root] if root.is_file() else sorted(root.rglob("*.json")) if root.exists() else []
-    records = []
-    for p in paths:
-        try:
-            rec = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(rec, dict) and rec.get("kind") in KINDS:
-            rec["_path"] = str(p)
-            records.append(rec)
-    return sorted(records, key=lambda r: (r.get("created") or "", r["_path"]))
+def group_tables(rows: list[dict]) -> list[BenchTable]:
+    """The latest row of each point, one table per (kind, table configuration, device): ordered by
+    kind, then newest first."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in latest_points(rows):
+        groups.setdefault((row["kind"], row["device"], table_key(row)), []).append(row)
+    tables = [BenchTable(kind, device, key, rs, sorted({r["session"] for r in rs}, reverse=True))
+              for (kind, device, key), rs in groups.items()]
+    tables.sort(key=lambda t: max(r["created"] for r in t.rows), reverse=True)
+    return sorted(tables, key=lambda t: BENCH_KINDS.index(t.kind))
+
+
+def by_session(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["session"], []).append(r)
+    return out
+
+
+def session_label(row: dict) -> str:
+    e = row.get("env") or {}
+    sha = (e.get("git_sha") or "?")[:8] + ("+dirty" if e.get("git_dirty") else "")
+    return (f"{row['created'][:16].replace('T', ' ')} UTC · git {sha} · torch {e.get('torch')} · "
+            f"mamba-ssm {e.get('mamba_ssm')} · session {row['session']}")
+
+
+def sessions_lines(t: BenchTable) -> list[str]:
+    """One line per session the table's points come from (numbered as the table's session column
+    when there are several), and a warning when their versions differ."""
+    first: dict[str, dict] = {}
+    for r in t.rows:
+        first.setdefault(r["session"], r)
+    many = len(t.sessions) > 1
+    count = {s: sum(r["session"] == s for r in t.rows) for s in t.sessions}
+    lines = [f"{f'[{i}] ' if many else ''}{session_label(first[s])} ({count[s]} point{'s' * (count[s] > 1)})"
+             for i, s in enumerate(t.sessions, 1)]
+    for key in ("torch", "mamba_ssm"):
+        values = sorted({str((first[s].get("env") or {}).get(key)) for s in t.sessions})
+        if len(values) > 1:
+            lines.append(f"warning: the sessions differ in {key} ({', '.join(values)}); compare points of one session")
+    return lines
 
 
 # ---- formatting ---------------------------------------------------------------------------------
@@ -60,123 +97,6 @@ def _length(n: int) -> str:
     return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
-def header(rec: dict) -> str:
-    e = rec.get("env", {})
-    sha = (e.get("git_sha") or "?")[:8] + ("+dirty" if e.get("git_dirty") else "")
-    done = "" if rec.get("complete", True) else " — INCOMPLETE (interrupted)"
-    return (f"{rec['kind']} on {rec.get('device')} · torch {e.get('torch')} · mamba-ssm {e.get('mamba_ssm')} · "
-            f"git {sha} · {rec.get('created')}{done}")
-
-
-def table(rec: dict) -> tuple[str, list[str], list[list[str]]]:
-    return {"bench-train": _train_table, "bench-moe": _moe_table, "bench-memory": _memory_table,
-            "bench-generate": _generate_table, "bench-multi-gpu": _multi_gpu_table}[rec["kind"]](rec)
-
-
-def _multi_gpu_table(rec):
-    """scripts/gpu_multi.sh: the same steps on 1 and N GPUs (DDP), same global and micro batch."""
-    n = rec["config"]["n_gpus"]
-    title = f"data parallel: 1 vs {n} GPUs ({rec['config'].get('parallelism', 'DDP')}), same global and micro batch"
-    cols = ["variant", "lr", "steps", "tok/s 1 GPU", f"tok/s {n} GPUs", "per GPU", "scaling eff.",
-            f"max |Δ loss| 1 vs {n}", "max |Δ loss| 1 vs 1 (repeat)", f"val loss 1 / {n}", "peak GiB (rank 0)"]
-    rows = []
-    for r in rec["results"]:
-        if r["status"] != "ok":
-            rows.append([r["variant"], *["-"] * 9, r["status"].upper()])
-            continue
-        t, k = r["tokens_per_s"], str(n)
-        val, mem = r["final_val_loss"], r["peak_mem_gib_rank0"]
-        lr = r["train_config"][0].get("lr") if r.get("train_config") else None
-        rows.append([r["variant"], _f(lr, ".0e"), str(r["steps"]), _tok(t["1"]), _tok(t[k]),
-                     _tok(r["tokens_per_s_per_gpu"][k]), _f(r["scaling_efficiency"] and 100 * r["scaling_efficiency"], ".0f") + "%",
-                     _f(r["max_abs_loss_diff"], ".3f"), _f(r.get("repeat_1gpu_max_abs_loss_diff"), ".3f"),
-                     f"{_f(val['1'], '.4f')} / {_f(val[k], '.4f')}", f"{_f(mem['1'], '.1f')} / {_f(mem[k], '.1f')}"])
-    return title, cols, rows
-
-
-def _train_table(rec):
-    c = rec["config"]
-    title = (f"training steps: batch {c['batch']} × ctx {c['ctx']}, {c['dtype']}, compile={c['compile']}, "
-             f"median of {c['steps']} after {c['warmup']} warm-up")
-    cols = ["variant", "impl (mixer/moe)", "step ms", "tok/s", "TFLOP/s", "MFU", "peak GiB",
-            "vs dense-eq (≥0.9)", "vs loop (≥4)"]
-    rows = []
-    for r in rec["results"]:
-        if r["status"] != "ok":
-            rows.append([r["variant"], "-", r["status"].upper(), "-", "-", "-", "-", "-", "-"])
-            continue
-        im = r["impl"]
-        ratios = r.get("ratios", {})
-        rows.append([r["variant"], f"{im['mixer']}/{im['moe'] or '-'}", _f(r["step_s"]["median"] * 1e3, ".1f"),
-                     _tok(r["tokens_per_s"]), _f(r["tflops"], ".1f"), _f(r["mfu"] and 100 * r["mfu"], ".1f") +
-                     ("%" if r["mfu"] else ""), _f(r["peak_mem_gib"], ".1f"),
-                     _ratio(ratios.get("vs_dense_equivalent"), 0.9), _ratio(ratios.get("vs_loop"), 4.0)])
-    return title, cols, rows
-
-
-def _moe_table(rec):
-    c = rec["config"]
-    title = (f"one MoE layer: T={c['tokens']}, d={c['d']}, expert {c['hidden']}, E={c['experts']}, "
-             f"top-{c['top_k']}, cf={c['capacity_factor']}, {c['dtype']}")
-    cols = ["path", "what", "fwd ms", "fwd+bwd ms", "fwd+bwd kernels ms", "TFLOP/s", "dropped"]
-    rows = []
-    for r in rec["results"]:
-        if r["status"] != "ok":
-            rows.append([r["name"], r.get("what", ""), r["status"].upper(), "-", "-", "-", "-"])
-            continue
-        rows.append([r["name"], r.get("what", ""), _f(r["fwd_ms"]["median"], ".3f"),
-                     _f(r["fwd_bwd_ms"]["median"], ".3f"), _f(r.get("kernel_ms_fwd_bwd"), ".3f"),
-                     _f(r["tflops_fwd_bwd"], ".1f"), _f(r.get("dropped_frac"), ".1%")])
-    return title, cols, rows
-
-
-def _memory_table(rec):
-    c = rec["config"]
-    title = f"peak memory (GiB) / time (ms) against length, batch {c['batch']}, {c['dtype']}"
-    lengths = c["lengths"]
-    cols = ["variant", "mode"] + [_length(n) for n in lengths]
-    cells: dict[tuple, dict] = {}
-    for r in rec["results"]:
-        cells.setdefault((r["variant"], r["mode"]), {})[r["length"]] = r
-    rows = []
-    for (variant, mode), by_len in cells.items():
-        row = [variant, mode]
-        for n in lengths:
-            r = by_len.get(n)
-            if r is None:
-                row.append("")
-            elif r["status"] != "ok":
-                row.append("OOM")
-            else:
-                mem = _f(r["peak_mem_gib"], ".2f", "?")
-                row.append(f"{mem} / {r['time_s']['median'] * 1e3:.0f}")
-        rows.append(row)
-    return title, cols, rows
-
-
-def _generate_table(rec):
-    c = rec["config"]
-    bw = rec.get("bandwidth", {})
-    src = (f"KV bound = K+V bytes per step ÷ {bw['used_bytes_s'] / 1e12:.2f} TB/s, {bw['source']}"
-           if bw.get("used_bytes_s") else "no bandwidth for a KV bound")
-    title = (f"generation: batch {c['batch']}, {c['gen_len']} new tokens, {c['dtype']}, "
-             f"CUDA graph={c['cuda_graph']}; {src}")
-    cols = ["variant", "prompt", "prefill s", "prefill peak GiB", "prompt logits GiB", "decode tok/s",
-            "ms/step", "state GiB", "KV bound ms", "÷ bound (≤2)", "decode peak GiB"]
-    rows = []
-    for r in rec["results"]:
-        if r["status"] != "ok":
-            rows.append([r["variant"], _length(r["prompt_len"]), r["status"].upper()] + ["-"] * 8)
-            continue
-        rows.append([r["variant"], _length(r["prompt_len"]), _f(r["prefill_s"], ".3f"),
-                     _f(r["prefill_peak_gib"], ".2f"), _f(r["prompt_logits_gib"], ".1f"),
-                     _tok(r["decode_tokens_per_s"]), _f(r["ms_per_step"], ".3f"), _f(r["state_gib"], ".4f"),
-                     _f(r.get("kv_bound_ms"), ".3f"),
-                     _ratio(r.get("ratio_to_kv_bound"), 2.0, at_least=False) if "kv_bound_ms" in r else "-",
-                     _f(r["decode_peak_gib"], ".2f")])
-    return title, cols, rows
-
-
 def markdown_table(cols: list[str], rows: list[list[str]]) -> str:
     esc = lambda s: str(s).replace("|", "\\|")   # noqa: E731
     lines = ["| " + " | ".join(map(esc, cols)) + " |", "|" + "---|" * len(cols)]
@@ -184,29 +104,197 @@ def markdown_table(cols: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-# ---- summary against the issue's targets --------------------------------------------------------
+# ---- values derived from the rows of one session ------------------------------------------------
 
 
-def summary_rows(records: list[dict]) -> list[list[str]]:
-    """[check, value, target, ok] for the headline numbers of the latest record of each kind
-    (of each CUDA-graph setting for generation): a dozen lines or so."""
-    latest: dict[str, dict] = {}
-    gen: dict[bool, dict] = {}
-    trains: dict[bool, dict] = {}
-    for rec in records:
-        latest[rec["kind"]] = rec
-        if rec["kind"] == "bench-generate":
-            gen[bool(rec["config"]["cuda_graph"])] = rec
-        if rec["kind"] == "bench-train":
-            trains[bool(rec["config"]["compile"])] = rec
+def train_ratios(row: dict, sessions: dict[str, list[dict]]) -> dict[str, float | None]:
+    """A MoE variant's tokens/s over its baselines' measured in the same session: vs_dense_equivalent,
+    vs_loop (None where either ran out of memory; no key where the baseline was not measured)."""
+    r = row["result"]
+    if r.get("baseline"):
+        return {}
+    names = {"dense-equivalent": "vs_dense_equivalent", "loop": "vs_loop"}
+    out = {}
+    for b in sessions.get(row["session"], []):
+        br = b["result"]
+        if b["kind"] == row["kind"] and br.get("of") == r["variant"] and br.get("baseline") in names:
+            ok = r["status"] == "ok" and br["status"] == "ok"
+            out[names[br["baseline"]]] = r["tokens_per_s"] / br["tokens_per_s"] if ok else None
+    return out
+
+
+def moe_ratios(session_rows: list[dict]) -> dict[str, float]:
+    """Ratios of fwd+bwd times between the paths of one bench-moe session (and of their GPU kernels)."""
+    ms = {r["result"]["name"]: r["result"]["fwd_bwd_ms"]["median"] for r in session_rows
+          if r["kind"] == "bench-moe" and r["result"]["status"] == "ok"}
+    kern = {r["result"]["name"]: r["result"]["kernel_ms_fwd_bwd"] for r in session_rows
+            if r["kind"] == "bench-moe" and r["result"].get("kernel_ms_fwd_bwd")}
+    pairs = {"grouped_over_dense": (ms, "grouped", "dense"), "loop_over_grouped": (ms, "loop", "grouped"),
+             "grouped_over_gemm_only": (ms, "grouped", "grouped_gemm_only"),
+             "grouped_over_dense_kernels": (kern, "grouped", "dense")}
+    return {k: d[a] / d[b] for k, (d, a, b) in pairs.items() if a in d and b in d}
+
+
+# ---- one table per kind: (title, columns, rows, the sessions of each row) -----------------------
+
+
+def _train_table(rows, sessions):
+    c = rows[0]["config"]
+    title = (f"training steps: batch {c['batch']} × ctx {c['ctx']}, {c['dtype']}, "
+             f"{'compiled' if c['compile'] else 'eager'}, AdamW step: {c.get('adamw')}")
+    cols = ["variant", "impl (mixer/moe)", "step ms", "tok/s", "TFLOP/s", "MFU", "peak GiB",
+            "vs dense-eq (≥0.9)", "vs loop (≥4)"]
+    body = []
+    for row in rows:
+        r, ratios = row["result"], train_ratios(row, sessions)
+        if r["status"] != "ok":
+            body.append([r["variant"], "-", r["status"].upper(), "-", "-", "-", "-", "-", "-"])
+            continue
+        im = r["impl"]
+        body.append([r["variant"], f"{im['mixer']}/{im['moe'] or '-'}", _f(r["step_s"]["median"] * 1e3, ".1f"),
+                     _tok(r["tokens_per_s"]), _f(r["tflops"], ".1f"),
+                     _f(r["mfu"] and 100 * r["mfu"], ".1f") + ("%" if r["mfu"] else ""), _f(r["peak_mem_gib"], ".1f"),
+                     _ratio(ratios.get("vs_dense_equivalent"), 0.9), _ratio(ratios.get("vs_loop"), 4.0)])
+    return title, cols, body, [[r["session"]] for r in rows]
+
+
+def _moe_table(rows, sessions):
+    c = rows[0]["config"]
+    title = (f"one MoE layer: T={c['tokens']}, d={c['d']}, expert {c['hidden']}, E={c['experts']}, "
+             f"top-{c['top_k']}, cf={c['capacity_factor']}, {c['dtype']}")
+    cols = ["path", "what", "fwd ms", "fwd+bwd ms", "fwd+bwd kernels ms", "TFLOP/s", "dropped"]
+    body = []
+    for r in (row["result"] for row in rows):
+        if r["status"] != "ok":
+            body.append([r["name"], r.get("what", ""), r["status"].upper(), "-", "-", "-", "-"])
+            continue
+        body.append([r["name"], r.get("what", ""), _f(r["fwd_ms"]["median"], ".3f"), _f(r["fwd_bwd_ms"]["median"], ".3f"),
+                     _f(r.get("kernel_ms_fwd_bwd"), ".3f"), _f(r["tflops_fwd_bwd"], ".1f"),
+                     _f(r.get("dropped_frac"), ".1%")])
+    return title, cols, body, [[r["session"]] for r in rows]
+
+
+def _memory_table(rows, sessions):
+    c = rows[0]["config"]
+    title = f"peak memory (GiB) / time (ms) against length, batch {c['batch']}, {c['dtype']}"
+    lengths = sorted({r["result"]["length"] for r in rows})
+    cells: dict[tuple, dict] = {}
+    for row in rows:
+        r = row["result"]
+        cells.setdefault((r["variant"], r["mode"]), {})[r["length"]] = row
+    body, row_sessions = [], []
+    for (variant, mode), by_len in cells.items():
+        line = [variant, mode]
+        for n in lengths:
+            r = by_len[n]["result"] if n in by_len else None
+            if r is None:
+                line.append("")
+            elif r["status"] != "ok":
+                line.append("OOM")
+            else:
+                line.append(f"{_f(r['peak_mem_gib'], '.2f', '?')} / {r['time_s']['median'] * 1e3:.0f}")
+        body.append(line)
+        row_sessions.append(sorted({x["session"] for x in by_len.values()}, reverse=True))
+    return title, ["variant", "mode"] + [_length(n) for n in lengths], body, row_sessions
+
+
+def _generate_table(rows, sessions):
+    c = rows[0]["config"]
+    used = {(r["result"].get("bandwidth") or {}).get("used_bytes_s") for r in rows} - {None}
+    src = next(((r["result"].get("bandwidth") or {}).get("source") for r in rows if used), None)
+    bound = (f"KV bound = K+V bytes per step ÷ {used.pop() / 1e12:.2f} TB/s, {src}" if len(used) == 1 else
+             "KV bound = K+V bytes per step ÷ each session's bandwidth" if used else "no bandwidth for a KV bound")
+    title = (f"generation: batch {c['batch']}, {c['gen_len']} new tokens, {c['dtype']}, "
+             f"CUDA graph={c['cuda_graph']}; {bound}")
+    cols = ["variant", "prompt", "prefill s", "prefill peak GiB", "prompt logits GiB", "decode tok/s",
+            "ms/step", "state GiB", "KV bound ms", "÷ bound (≤2)", "decode peak GiB"]
+    body = []
+    for r in (row["result"] for row in rows):
+        if r["status"] != "ok":
+            body.append([r["variant"], _length(r["prompt_len"]), r["status"].upper()] + ["-"] * 8)
+            continue
+        body.append([r["variant"], _length(r["prompt_len"]), _f(r["prefill_s"], ".3f"),
+                     _f(r["prefill_peak_gib"], ".2f"), _f(r["prompt_logits_gib"], ".1f"),
+                     _tok(r["decode_tokens_per_s"]), _f(r["ms_per_step"], ".3f"), _f(r["state_gib"], ".4f"),
+                     _f(r.get("kv_bound_ms"), ".3f"),
+                     _ratio(r.get("ratio_to_kv_bound"), 2.0, at_least=False) if "kv_bound_ms" in r else "-",
+                     _f(r["decode_peak_gib"], ".2f")])
+    return title, cols, body, [[r["session"]] for r in rows]
+
+
+def _multi_gpu_table(rows, sessions):
+    """scripts/gpu_multi.sh: the same steps on 1 and N GPUs (DDP), same global and micro batch."""
+    c = rows[0]["config"]
+    n, k = c["n_gpus"], str(c["n_gpus"])
+    title = f"data parallel: 1 vs {n} GPUs ({c.get('parallelism', 'DDP')}), same global and micro batch"
+    cols = ["variant", "lr", "steps", "tok/s 1 GPU", f"tok/s {n} GPUs", "per GPU", "scaling eff.",
+            f"max |Δ loss| 1 vs {n}", "max |Δ loss| 1 vs 1 (repeat)", f"val loss 1 / {n}", "peak GiB (rank 0)"]
+    body = []
+    for r in (row["result"] for row in rows):
+        if r["status"] != "ok":
+            body.append([r["variant"], *["-"] * 9, r["status"].upper()])
+            continue
+        t, val, mem = r["tokens_per_s"], r["final_val_loss"], r["peak_mem_gib_rank0"]
+        lr = r["train_config"][0].get("lr") if r.get("train_config") else None
+        eff = r["scaling_efficiency"]
+        body.append([r["variant"], _f(lr, ".0e"), str(r["steps"]), _tok(t["1"]), _tok(t[k]),
+                     _tok(r["tokens_per_s_per_gpu"][k]), _f(eff and 100 * eff, ".0f") + "%",
+                     _f(r["max_abs_loss_diff"], ".3f"), _f(r.get("repeat_1gpu_max_abs_loss_diff"), ".3f"),
+                     f"{_f(val['1'], '.4f')} / {_f(val[k], '.4f')}", f"{_f(mem['1'], '.1f')} / {_f(mem[k], '.1f')}"])
+    return title, cols, body, [[r["session"]] for r in rows]
+
+
+TABLES = {"bench-train": _train_table, "bench-moe": _moe_table, "bench-memory": _memory_table,
+          "bench-generate": _generate_table, "bench-multi-gpu": _multi_gpu_table}
+
+
+def table(t: BenchTable, sessions: dict[str, list[dict]]) -> tuple[str, list[str], list[list[str]]]:
+    """(title, columns, rows) of one table; a last column numbers each row's session when the points
+    come from several (as in sessions_lines)."""
+    title, cols, body, row_sessions = TABLES[t.kind](t.rows, sessions)
+    if len(t.sessions) > 1:
+        cols = cols + ["session"]
+        body = [line + [" ".join(f"[{t.sessions.index(s) + 1}]" for s in ss)] for line, ss in zip(body, row_sessions)]
+    return title, cols, body
+
+
+def table_notes(t: BenchTable, sessions: dict[str, list[dict]]) -> list[str]:
+    """Lines under a table: the ratios between a bench-moe session's paths."""
+    if t.kind != "bench-moe":
+        return []
+    many = len(t.sessions) > 1
+    notes = []
+    for i, s in enumerate(t.sessions, 1):
+        ratios = moe_ratios([r for r in sessions[s] if table_key(r) == t.key and r["device"] == t.device])
+        if ratios:
+            notes.append(f"ratios{f' [{i}]' if many else ''}: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    return notes
+
+
+# ---- summary against the targets ----------------------------------------------------------------
+
+
+def _newest(tables: list[BenchTable], kind: str, setting=None) -> dict:
+    """The newest table of a kind per value of `setting` (a function of the config), e.g. eager and compiled."""
+    out: dict = {}
+    for t in tables:                                    # newest first within a kind
+        if t.kind == kind:
+            out.setdefault(setting(t.rows[0]["config"]) if setting else None, t)
+    return dict(sorted(out.items(), key=lambda kv: str(kv[0])))
+
+
+def summary_rows(tables: list[BenchTable], sessions: dict[str, list[dict]]) -> list[list[str]]:
+    """[check, value, target, ok] for the headline numbers of the newest table of each kind (of each
+    compile / CUDA-graph setting), and every data-parallel point: a few dozen lines at most."""
     rows = []
 
     def add(check, value, target="", ok=None):
         rows.append([check, value, target, "-" if ok is None else ("✓" if ok else "✗")])
 
-    for compiled, rec in sorted(trains.items()):
+    for compiled, t in _newest(tables, "bench-train", lambda c: bool(c["compile"])).items():
         tag = "compiled" if compiled else "eager"
-        for r in rec["results"]:
+        for row in t.rows:
+            r = row["result"]
             if r.get("baseline") and r["status"] == "ok":
                 continue
             if r["status"] != "ok":
@@ -216,244 +304,110 @@ def summary_rows(records: list[dict]) -> list[list[str]]:
             e32 = "e32" in r["variant"] and "MoE-Mamba" in r["variant"]
             add(f"train {tag} {r['variant']}", f"{_tok(r['tokens_per_s'])} tok/s{mfu}", "≥ 400k on H100" if e32 else "",
                 r["tokens_per_s"] >= 4e5 if e32 else None)
-            for key, target in (("vs_dense_equivalent", 0.9), ("vs_loop", 4.0)):
-                v = r.get("ratios", {}).get(key)
-                if v is not None:
-                    add(f"↳ {r['variant']} {key.replace('_', ' ')}", _ratio(v), f"≥ {target}", v >= target)
-    if "bench-moe" in latest:
-        ms = {r["name"]: r["fwd_bwd_ms"]["median"] for r in latest["bench-moe"]["results"] if r["status"] == "ok"}
+            for key, v in train_ratios(row, sessions).items():
+                target = {"vs_dense_equivalent": 0.9, "vs_loop": 4.0}[key]
+                add(f"↳ {r['variant']} {key.replace('_', ' ')}", _ratio(v), f"≥ {target}", None if v is None else v >= target)
+    for t in _newest(tables, "bench-moe").values():
+        ms = {r["name"]: r["fwd_bwd_ms"]["median"] for r in (x["result"] for x in t.rows) if r["status"] == "ok"}
         add("MoE layer fwd+bwd (ms)", ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
-        kern = {r["name"]: r["kernel_ms_fwd_bwd"] for r in latest["bench-moe"]["results"] if r.get("kernel_ms_fwd_bwd")}
+        kern = {r["name"]: r["kernel_ms_fwd_bwd"] for r in (x["result"] for x in t.rows) if r.get("kernel_ms_fwd_bwd")}
         if kern:
             add("↳ of which GPU kernels (ms)", ", ".join(f"{k} {v:.2f}" for k, v in kern.items()))
-    if "bench-memory" in latest:
-        res = latest["bench-memory"]["results"]
+    for t in _newest(tables, "bench-memory").values():
+        res = [x["result"] for x in t.rows]
         for mode in dict.fromkeys(r["mode"] for r in res):
-            best = {}
+            best: dict[str, int] = {}
             for r in res:
                 if r["mode"] == mode and r["status"] == "ok":
                     best[r["variant"]] = max(best.get(r["variant"], 0), r["length"])
             add(f"memory {mode}: longest length without OOM",
                 ", ".join(f"{v} {_length(n)}" for v, n in best.items()) or "none")
-    for graph, rec in sorted(gen.items()):
-        tag = "graph" if graph else "eager"
-        res = [r for r in rec["results"] if r["status"] == "ok"]
-        if not res:
-            continue
-        top = max(r["prompt_len"] for r in res)
-        at = {r["variant"]: r for r in res if r["prompt_len"] == top}
-        for v, r in at.items():
-            value = f"{_tok(r['decode_tokens_per_s'])} tok/s, {r['ms_per_step']:.2f} ms/step"
-            bound = r.get("ratio_to_kv_bound")
-            if bound is not None:
-                value += f", {bound:.2f}x KV bound"
-            tmoe = v.startswith("Transformer-MoE") and bound is not None
-            add(f"decode {tag} {v} @ {_length(top)}", value, "≤ 2x KV bound" if tmoe else "",
-                bound <= 2 if tmoe else None)
-        mm = next((r for v, r in at.items() if v.startswith("MoE-Mamba")), None)
-        tm = next((r for v, r in at.items() if v.startswith("Transformer-MoE")), None)
-        if mm and tm:
-            x = mm["decode_tokens_per_s"] / tm["decode_tokens_per_s"]
-            add(f"↳ decode {tag} MoE-Mamba ÷ Transformer-MoE @ {_length(top)}", _ratio(x), "≥ 10", x >= 10)
-        peaks = [(r["prefill_peak_gib"] / r["prompt_logits_gib"], r) for r in at.values() if r["prefill_peak_gib"]]
-        if peaks:
-            frac, r = max(peaks, key=lambda p: p[0])
-            add(f"↳ prefill {tag} peak memory ÷ prompt logits @ {_length(top)}",
-                f"{frac:.1%} (worst: {r['variant']}, {r['prefill_peak_gib']:.1f} of {r['prompt_logits_gib']:.0f} GiB)",
-                "far below 1", frac < 0.5)
-        mamba = list(dict.fromkeys(r["variant"] for r in res if r["mixer"] == "mamba"))
-        if mamba:
-            constant = all(len({r["state_bytes"] for r in res if r["variant"] == v}) == 1 for v in mamba)
-            sizes = ", ".join(f"{v} {next(r['state_bytes'] for r in res if r['variant'] == v) / 2**20:.1f} MiB"
-                              for v in mamba)
-            add(f"↳ decode {tag} Mamba state against context", sizes, "constant", constant)
-    for rec in (r for r in records if r["kind"] == "bench-multi-gpu"):
-        n = rec["config"]["n_gpus"]
-        for r in rec["results"]:
-            if r["status"] == "ok":
-                lr = r["train_config"][0].get("lr") if r.get("train_config") else None
-                add(f"{n} GPUs {r['variant']} (lr {_f(lr, '.0e')})",
-                    f"{_tok(r['tokens_per_s'][str(n)])} tok/s, scaling {100 * r['scaling_efficiency']:.0f}%, "
-                    f"val loss {_f(r['final_val_loss']['1'], '.3f')} (1 GPU) vs {_f(r['final_val_loss'][str(n)], '.3f')}")
+    for graph, t in _newest(tables, "bench-generate", lambda c: bool(c["cuda_graph"])).items():
+        _decode_summary(add, "graph" if graph else "eager", [x["result"] for x in t.rows if x["result"]["status"] == "ok"])
+    for t in (t for t in tables if t.kind == "bench-multi-gpu"):
+        n = t.rows[0]["config"]["n_gpus"]
+        for r in (x["result"] for x in t.rows if x["result"]["status"] == "ok"):
+            lr = r["train_config"][0].get("lr") if r.get("train_config") else None
+            add(f"{n} GPUs {r['variant']} (lr {_f(lr, '.0e')})",
+                f"{_tok(r['tokens_per_s'][str(n)])} tok/s, scaling {100 * r['scaling_efficiency']:.0f}%, "
+                f"val loss {_f(r['final_val_loss']['1'], '.3f')} (1 GPU) vs {_f(r['final_val_loss'][str(n)], '.3f')}")
     return rows
 
 
-def summary_markdown(records: list[dict]) -> str:
-    rows = summary_rows(records)
-    return markdown_table(["check", "value", "target", "ok"], rows) if rows else "(no benchmark records)"
-
-
-# ---- plots --------------------------------------------------------------------------------------
-
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _guides(ax, xs, y0, label_prefix=""):
-    """Dotted slope-1 (linear) and slope-2 (quadratic) lines through (xs[0], y0) on log-log axes."""
-    x0 = xs[0]
-    ax.plot(xs, [y0 * x / x0 for x in xs], ":", color="gray", lw=1, label=f"{label_prefix}∝ L (linear)")
-    ax.plot(xs, [y0 * (x / x0) ** 2 for x in xs], "--", color="gray", lw=1, label=f"{label_prefix}∝ L² (quadratic)")
-
-
-def plot_memory(rec: dict, out_dir: Path, stem: str = "bench_memory") -> list[Path]:
-    """Log-log: peak memory above the weights, and time, against length; one colour per variant,
-    solid = training, dashed = prefill; dotted/dashed gray guides of slope 1 and 2."""
-    plt = _plt()
-    res = rec["results"]
-    lengths = sorted({r["length"] for r in res})
-    variants = list(dict.fromkeys(r["variant"] for r in res))
-    colours = {v: f"C{i}" for i, v in enumerate(variants)}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    panels = ((axes[0], lambda r: r["peak_mem_gib"] - (r.get("static_mem_gib") or 0)
-               if r.get("peak_mem_gib") is not None else None, "peak memory above the weights (GiB)"),
-              (axes[1], lambda r: r["time_s"]["median"], "time per pass (s)"))
-    for ax, value, ylabel in panels:
-        first = None
-        for (variant, mode) in dict.fromkeys((r["variant"], r["mode"]) for r in res):
-            pts = [r for r in res if r["variant"] == variant and r["mode"] == mode]
-            ok = [(r["length"], value(r)) for r in pts if r["status"] == "ok"]
-            ok = [(x, y) for x, y in ok if y is not None and y > 0]
-            if not ok:
-                continue
-            xs, ys = zip(*ok)
-            ax.plot(xs, ys, "-o" if mode == "train" else "--s", ms=3, color=colours[variant], label=f"{variant} {mode}")
-            oom = [r["length"] for r in pts if r["status"] != "ok"]
-            if oom:
-                ax.plot([min(oom)], [ys[-1]], "x", color=colours[variant], ms=10, mew=2)
-            first = first or ys[0]
-        if first:
-            _guides(ax, lengths, first)
-        _log_length_axes(ax, lengths, f"sequence length (batch {rec['config']['batch']})")
-        ax.set_ylabel(ylabel)
-    axes[1].legend(fontsize=7, loc="upper left")
-    fig.suptitle("training (fwd+bwd, solid) and prefill (no grad, dashed) against length; x = out of memory",
-                 fontsize=10)
-    fig.tight_layout()
-    path = out_dir / f"{stem}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
-
-
-def _log_length_axes(ax, lengths: list[int], xlabel: str) -> None:
-    # log-log against length: linear growth is a slope-1 line, quadratic a slope-2 line
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xticks(lengths, [_length(n) for n in lengths])
-    ax.set_xlabel(xlabel)
-    ax.grid(alpha=0.3, which="both")
-
-
-def plot_generate(rec: dict, out_dir: Path, stem: str = "bench_generate") -> list[Path]:
-    plt = _plt()
-    res = [r for r in rec["results"] if r["status"] == "ok"]
+def _decode_summary(add, tag: str, res: list[dict]) -> None:
     if not res:
-        return []
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for variant in dict.fromkeys(r["variant"] for r in res):
-        pts = [r for r in res if r["variant"] == variant]
-        xs = [r["prompt_len"] for r in pts]
-        axes[0].plot(xs, [r["decode_tokens_per_s"] for r in pts], "-o", ms=3, label=variant)
-        axes[1].plot(xs, [r["state_gib"] for r in pts], "-o", ms=3, label=f"{variant} state / KV cache")
-        if "kv_bound_ms" in pts[0]:
-            b = rec["config"]["batch"]
-            axes[0].plot(xs, [b / (r["kv_bound_ms"] / 1e3) for r in pts], ":", color="gray", lw=1)
-    axes[0].set_ylabel("decode tokens/s (dotted: KV-cache bandwidth bound)")
-    axes[1].set_ylabel("decoding state (GiB)")
-    lengths = sorted({r["prompt_len"] for r in res})
-    for ax in axes:
-        _log_length_axes(ax, lengths, "context (prompt) length")
-        ax.legend(fontsize=7)
-    c = rec["config"]
-    fig.suptitle(f"decoding at batch {c['batch']}, CUDA graph={c['cuda_graph']}", fontsize=10)
-    fig.tight_layout()
-    path = out_dir / f"{stem}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
-
-
-def plot_train(rec: dict, out_dir: Path, stem: str = "bench_train") -> list[Path]:
-    plt = _plt()
-    res = [r for r in rec["results"] if r["status"] == "ok"]
-    if not res:
-        return []
-    fig, ax = plt.subplots(figsize=(8, 0.4 * len(res) + 1.5))
-    names = [r["variant"] for r in res]
-    ax.barh(names, [r["tokens_per_s"] / 1e3 for r in res],
-            color=["tab:gray" if r.get("baseline") else "tab:blue" for r in res])
-    ax.invert_yaxis()
-    ax.set_xlabel("training tokens/s (thousands); gray = baseline")
-    ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    path = out_dir / f"{stem}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
-
-
-PLOTS = {"bench-train": plot_train, "bench-memory": plot_memory, "bench-generate": plot_generate}
+        return
+    top = max(r["prompt_len"] for r in res)
+    at = {r["variant"]: r for r in res if r["prompt_len"] == top}
+    for v, r in at.items():
+        value = f"{_tok(r['decode_tokens_per_s'])} tok/s, {r['ms_per_step']:.2f} ms/step"
+        bound = r.get("ratio_to_kv_bound")
+        if bound is not None:
+            value += f", {bound:.2f}x KV bound"
+        tmoe = v.startswith("Transformer-MoE") and bound is not None
+        add(f"decode {tag} {v} @ {_length(top)}", value, "≤ 2x KV bound" if tmoe else "", bound <= 2 if tmoe else None)
+    mm = next((r for v, r in at.items() if v.startswith("MoE-Mamba")), None)
+    tm = next((r for v, r in at.items() if v.startswith("Transformer-MoE")), None)
+    if mm and tm:
+        x = mm["decode_tokens_per_s"] / tm["decode_tokens_per_s"]
+        add(f"↳ decode {tag} MoE-Mamba ÷ Transformer-MoE @ {_length(top)}", _ratio(x), "≥ 10", x >= 10)
+    peaks = [(r["prefill_peak_gib"] / r["prompt_logits_gib"], r) for r in at.values() if r["prefill_peak_gib"]]
+    if peaks:
+        frac, r = max(peaks, key=lambda p: p[0])
+        add(f"↳ prefill {tag} peak memory ÷ prompt logits @ {_length(top)}",
+            f"{frac:.1%} (worst: {r['variant']}, {r['prefill_peak_gib']:.1f} of {r['prompt_logits_gib']:.0f} GiB)",
+            "far below 1", frac < 0.5)
+    mamba = list(dict.fromkeys(r["variant"] for r in res if r["mixer"] == "mamba"))
+    if mamba:
+        constant = all(len({r["state_bytes"] for r in res if r["variant"] == v}) == 1 for v in mamba)
+        sizes = ", ".join(f"{v} {next(r['state_bytes'] for r in res if r['variant'] == v) / 2**20:.1f} MiB" for v in mamba)
+        add(f"↳ decode {tag} Mamba state against context", sizes, "constant", constant)
 
 
 # ---- the report ---------------------------------------------------------------------------------
 
 
-def _env_differences(records: list[dict]) -> list[str]:
-    notes = []
-    for key in ("gpu", "device_name", "torch", "mamba_ssm"):
-        values = sorted({str(r.get("env", {}).get(key)) for r in records})
-        if len(values) > 1:
-            notes.append(f"records differ in {key}: {', '.join(values)}; compare numbers within one record")
-    return notes
-
-
-def render_bench_report(results_dir: str | Path = "results/bench", out_dir: str | Path = "reports",
-                        plots: bool = True) -> Path:
-    """reports/bench.md (+ bench_*.png) from every bench record under results_dir."""
-    records = load_bench_records(results_dir)
+def render_bench_report(results: str | Path = "results", out_dir: str | Path = "reports", plots: bool = True) -> Path:
+    """reports/bench.md (+ bench_*.png figures, named by what they show) from results/bench.jsonl.
+    Figures of earlier renders that no table shows any more are removed: every bench_*.png left in
+    out_dir is linked from bench.md. `results` is the results folder, or a bench.jsonl file."""
+    src = Path(results)
+    if not src.exists():
+        raise UserError(f"no results at {src}: pass the results folder (with bench.jsonl)")
+    src = src / BENCH_FILE if src.is_dir() else src
+    rows = [r for r in load_records(src) if r.get("kind") in BENCH_KINDS]
+    sessions = by_session(rows)
+    tables = group_tables(rows)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# moebench benchmarks", "",
-             f"Generated from {len(records)} record(s) under `{results_dir}` by `moebench report bench`; "
-             "do not edit by hand.", ""]
-    if not records:
-        lines.append("No benchmark records found: run `moebench bench train|moe|memory|generate` first.")
-    for note in _env_differences(records):
-        lines.append(f"> **warning:** {note}")
-    if records:
-        lines += ["", "## Summary (latest record of each kind)", "", summary_markdown(records), ""]
-    seen: dict[str, int] = {}
-    for kind in KINDS:
-        for rec in (r for r in records if r["kind"] == kind):
-            title, cols, rows = table(rec)
-            lines += [f"## {title}", "", f"*{header(rec)}* — `{Path(rec['_path']).name}`", "",
-                      markdown_table(cols, rows), ""]
-            if kind == "bench-moe" and rec.get("ratios"):
-                lines += ["ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in rec["ratios"].items()), ""]
-            if plots and kind in PLOTS:
-                n = seen[kind] = seen.get(kind, 0) + 1
-                stem = kind.replace("-", "_") + (f"_{n}" if n > 1 else "")
-                if kind == "bench-generate":
-                    stem += "_graph" if rec["config"]["cuda_graph"] else "_eager"
-                for p in PLOTS[kind](rec, out, stem):
-                    lines += [f"![{kind}]({p.name})", ""]
+             f"Generated by `moebench report bench` from {len(rows)} row(s) of {len(sessions)} session(s) in `{src}`: "
+             "the latest row of each point counts. Do not edit by hand.", ""]
+    if not rows:
+        lines.append("No benchmark rows found: run `moebench bench train|moe|memory|generate` first.")
+    else:
+        lines += ["## Summary (the newest table of each kind)", "",
+                  markdown_table(["check", "value", "target", "ok"], summary_rows(tables, sessions)), ""]
+    if plots:
+        # matplotlib only when figures are drawn: the bench commands print tables where it is missing
+        from moebench.report.figures import BENCH_FIGURES, figure_stem
+    written: set[str] = set()
+    for t in tables:
+        title, cols, body = table(t, sessions)
+        lines += [f"## {title}", "", f"*{t.kind} on {t.device}*", ""]
+        lines += [f"- {s}" for s in sessions_lines(t)] + ["", markdown_table(cols, body), ""]
+        lines += [note + "\n" for note in table_notes(t, sessions)]
+        if plots and t.kind in BENCH_FIGURES:
+            peers = [p.key for p in tables if p.kind == t.kind and p.device == t.device]
+            name = figure_stem(t.kind, t.key, t.device, peers) + ".png"
+            assert name not in written, f"two tables would draw {name}"
+            if BENCH_FIGURES[t.kind](t.rows, out / name):
+                written.add(name)
+                lines += [f"![{t.kind}]({name})", ""]
+    if plots:
+        for stale in out.glob("bench_*.png"):
+            if stale.name not in written:
+                stale.unlink()
     path = out / "bench.md"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def main(argv: list[str] | None = None) -> None:
-    """python -m moebench.bench_report [RESULTS] [--summary]: the summary table, for scripts."""
-    import sys
-    args = sys.argv[1:] if argv is None else argv
-    folder = next((a for a in args if not a.startswith("--")), "results/bench")
-    print(summary_markdown(load_bench_records(folder)))
-
-
-if __name__ == "__main__":
-    main()
