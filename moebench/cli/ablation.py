@@ -18,17 +18,15 @@ from moebench.report.bench import render_bench_report
 from moebench.sweep import parse_grid, sweep_lr
 
 
-def _rate(lr: float) -> str:
-    """2.5e-4 rather than 0.00025: learning rates are read by their exponent."""
-    mantissa, exponent = f"{lr:e}".split("e")
-    return f"{float(mantissa):g}e{int(exponent)}"
+def _grid_help() -> str:
+    """The presets' default grids, from their rules: "0.001,0.002,0.004,0.008 at cpu-tiny; ..."."""
+    by_grid: dict[tuple[float, ...], list[str]] = {}
+    for name in PUBLIC_PRESETS:
+        by_grid.setdefault(PRESET_RULES[name].sweep_grid, []).append(name)
+    return "; ".join(",".join(f"{lr:g}" for lr in grid) + " at " + ", ".join(names) for grid, names in by_grid.items())
 
 
 PRESETS_HELP = " | ".join(PUBLIC_PRESETS)
-# each preset's default grid, from the rules in moebench.presets: "1e-3,2e-3,4e-3,8e-3 at cpu-tiny; ..."
-GRID_HELP = "; ".join(
-    ",".join(map(_rate, grid)) + " at " + ", ".join(n for n in PUBLIC_PRESETS if PRESET_RULES[n].sweep_grid == grid)
-    for grid in dict.fromkeys(PRESET_RULES[n].sweep_grid for n in PUBLIC_PRESETS))
 
 app = typer.Typer()
 sweep_app = typer.Typer(no_args_is_help=True, help="Hyperparameter sweeps (learning rate).")
@@ -183,7 +181,7 @@ def report_cmd(
 def sweep_lr_cmd(
     variants: Annotated[Optional[list[str]], typer.Argument(help="registry names, e.g. Mamba_25M MoE-Mamba_25M")] = None,
     ablation: Annotated[Optional[str], typer.Option(help="sweep every variant of this ablation at the preset")] = None,
-    grid: Annotated[Optional[str], typer.Option(help=f"comma-separated peak rates (default: {GRID_HELP})")] = None,
+    grid: Annotated[Optional[str], typer.Option(help=f"comma-separated peak rates (default: {_grid_help()})")] = None,
     tokens: Annotated[Optional[str], typer.Option(help="tokens per point (default: the preset's sweep budget)")] = None,
     preset: Annotated[str, typer.Option(help="batch, context and model scale of the sweep")] = DEFAULT_PRESET,
     out_dir: Annotated[str, typer.Option("--out", help="results folder (lr_sweeps.jsonl, sweeps/)")] = "results",

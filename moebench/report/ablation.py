@@ -15,6 +15,7 @@ from pathlib import Path
 
 from moebench import paper
 from moebench.ablations import Spec, get_spec
+from moebench.config import ModelConfig
 from moebench.errors import UserError
 from moebench.fmt import human
 from moebench.metrics import speedup
@@ -52,7 +53,7 @@ def _git(r: dict) -> str | None:
 @dataclass
 class VariantResult:
     name: str
-    cfg: object                                   # the ModelConfig trained at this preset
+    cfg: ModelConfig                              # what was trained at this preset (the @tiny twin at tiny scale)
     rows: list[dict] = field(default_factory=list)   # one per seed
     curves: dict[int, tuple[list[float], list[float]]] = field(default_factory=dict)  # seed -> (tokens, smoothed)
     speedups: dict[int, float | None] = field(default_factory=dict)
