@@ -1,6 +1,6 @@
 """Table 1: MoE-Mamba against Mamba, Transformer and Transformer-MoE at matched active parameters."""
-from moebench.ablations import presets
 from moebench.config import Ablation
+from moebench.presets import presets
 
 ABLATION = Ablation(
     name="architectures",

@@ -1,6 +1,6 @@
 """Table 4 (and figure 4): MoE-Mamba with 1 to 32 experts at fixed active parameters."""
-from moebench.ablations import presets
 from moebench.config import Ablation
+from moebench.presets import presets
 
 ABLATION = Ablation(
     name="experts",

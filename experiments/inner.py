@@ -1,6 +1,6 @@
 """Table 3: MoE inside the Mamba block (conv / gate / output projections) instead of beside it."""
-from moebench.ablations import presets
 from moebench.config import Ablation
+from moebench.presets import presets
 from moebench.registry import INNER_COMBOS
 
 ABLATION = Ablation(

@@ -1,6 +1,6 @@
 """Table 7 (figure 6): sequential MoE-Mamba against the parallel block x + Mamba(LN x) + MoE(LN x)."""
-from moebench.ablations import presets
 from moebench.config import Ablation
+from moebench.presets import presets
 
 EXPERTS = (1, 2, 4, 8, 16, 32)
 

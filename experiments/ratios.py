@@ -1,6 +1,6 @@
 """Table 2 (figure 5, appendix F): how to split ~26M active parameters between Mamba and MoE."""
-from moebench.ablations import presets
 from moebench.config import Ablation
+from moebench.presets import presets
 
 ABLATION = Ablation(
     name="ratios",

@@ -1,6 +1,7 @@
 """Ablations: the paper's tables as runnable studies. Each spec in experiments/*.py names its
 variants, its baseline and a token budget per preset; this module loads the specs, turns one into a
-plan (which runs, with which train config), prepares the data and runs what is missing.
+plan (which runs, with which train config), prepares the data and runs what is missing. What a
+preset decides lives in moebench.presets, the --dry-run time estimates in moebench.estimate.
 
 A run's identity (`run_key`) is its model's config hash + the preset + a hash of its train config
 and of the data it reads (corpus name and token counts, not paths), so identical runs are shared
@@ -14,101 +15,21 @@ import json
 import math
 import traceback
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from moebench import env
 from moebench.config import Ablation, ModelConfig, Preset, TrainConfig, default_lr, stable_hash
+from moebench.data import default_data_dir, effective_corpus, prepare
 from moebench.errors import RunBusy, UserError
+from moebench.presets import DEFAULT_PRESET, EMA_RULE, ema_alpha_for, eval_every, rule_of
+from moebench.registry import get
+from moebench.results import SCHEMA, append_record, load_records
+from moebench.train import TrainingFailed, run_id_for, train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SWEEPS_FILE = "lr_sweeps.jsonl"
-
-
-# --- presets ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PresetRule:
-    """What a preset decides besides the budget (which each ablation states for itself)."""
-    corpus: str                     # named corpus prepare() builds ("prose", "all")
-    max_epochs: float | None        # refuse budgets that repeat the data more (None = no check)
-    paper_ema: bool                 # True: the paper's alpha = 0.001; False: the short-run rule
-    log_every: int                  # steps between curve points
-    sweep_tokens: int               # default budget of `moebench sweep lr` at this preset
-    n_evals: int = 10               # validation evaluations per run
-    sweep_grid: tuple[float, ...] = (2.5e-4, 5e-4, 1e-3, 2e-3)   # default rates of `moebench sweep lr`
-    hidden: bool = False
-    wall: str = ""                  # measured wall time of the `architectures` ablation, for --dry-run
-
-
-PRESET_RULES: dict[str, PresetRule] = {
-    # 4 evaluations, not 10: on a CPU each costs ~1% of the run. The twins (d_model 64, 200 steps)
-    # want higher rates than the paper's models: a 1e-3..4e-3 sweep (200 steps) picked 4e-3 for all of table 1
-    "cpu-tiny": PresetRule("prose", 1.0, False, 2, 160 * 8 * 128, n_evals=4, sweep_grid=(1e-3, 2e-3, 4e-3, 8e-3),
-                           wall="measured: architectures took 5.7-6.8 min on 2 CPU cores, data prep included"),
-    # corpus "small" (~28.5M train tokens): 20M-token runs never repeat it
-    "gpu-small": PresetRule("small", 1.0, False, 5, 20_000_000,
-                            wall="measured: experts (6 runs x 20M tokens) took 512 s on one H100 "
-                                 "(torch 2.11, mamba-ssm 2.3.2, eager bf16), data prep 10 s"),
-    "gpu-medium": PresetRule("all", 1.0, False, 10, 20_000_000, wall="GPU wall time: not measured yet"),
-    "paper": PresetRule("all", 1.0, True, 50, 100_000_000),
-    "paper-100m": PresetRule("all", 1.0, True, 10, 500_000_000),
-    "test": PresetRule("prose", None, False, 1, 192, n_evals=1, hidden=True),
-}
-PUBLIC_PRESETS = tuple(n for n, r in PRESET_RULES.items() if not r.hidden)
-DEFAULT_PRESET = "cpu-tiny"
-EMA_RULE = ("paper presets: alpha = 0.001 per step (the paper's, for 15K-150K steps); shorter runs: "
-            "alpha = clamp(50 / steps, 0.001, 0.5), so the smoothing window 1/alpha is ~2% of the run")
-
-
-def rule_of(preset: str) -> PresetRule:
-    """The preset's rule; an ablation's own extra preset gets the test preset's (no checks)."""
-    return PRESET_RULES.get(preset, PRESET_RULES["test"])
-
-
-def ema_alpha_for(preset: str, steps: int) -> float:
-    if rule_of(preset).paper_ema:
-        return 0.001
-    return min(0.5, max(0.001, 50 / max(1, steps)))
-
-
-def eval_every(rule: PresetRule, steps: int, tokens_per_step: int) -> int:
-    return max(1, steps // rule.n_evals) * tokens_per_step
-
-
-def presets(*, paper_tokens: int, with_100m: bool = False) -> dict[str, Preset]:
-    """The standard presets of an ablation; only the `paper` budget differs between tables."""
-    out = {
-        # the @tiny CPU twins (d_model 64) on short windows of real text; sized by measurement so
-        # that the 5-variant `architectures` ablation takes ~6 minutes on 2 CPU cores (<= 10 when shared)
-        "cpu-tiny": Preset(name="cpu-tiny", tokens=CPU_TINY_TOKENS, batch=CPU_TINY_BATCH, ctx=CPU_TINY_CTX,
-                           scale="tiny", eval_batches=4,
-                           note="CPU twins, 160 steps of 8 x 128; ~6 min for architectures on 2 cores"),
-        # paper shapes, 610 steps of 32 x 1024: 0.7 passes over `small` (28.5M train tokens)
-        "gpu-small": Preset(name="gpu-small", tokens=20_000_000, batch=32, ctx=1024, eval_batches=8,
-                            note="paper shapes, 20M tokens (610 steps of 32 x 1024)"),
-        # one pass over `all` (prose + docs, 97.7M train tokens): 2929 steps of 32 x 1024
-        "gpu-medium": Preset(name="gpu-medium", tokens=96_000_000, batch=32, ctx=1024, eval_batches=8,
-                             note="paper shapes, 96M tokens = one pass over prose+docs"),
-        "paper": Preset(name="paper", tokens=paper_tokens, batch=64, ctx=1024, eval_batches=16,
-                        note="the paper's budget and batch (C4 recommended: --data)"),
-        "test": Preset(name="test", tokens=3 * 2 * 32, batch=2, ctx=32, scale="tiny", eval_batches=1,
-                       note="hidden: 3 steps of the CPU twins, for tests"),
-    }
-    if with_100m:
-        # table 6: 30K steps of 1024 x 1024 (~31.5B tokens), accumulated from micro-batches of 16.
-        # MoE-Mamba_100M measured on an H100 at micro-batch 8: 48.8 GiB peak (36.4 of them weights,
-        # gradients and Adam state), 58.2 GiB under DDP: ~12.4 GiB of activations per 8 sequences, so
-        # 32 (~86 GiB, ~96 under DDP) cannot fit an 80 GB card and 16 (~61, ~71 under DDP) can
-        out["paper-100m"] = Preset(name="paper-100m", tokens=30_000 * 1024 * 1024, batch=1024, ctx=1024,
-                                   micro_batch=16, eval_batches=16,
-                                   note="100M variants, 30K steps x 1024 x 1024 (micro-batch 16)")
-    return out
-
-
-# cpu-tiny budget. The twins' 50304-way head is most of their FLOPs (20M per token), so a CPU
-# trains ~2,200-2,700 tokens/s whatever the body: 160 steps of 8 x 128 take 60-75 s per twin
-CPU_TINY_CTX = 128
-CPU_TINY_BATCH = 8
-CPU_TINY_TOKENS = 160 * CPU_TINY_BATCH * CPU_TINY_CTX     # 160 steps, 163,840 tokens per run
 
 
 # --- loading the specs -----------------------------------------------------------------------
@@ -188,12 +109,6 @@ def get_ablation(name: str) -> Ablation:
     return get_spec(name).ablation
 
 
-def __getattr__(name: str):
-    if name == "ABLATIONS":                          # loaded on first use: the specs import this module
-        return {n: s.ablation for n, s in load_specs().items()}
-    raise AttributeError(name)
-
-
 # --- planning --------------------------------------------------------------------------------
 @dataclass
 class PlannedRun:
@@ -266,9 +181,6 @@ def make_plan(name: str, preset: str = DEFAULT_PRESET, *, only: list[str] | None
               data_dir: str | Path | None = None, tokens: int | None = None,
               allow_repeat: bool = False) -> Plan:
     """Which runs `moebench run NAME --preset PRESET` would do, and their status in `out`."""
-    from moebench.registry import get
-    from moebench.train import run_id_for
-
     spec = get_spec(name)
     p = spec.preset(preset)
     rule = rule_of(preset)
@@ -284,7 +196,6 @@ def make_plan(name: str, preset: str = DEFAULT_PRESET, *, only: list[str] | None
             raise UserError(f"--data {data_dir}: no prepared data there (no manifest.json); prepare it "
                             f"first: moebench data prepare --input YOUR_TEXT_FOLDER --out {data_dir}")
     else:
-        from moebench.data import default_data_dir, effective_corpus
         corpus = effective_corpus(rule.corpus)
         data_dir = default_data_dir(rule.corpus)
     data_id, n_train = data_identity(data_dir, corpus or data_dir.name)
@@ -326,7 +237,6 @@ def make_plan(name: str, preset: str = DEFAULT_PRESET, *, only: list[str] | None
 
 
 def refresh_status(plan: Plan) -> None:
-    from moebench.results import load_records
     done = {r.get("run_key") for r in load_records(plan.out / "runs.jsonl")
             if r.get("status") == "done" and r.get("kind") == "train"}
     for run in plan.runs:
@@ -340,7 +250,6 @@ def refresh_status(plan: Plan) -> None:
 
 def load_sweeps(out: str | Path) -> dict[tuple, dict]:
     """(model config hash, preset, batch, ctx, data id) -> the latest sweep row."""
-    from moebench.results import load_records
     best: dict[tuple, dict] = {}
     for r in load_records(Path(out) / SWEEPS_FILE):
         if r.get("kind") == "lr_sweep" and r.get("best_lr") is not None:
@@ -351,7 +260,6 @@ def load_sweeps(out: str | Path) -> dict[tuple, dict]:
 def ensure_data(plan: Plan) -> Plan:
     """Prepare the preset's corpus if missing, then refuse a budget that repeats it too often."""
     if plan.corpus:
-        from moebench.data import prepare
         prepare(corpus=rule_of(plan.preset).corpus, out=plan.data_dir)
     data_id, n_train = data_identity(plan.data_dir, plan.corpus)
     plan.data_id, plan.n_train_tokens = data_id, n_train
@@ -396,10 +304,7 @@ def execute(plan: Plan, *, device: str = "auto", resume: bool = False, hooks: Ho
             ckpt_every_steps: int = 0) -> list[Outcome]:
     """Run every planned run that is not done. A failing run (an exception, or a NaN loss:
     TrainingFailed) is recorded and the next one starts; Ctrl-C stops the whole ablation."""
-    from moebench.env import resolve_device
-    from moebench.train import TrainingFailed, train
-
-    resolve_device(device)                      # a bad device fails once, before any run
+    env.resolve_device(device)                      # a bad device fails once, before any run
     hooks = hooks or Hooks()
     outcomes = []
     for run in plan.runs:
@@ -443,65 +348,10 @@ def execute(plan: Plan, *, device: str = "auto", resume: bool = False, hooks: Ho
 def _record_failure(plan: Plan, run: PlannedRun, extra: dict, device: str, tb: str) -> None:
     """train() records NaN failures itself; any other exception gets a row here, so that the
     results say what was tried."""
-    from datetime import datetime, timezone
-
-    from moebench import env
-    from moebench.results import SCHEMA, append_record
-    from moebench.env import resolve_device
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     append_record(plan.out / "runs.jsonl", {
         "schema": SCHEMA, "kind": "train", "run_id": run.run_id, "status": "failed",
         "reason": tb.strip().splitlines()[-1][:500], "traceback": tb[-4000:],
         "variant": run.cfg.name, "variant_hash": run.cfg.config_hash(), "seed": run.tcfg.seed,
-        "model": run.cfg.to_dict(), "train": run.tcfg.to_dict(), "env": env.collect(resolve_device(device)),
+        "model": run.cfg.to_dict(), "train": run.tcfg.to_dict(), "env": env.collect(env.resolve_device(device)),
         "started": now, "finished": now, **extra})
-
-
-# --- estimates for --dry-run -----------------------------------------------------------------
-# wall-clock tokens/s (training + evaluation) of the @tiny twins at cpu-tiny's shape (8 x 128) on a
-# 2-core x86 CPU (torch 2.13, not shared): the first five from `moebench run architectures --preset
-# cpu-tiny`, the others from 12-step runs' training tokens/s x 0.95 (the evaluations' share)
-CPU_TINY_TOK_S: dict[str, float] = {
-    "Mamba_25M@tiny": 2200, "MoE-Mamba_25M@tiny": 2380, "Transformer_25M@tiny": 2670,
-    "Transformer-MoE_25M@tiny": 2600, "Mamba-MLP_25M@tiny": 2500, "MoE-Mamba_25M-e1@tiny": 2240,
-    "MoE-Mamba_25M-e4@tiny": 2220, "MoE-Mamba_25M-e8@tiny": 2180, "MoE-Mamba_25M-e16@tiny": 2250,
-    "MoE-Mamba_25M-e32@tiny": 2240, "InnerMoE_25M-conv-all@tiny": 2030,
-    "InnerMoE_25M-conv-every2@tiny": 2030, "InnerMoE_25M-gate-all@tiny": 2040,
-    "InnerMoE_25M-gate-every2@tiny": 1990, "InnerMoE_25M-out-all@tiny": 1950,
-    "InnerMoE_25M-out-every2@tiny": 1940, "InnerMoE_25M-conv+gate-all@tiny": 1940,
-    "InnerMoE_25M-conv+gate-every2@tiny": 1890, "InnerMoE_25M-conv+out-all@tiny": 1910,
-    "InnerMoE_25M-conv+out-every2@tiny": 1970, "InnerMoE_25M-gate+out-all@tiny": 1890,
-    "InnerMoE_25M-gate+out-every2@tiny": 1910, "InnerMoE_25M-conv+gate+out-all@tiny": 1920,
-    "InnerMoE_25M-conv+gate+out-every2@tiny": 1880, "ParMoE-Mamba_25M-e1@tiny": 2130,
-    "MoE-Mamba_25M-e2@tiny": 2150, "ParMoE-Mamba_25M-e2@tiny": 2180, "ParMoE-Mamba_25M-e4@tiny": 2210,
-    "ParMoE-Mamba_25M-e8@tiny": 2160, "ParMoE-Mamba_25M-e16@tiny": 2160, "ParMoE-Mamba_25M-e32@tiny": 2150,
-    "MoE-Mamba_25M-ratio1to5@tiny": 2370, "MoE-Mamba_25M-ratio2to4@tiny": 2290,
-    "MoE-Mamba_25M-ratio3to3@tiny": 2140, "MoE-Mamba_25M-ratio4to2@tiny": 2100,
-    "MoE-Mamba_25M-ratio5to1@tiny": 2030, "Mamba_25M-8xE4@tiny": 2040,
-}
-CPU_FLOPS = 37e9                # the slowest twin's FLOPs/token x tokens/s above, for any other twin
-ASSUMED_GPU_MFU = 0.10          # for a GPU time estimate when no run of the variant was measured yet
-APPROX_TRAIN_TOKENS = {"prose": 10.2e6, "news": 2.6e6, "small": 28.5e6, "docs": 87.5e6, "all": 97.7e6}
-
-
-def estimate_seconds(run: PlannedRun, device_name: str, is_cuda: bool, rows: list[dict],
-                     flops_per_token: float) -> tuple[float | None, str]:
-    """(seconds, how): from finished runs of the same model and shape on this device, else from a
-    stated throughput (CPU: the twins' measured tokens/s; GPU: FLOPs at an assumed MFU)."""
-    from moebench.env import peak_flops
-    measured = sorted(r["metrics"]["tokens"] / r["metrics"]["wall_s"] for r in rows
-                      if r.get("variant_hash") == run.cfg.config_hash() and r.get("status") == "done"
-                      and (r.get("env") or {}).get("device_name") == device_name
-                      and (r.get("train") or {}).get("batch") == run.tcfg.batch
-                      and (r.get("train") or {}).get("ctx") == run.tcfg.ctx
-                      and (r.get("metrics") or {}).get("wall_s"))
-    if measured:
-        return run.tcfg.tokens / measured[len(measured) // 2], "measured here"
-    if is_cuda:
-        peak = peak_flops(device_name)
-        if peak:
-            return run.tcfg.tokens * flops_per_token / (peak * ASSUMED_GPU_MFU), f"MFU {ASSUMED_GPU_MFU:.0%} assumed"
-        return None, "unknown GPU"
-    if run.cfg.name in CPU_TINY_TOK_S and run.tcfg.ctx == CPU_TINY_CTX:
-        return run.tcfg.tokens / CPU_TINY_TOK_S[run.cfg.name], "2-core CPU, measured"
-    return run.tcfg.tokens * flops_per_token / CPU_FLOPS, f"{CPU_FLOPS / 1e9:.0f} GFLOP/s"

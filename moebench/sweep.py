@@ -13,11 +13,15 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-from moebench.ablations import (SWEEPS_FILE, Hooks, Outcome, PlannedRun, data_identity, ema_alpha_for,
-                                eval_every, presets, rule_of, run_key)
+from moebench import env
+from moebench.ablations import SWEEPS_FILE, Hooks, Outcome, PlannedRun, data_identity, run_key
 from moebench.config import TrainConfig
+from moebench.data import default_data_dir, effective_corpus, prepare
 from moebench.errors import UserError
-
+from moebench.presets import ema_alpha_for, eval_every, presets, rule_of
+from moebench.registry import get
+from moebench.results import append_record, load_records
+from moebench.train import TrainingFailed, run_id_for, train
 
 
 def parse_grid(text: str) -> list[float]:
@@ -41,9 +45,6 @@ def sweep_preset(preset: str):
 def plan_sweep(variants: list[str], preset: str, grid: list[float], *, tokens: int | None = None,
                data_dir: str | Path | None = None, seed: int = 0):
     """(runs, data dir, corpus, data id): one short run per (variant, rate)."""
-    from moebench.registry import get
-    from moebench.train import run_id_for
-
     p = sweep_preset(preset)
     rule = rule_of(preset)
     budget = tokens or rule.sweep_tokens
@@ -53,7 +54,6 @@ def plan_sweep(variants: list[str], preset: str, grid: list[float], *, tokens: i
     if data_dir is not None:
         data_dir, corpus = Path(data_dir).expanduser().absolute(), ""
     else:
-        from moebench.data import default_data_dir, effective_corpus
         corpus, data_dir = effective_corpus(rule.corpus), default_data_dir(rule.corpus)
     data_id, _ = data_identity(data_dir, corpus or data_dir.name)
     runs = []
@@ -77,20 +77,14 @@ def sweep_lr(variants: list[str], preset: str, grid: list[float] | None = None, 
     <out>/lr_sweeps.jsonl: all points, the best rate (lowest final validation loss; the smoothed
     training loss where no validation ran), and whether it lies at the grid's edge. The grid
     defaults to the preset's (2.5e-4..2e-3 for the paper's shapes, 1e-3..8e-3 for the CPU twins)."""
-    from moebench import env
-    from moebench.results import append_record, load_records
-    from moebench.env import resolve_device
-    from moebench.train import TrainingFailed, train
-
     if not variants:
         raise UserError("name at least one variant (or --ablation NAME)")
     out = Path(out)
     sweep_out = out / "sweeps"
-    dev = resolve_device(device)
+    dev = env.resolve_device(device)
     grid = list(grid or rule_of(preset).sweep_grid)
     runs, data_dir, corpus, _ = plan_sweep(variants, preset, grid, tokens=tokens, data_dir=data_dir, seed=seed)
     if corpus:
-        from moebench.data import prepare
         prepare(corpus=rule_of(preset).corpus, out=data_dir)
     data_id, _ = data_identity(data_dir, corpus)
     for run in runs:

@@ -8,11 +8,11 @@ import signal
 import pytest
 from typer.testing import CliRunner
 
-from moebench import ablations
-from moebench.ablations import (PUBLIC_PRESETS, Hooks, ema_alpha_for, ensure_data, execute, get_ablation,
-                                load_specs, make_plan)
+from moebench import ablations, estimate
+from moebench.ablations import Hooks, ensure_data, execute, get_ablation, load_specs, make_plan
 from moebench.cli import app
 from moebench.errors import UserError
+from moebench.presets import PUBLIC_PRESETS, ema_alpha_for
 from moebench.registry import VARIANTS
 
 TABLES = {"architectures": "table 1", "experts": "table 4", "ratios": "table 2", "inner": "table 3",
@@ -60,7 +60,7 @@ def test_specs_cover_the_papers_tables():
     assert len(get_ablation("parallel").variants) == 13
     assert get_spec_variants("architectures", "paper-100m") == ("Mamba_100M", "MoE-Mamba_100M", "Transformer-MoE_100M")
     assert "paper-100m" not in get_ablation("experts").presets
-    assert ablations.ABLATIONS["experts"].presets["paper"].tokens == 1_000_000_000
+    assert get_ablation("experts").presets["paper"].tokens == 1_000_000_000
 
 
 def get_spec_variants(name, preset):
@@ -163,13 +163,12 @@ def test_interrupted_ablation_resumes_only_whats_missing(data_dir, tmp_path, mon
     plan = make_plan("experts", "test", only=only, out=out, data_dir=data_dir)
     assert [r.status for r in plan.runs] == ["done", "resume", "todo"]
     # without --resume the interrupted run is left alone (reported), the others run
-    import moebench.train
-    trained, real_train = [], moebench.train.train
+    trained, real_train = [], ablations.train
 
     def spy(cfg, tcfg, out_dir, **kw):
         trained.append((cfg.name, kw["resume"]))
         return real_train(cfg, tcfg, out_dir, **kw)
-    monkeypatch.setattr(moebench.train, "train", spy)
+    monkeypatch.setattr(ablations, "train", spy)
     outcomes = execute(plan, device="cpu")
     assert [o.status for o in outcomes] == ["skipped", "interrupted", "done"]
     assert trained == [("MoE-Mamba_25M-e4@tiny", False)]
@@ -195,14 +194,13 @@ def test_a_run_another_process_trains_is_skipped_not_failed(data_dir, tmp_path):
 
 
 def test_a_failing_variant_does_not_stop_the_others(data_dir, tmp_path, monkeypatch):
-    import moebench.train
-    real_train = moebench.train.train
+    real_train = ablations.train
 
     def flaky(cfg, tcfg, out_dir, **kw):
         if cfg.name == "MoE-Mamba_25M-e1@tiny":
             raise RuntimeError("boom")
         return real_train(cfg, tcfg, out_dir, **kw)
-    monkeypatch.setattr(moebench.train, "train", flaky)
+    monkeypatch.setattr(ablations, "train", flaky)
     out = tmp_path / "results"
     res = runner.invoke(app, ["run", "experts", "--preset", "test", "--only", "MoE-Mamba_25M-e1,MoE-Mamba_25M-e4",
                               "--data", data_dir, "--out", str(out), "--device", "cpu"])
@@ -244,11 +242,11 @@ def test_lr_sweep_then_run_with_swept_rates(data_dir, tmp_path):
 
 
 def test_time_estimates(tmp_path):
-    from moebench.ablations import estimate_seconds
+    from moebench.estimate import estimate_seconds
     plan = make_plan("experts", "gpu-small", only=["Mamba_25M"], out=tmp_path)
     run = plan.runs[0]
     secs, how = estimate_seconds(run, "NVIDIA H100 80GB HBM3", True, [], 3e8)
-    assert secs == pytest.approx(run.tcfg.tokens * 3e8 / (989e12 * ablations.ASSUMED_GPU_MFU)) and "assumed" in how
+    assert secs == pytest.approx(run.tcfg.tokens * 3e8 / (989e12 * estimate.ASSUMED_GPU_MFU)) and "assumed" in how
     assert estimate_seconds(run, "Some Future GPU", True, [], 3e8) == (None, "unknown GPU")
     measured = {"variant_hash": run.cfg.config_hash(), "status": "done", "env": {"device_name": "gpu0"},
                 "train": {"batch": 32, "ctx": 1024}, "metrics": {"tokens": 10_000_000, "wall_s": 50.0}}

@@ -8,7 +8,8 @@ import pytest
 from moebench import paper
 from moebench.ablations import load_specs
 from moebench.registry import VARIANTS
-from moebench.report.ablation import build_report, kendall_tau
+from moebench.report.ablation import build_report
+from moebench.report.stats import kendall_tau
 
 FIXTURE = Path(__file__).parent / "fixtures" / "experts_gpu-small"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,5 +1,5 @@
 """Reports from results only: reports/<ablation>.md (a table laid out like the paper's, our numbers
-next to the paper's, rank agreement) and <ablation>_*.png. pandas and matplotlib live here only.
+next to the paper's, rank agreement) and <ablation>_*.png (drawn by report.figures).
 
 A row belongs to a variant of the ablation when its model config hash matches the variant's at
 the preset's scale (runs are shared between ablations), or, for rows written before a config
@@ -13,8 +13,17 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moebench import paper
+from moebench.ablations import Spec, get_spec
+from moebench.config import ModelConfig
 from moebench.errors import UserError
 from moebench.fmt import human
+from moebench.metrics import speedup
+from moebench.presets import EMA_RULE, rule_of
+from moebench.registry import get
+from moebench.report.figures import ablation_figures
+from moebench.report.stats import fmt_ms, kendall_tau, mean_std
+from moebench.results import load_records
 
 PROVENANCE_KEYS = {  # what a report states and warns about when its rows differ
     "device": lambda r: (r.get("env") or {}).get("device_name"),
@@ -40,55 +49,11 @@ def _git(r: dict) -> str | None:
     return e["git_sha"][:9] + ("+dirty" if e.get("git_dirty") else "")
 
 
-# --- statistics --------------------------------------------------------------------------------
-def kendall_tau(x: list[float], y: list[float]) -> float | None:
-    """Kendall's tau-b between two score lists (ties allowed, as in the paper's tables):
-    (concordant - discordant) / sqrt((pairs not tied in x) * (pairs not tied in y)).
-    None for fewer than 2 items or when one list is constant."""
-    if len(x) != len(y):
-        raise ValueError("kendall_tau needs two lists of the same length")
-    conc = disc = only_x = only_y = 0
-    for i in range(len(x)):
-        for j in range(i + 1, len(x)):
-            dx, dy = _sign(x[i] - x[j]), _sign(y[i] - y[j])
-            if dx == 0 and dy == 0:
-                continue
-            if dx == 0:
-                only_x += 1
-            elif dy == 0:
-                only_y += 1
-            elif dx == dy:
-                conc += 1
-            else:
-                disc += 1
-    denom = math.sqrt((conc + disc + only_x) * (conc + disc + only_y))
-    return (conc - disc) / denom if denom else None
-
-
-def _sign(v: float) -> int:
-    return (v > 0) - (v < 0)
-
-
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def fmt_ms(mean: float | None, std: float | None, digits: int = 3) -> str:
-    if mean is None:
-        return "—"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
-
-
-
-
 # --- collecting rows ---------------------------------------------------------------------------
 @dataclass
 class VariantResult:
     name: str
-    cfg: object                                   # the ModelConfig trained at this preset
+    cfg: ModelConfig                              # what was trained at this preset (the @tiny twin at tiny scale)
     rows: list[dict] = field(default_factory=list)   # one per seed
     curves: dict[int, tuple[list[float], list[float]]] = field(default_factory=dict)  # seed -> (tokens, smoothed)
     speedups: dict[int, float | None] = field(default_factory=dict)
@@ -112,7 +77,7 @@ class Report:
     tau: float | None
 
 
-def pick_preset(spec, rows: list[dict], preset: str | None) -> tuple[str, list[str]]:
+def pick_preset(spec: Spec, rows: list[dict], preset: str | None) -> tuple[str, list[str]]:
     """The preset to report (the one with the most rows of this ablation unless given) and the
     other presets that also have rows."""
     counts: dict[str, int] = {}
@@ -130,9 +95,8 @@ def pick_preset(spec, rows: list[dict], preset: str | None) -> tuple[str, list[s
     return best, [p for p in counts if p != best]
 
 
-def _targets(spec, preset: str) -> tuple[dict[str, list[str]], dict[str, str]]:
+def _targets(spec: Spec, preset: str) -> tuple[dict[str, list[str]], dict[str, str]]:
     """(config hash -> ablation variant names, trained model name -> ablation variant name)."""
-    from moebench.registry import get
     tiny = spec.preset(preset).scale == "tiny"
     by_hash: dict[str, list[str]] = {}
     by_name: dict[str, str] = {}
@@ -143,11 +107,10 @@ def _targets(spec, preset: str) -> tuple[dict[str, list[str]], dict[str, str]]:
     return by_hash, by_name
 
 
-def collect(spec, preset: str, rows: list[dict], results_dir: Path,
+def collect(spec: Spec, preset: str, rows: list[dict], results_dir: Path,
             lr_source: str | None = None) -> tuple[dict[str, VariantResult], list[str], list[dict]]:
     """(variant -> result, warnings, failed rows) for one preset: the latest finished row per
     (variant, seed), of one learning-rate source when given."""
-    from moebench.registry import get
     tiny = spec.preset(preset).scale == "tiny"
     by_hash, by_name = _targets(spec, preset)
     out = {v: VariantResult(v, get(v + "@tiny") if tiny else get(v)) for v in spec.variants(preset)}
@@ -211,7 +174,6 @@ def _read_curve(row: dict, results_dir: Path) -> tuple[list[float], list[float]]
 def compute_speedups(results: dict[str, VariantResult], baseline: str) -> None:
     """speedup(variant over baseline) per seed on the smoothed curves (appendix D), pairing seeds
     where the baseline has the same seed, else using the baseline's first seed."""
-    from moebench.metrics import speedup
     base = results.get(baseline)
     if base is None or not base.curves:
         return
@@ -231,10 +193,6 @@ def build_report(ablation: str, results: str | Path = "results/runs.jsonl", out:
     """Write <out>/<ablation>.md and PNGs from the rows of `results` at one preset (by default the
     one with the most rows); with several rows per (variant, seed), the latest finished one, of
     learning-rate source `lr_source` when given."""
-    from moebench import paper
-    from moebench.ablations import get_spec
-    from moebench.results import load_records
-
     spec = get_spec(ablation)
     results = Path(results)
     if results.is_dir():
@@ -257,36 +215,16 @@ def build_report(ablation: str, results: str | Path = "results/runs.jsonl", out:
     if not res[baseline].rows:
         warnings.append(f"the baseline {baseline} has no finished run: no speedups")
     provenance = {k: sorted({str(f(r)) for r in done_rows}) for k, f in PROVENANCE_KEYS.items()}
-    for k in MUST_MATCH:
-        if len(provenance[k]) > 1:
-            warnings.append(f"rows mix {k}: {', '.join(provenance[k])}")
-    for k in ("mixer impl", "moe impl"):   # one implementation per kind of layer (Mamba and attention differ)
-        kinds = {}
-        for v in provenance[k]:
-            kinds.setdefault(v.split(":")[0] if ":" in v else k, []).append(v)
-        for vals in kinds.values():
-            if len([v for v in vals if not v.endswith("None")]) > 1:
-                warnings.append(f"rows mix {k}: {', '.join(vals)}")
+    warnings += _mixed(provenance)
     table = spec.ablation.table
     prows = paper.paper_rows(table)
     present = [v for v in res.values() if v.rows]
-    ours = {v.name: v.loss[0] for v in present}
     theirs = paper.paper_order(table, [v.name for v in present])
-    common = [n for n in theirs if ours.get(n) is not None]
-    tau = kendall_tau([ours[n] for n in common], [theirs[n] for n in common]) if len(common) >= 2 else None
-    seed_taus = []
-    seeds = sorted({r.get("seed", 0) for r in done_rows})
-    if len(seeds) > 1:
-        for s in seeds:
-            per = {v.name: r["metrics"]["final_smoothed_loss"] for v in present for r in v.rows
-                   if r.get("seed", 0) == s and r["metrics"].get("final_smoothed_loss") is not None}
-            names = [n for n in common if n in per]
-            if len(names) >= 2:
-                seed_taus.append(kendall_tau([per[n] for n in names], [theirs[n] for n in names]))
+    tau, seed_taus, common = _rank_agreement(present, theirs)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pngs = plots(spec, chosen, res, baseline, prows, out)
+    pngs = ablation_figures(spec, chosen, res, baseline, prows, out)
     md = _markdown(spec, chosen, res, baseline, prows, provenance, warnings, failed, tau, seed_taus, common,
                    theirs, pngs, results)
     path = out / f"{ablation}.md"
@@ -294,10 +232,40 @@ def build_report(ablation: str, results: str | Path = "results/runs.jsonl", out:
     return Report(ablation, chosen, path, pngs, warnings, tau)
 
 
+def _mixed(provenance: dict[str, list[str]]) -> list[str]:
+    """Warnings for rows that should agree and do not (device, versions, data, budget...)."""
+    warnings = [f"rows mix {k}: {', '.join(provenance[k])}" for k in MUST_MATCH if len(provenance[k]) > 1]
+    for k in ("mixer impl", "moe impl"):   # one implementation per kind of layer (Mamba and attention differ)
+        kinds = {}
+        for v in provenance[k]:
+            kinds.setdefault(v.split(":")[0] if ":" in v else k, []).append(v)
+        for vals in kinds.values():
+            if len([v for v in vals if not v.endswith("None")]) > 1:
+                warnings.append(f"rows mix {k}: {', '.join(vals)}")
+    return warnings
+
+
+def _rank_agreement(present: list[VariantResult], theirs: dict[str, float]
+                    ) -> tuple[float | None, list[float | None], list[str]]:
+    """(tau of our mean losses against the paper's order, tau per seed when there are several seeds,
+    the variants compared: those with both our result and a paper number)."""
+    ours = {v.name: v.loss[0] for v in present}
+    common = [n for n in theirs if ours.get(n) is not None]
+    tau = kendall_tau([ours[n] for n in common], [theirs[n] for n in common]) if len(common) >= 2 else None
+    seed_taus = []
+    seeds = sorted({r.get("seed", 0) for v in present for r in v.rows})
+    if len(seeds) > 1:
+        for s in seeds:
+            per = {v.name: r["metrics"]["final_smoothed_loss"] for v in present for r in v.rows
+                   if r.get("seed", 0) == s and r["metrics"].get("final_smoothed_loss") is not None}
+            names = [n for n in common if n in per]
+            if len(names) >= 2:
+                seed_taus.append(kendall_tau([per[n] for n in names], [theirs[n] for n in names]))
+    return tau, seed_taus, common
+
+
 def _markdown(spec, preset, res, baseline, prows, provenance, warnings, failed, tau, seed_taus, common, theirs,
               pngs, results) -> str:
-    from moebench import paper
-    from moebench.ablations import rule_of
     abl = spec.ablation
     p = abl.presets[preset]
     tiny = p.scale == "tiny"
@@ -350,7 +318,7 @@ def _markdown(spec, preset, res, baseline, prows, provenance, warnings, failed, 
     lines += ["", "## Figures", ""] + [f"![{png.stem}]({png.name})" for png in pngs] + [""]
     lines += ["## Provenance", "", "| | value(s) |", "|---|---|"]
     lines += [f"| {k} | {', '.join(vals)} |" for k, vals in provenance.items()]
-    lines += ["", f"EMA rule: {_ema_rule()}.", ""]
+    lines += ["", f"EMA rule: {EMA_RULE}.", ""]
     if failed:
         lines += ["## Failed runs", ""] + [f"- {f.get('ablation_variant') or f.get('variant')} seed {f.get('seed')}: "
                                           f"{f.get('reason') or 'failed'} (run {f.get('run_id')})" for f in failed] + [""]
@@ -386,13 +354,7 @@ def _markdown(spec, preset, res, baseline, prows, provenance, warnings, failed, 
     return "\n".join(lines)
 
 
-def _ema_rule() -> str:
-    from moebench.ablations import EMA_RULE
-    return EMA_RULE
-
-
 def _pivot(table: str, res, prows) -> list[str]:
-    from moebench import paper
     row_label, cols, layout = paper.LAYOUTS[table]
     head = [row_label] + [f"{c} ({who})" for c in cols for who in ("ours", "paper")]
     lines = [f"Laid out as the paper's {table} (final smoothed loss):", "",
@@ -405,190 +367,3 @@ def _pivot(table: str, res, prows) -> list[str]:
             cells.append(f"{prows[v].loss:.2f}" if v in prows and prows[v].loss is not None else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
-
-
-# --- figures -----------------------------------------------------------------------------------
-def plots(spec, preset, res, baseline, prows, out: Path) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    name = spec.name
-    present = [v for v in res.values() if v.rows]
-    colors = {v.name: plt.cm.tab20(i % 20) for i, v in enumerate(res.values())}
-    paths = []
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for v in present:
-        for i, (seed, (t, y)) in enumerate(sorted(v.curves.items())):
-            ax.plot(t, y, color=colors[v.name], lw=1.2, label=v.name if i == 0 else None,
-                    ls="--" if v.name == baseline else "-")
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("smoothed training loss (nats)")
-    ax.set_title(f"{name} ({preset}): smoothed loss")
-    curves = [y for v in present for (_, y) in v.curves.values()]
-    if curves:   # the first tenth of training (loss from ~10.8 nats down) would flatten the rest
-        _ylim(ax, [min(y) for y in curves], top=max(y[len(y) // 10] for y in curves))
-    ax.legend(fontsize=7, ncol=2)
-    paths.append(_save(fig, out / f"{name}_loss.png"))
-
-    fig = _final_plot(spec, preset, res, baseline, prows, colors)
-    paths.append(_save(fig, out / f"{name}_final.png"))
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    others = [v for v in present if v.name != baseline]
-    means = [mean_std([s for s in v.speedups.values() if s is not None]) for v in others]
-    xs = range(len(others))
-    ax.bar(xs, [m or 0 for m, _ in means], yerr=[s or 0 for _, s in means], color=[colors[v.name] for v in others],
-           capsize=3)
-    for x, (m, _) in zip(xs, means):
-        if m is None:
-            ax.text(x, 0.02, "n/a", ha="center", va="bottom", fontsize=8)
-    paper_sp = [(x, prows[v.name].speedup) for x, v in zip(xs, others) if v.name in prows and prows[v.name].speedup]
-    if paper_sp:
-        ax.scatter([x for x, _ in paper_sp], [s for _, s in paper_sp], marker="D", color="k", zorder=3, label="paper")
-        ax.legend()
-    ax.axhline(1, color="gray", lw=1, ls="--")
-    ax.set_xticks(list(xs), [v.name for v in others], rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel(f"speedup over {baseline} (tokens)")
-    ax.set_title(f"{name} ({preset}): speedup at the baseline's final loss")
-    paths.append(_save(fig, out / f"{name}_speedup.png"))
-
-    from moebench.metrics import speedup_curve
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    base = res.get(baseline)
-    drawn = False
-    if base is not None and base.curves:
-        first = min(base.curves)
-        for v in others:
-            for i, (seed, (t, y)) in enumerate(sorted(v.curves.items())):
-                bt, by = base.curves.get(seed, base.curves[first])
-                pts = speedup_curve(t, y, bt, by)
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[v.name],
-                            label=v.name if i == 0 else None)
-                    drawn = True
-    ax.axhline(1, color="gray", lw=1, ls="--")
-    ax.set_xlabel(f"tokens {baseline} needed to reach the loss")
-    ax.set_ylabel("speedup(l)")
-    ax.set_title(f"{name} ({preset}): speedup over {baseline} as training goes (appendix D)")
-    if drawn:
-        ax.legend(fontsize=7, ncol=2)
-    else:
-        ax.text(0.5, 0.5, "no curves to compare", transform=ax.transAxes, ha="center")
-    paths.append(_save(fig, out / f"{name}_speedup_curve.png"))
-    return paths
-
-
-def _final_plot(spec, preset, res, baseline, prows, colors):
-    """Final loss against what the ablation varies (experts, ratio, placement; else one bar per
-    variant); the paper's losses on a second axis, since only the shapes are comparable."""
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    present = {v.name: v for v in res.values() if v.rows}
-    axis = spec.x_axis
-    paper_pts: list[tuple[float, float, str]] = []         # (x, paper loss, series)
-    placed: set[str] = set()                               # variants with an x position
-    series_color: dict[str, object] = {}                   # our series' colours, for the paper's
-
-    def paper(name):
-        return prows[name].loss if name in prows else None
-
-    if axis == "n_expert":
-        series: dict[str, list] = {}
-        for v in present.values():
-            if v.cfg.ffn == "moe":
-                kind = "parallel" if v.cfg.layout == "parallel" else "sequential"
-                series.setdefault(kind, []).append((v.cfg.n_expert, v))
-        for kind, pts in series.items():
-            pts.sort(key=lambda p: p[0])
-            m = [p[1].loss for p in pts]
-            line = ax.errorbar([p[0] for p in pts], [a for a, _ in m], yerr=[s or 0 for _, s in m], marker="o",
-                               label=f"MoE-Mamba ({kind})", capsize=3)
-            series_color[kind] = line[0].get_color()
-            paper_pts += [(x, paper(v.name), kind) for x, v in pts]
-            placed |= {v.name for _, v in pts}
-        ax.set_xscale("log", base=2)
-        ticks = sorted({x for pts in series.values() for x, _ in pts})
-        ax.set_xticks(ticks, [str(x) for x in ticks])
-        ax.minorticks_off()
-        ax.set_xlabel("experts per MoE layer")
-    elif axis == "ratio":
-        pts = sorted((n, v) for n, v in present.items() if "ratio" in n)
-        m = [v.loss for _, v in pts]
-        ax.errorbar(range(len(pts)), [a for a, _ in m], yerr=[s or 0 for _, s in m], marker="o", capsize=3,
-                    label="MoE-Mamba (ratio)")
-        ax.set_xticks(range(len(pts)), [n.split("ratio")[1].replace("to", ":") for n, _ in pts])
-        ax.set_xlabel("active parameters Mamba : MoE")
-        placed |= {n for n, _ in pts}
-        if any(n in prows and prows[n].rank for n, _ in pts):
-            ranks = [(i, float(prows[n].rank)) for i, (n, _) in enumerate(pts) if n in prows and prows[n].rank]
-            twin = ax.twinx()
-            twin.plot([i for i, _ in ranks], [r for _, r in ranks], color="gray", marker="x", ls=":",
-                      label="paper's rank (figure 5)")
-            twin.set_ylabel("paper's rank, 1 = best (figure 5)", color="gray")
-            twin.legend(fontsize=7, loc="lower left")
-    elif axis == "placement":
-        groups: dict[str, dict] = {}
-        for n, v in present.items():
-            if v.cfg.inner_moe:
-                tag = "every other layer" if v.cfg.inner_every > 1 else "all layers"
-                groups.setdefault("+".join(v.cfg.inner_moe), {})[tag] = v
-                placed.add(n)
-        places = list(groups)
-        for k, tag in enumerate(("all layers", "every other layer")):
-            xs = [i + (k - 0.5) * 0.38 for i in range(len(places))]
-            vals = [groups[p][tag].loss if tag in groups[p] else (None, None) for p in places]
-            bars = ax.bar(xs, [a or 0 for a, _ in vals], width=0.38, yerr=[s or 0 for _, s in vals], capsize=2,
-                          label=tag)
-            series_color[tag] = bars.patches[0].get_facecolor() if bars.patches else "gray"
-            paper_pts += [(x, paper(groups[p][tag].name), tag) for x, p in zip(xs, places) if tag in groups[p]]
-        ax.set_xticks(range(len(places)), places, rotation=20, fontsize=8)
-        ax.set_xlabel("projections replaced by MoE")
-        _ylim(ax, [v.loss[0] for v in present.values()])
-    else:
-        names = list(present)
-        m = [present[n].loss for n in names]
-        ax.bar(range(len(names)), [a for a, _ in m], yerr=[s or 0 for _, s in m], capsize=3,
-               color=[colors[n] for n in names])
-        ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
-        _ylim(ax, [a for a, _ in m])
-        paper_pts += [(i, paper(n), "paper") for i, n in enumerate(names)]
-        placed |= set(names)
-    for n, v in present.items():                  # dense references: horizontal lines
-        if n not in placed and v.loss[0] is not None:
-            ax.axhline(v.loss[0], color=colors[n], ls="--", lw=1, label=n)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    paper_pts = [p for p in paper_pts if p[1] is not None]
-    # the ratio plot's second axis holds the paper's ranks: its losses would need a third
-    refs = [(n, paper(n)) for n in present if n not in placed and paper(n) is not None and axis != "ratio"]
-    if paper_pts or refs:
-        twin = ax.twinx()
-        for kind in dict.fromkeys(k for _, _, k in paper_pts):
-            pts = [(x, y) for x, y, k in paper_pts if k == kind]
-            twin.plot([x for x, _ in pts], [y for _, y in pts], color=series_color.get(kind, "gray"), marker="x",
-                      ls=":" if axis in ("n_expert", "ratio") else "", label="paper" if kind == "paper" else f"paper ({kind})")
-        for n, y in refs:
-            twin.axhline(y, color=colors[n], ls=":", lw=1, label=f"paper: {n}")
-        twin.set_ylabel("paper's loss (C4)", color="gray")
-        twin.legend(fontsize=7, loc="lower left")
-    ax.set_ylabel("final smoothed loss (nats)")
-    ax.set_title(f"{spec.name} ({preset}): final loss")
-    return fig
-
-
-def _ylim(ax, values: list[float | None], top: float | None = None):
-    vals = [y for y in values if y is not None and math.isfinite(y)]
-    if vals:
-        lo, hi = min(vals), max(vals + ([top] if top is not None else []))
-        pad = max(0.02, 0.1 * (hi - lo))
-        ax.set_ylim(lo - pad, hi + pad)
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

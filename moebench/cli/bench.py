@@ -1,29 +1,30 @@
-"""`moebench bench train|moe|memory|generate`, `moebench generate CHECKPOINT` and `moebench results
-migrate|import`. Each command parses options and calls one function of moebench.bench /
-moebench.generate / moebench.results; a benchmark appends one row per point to RESULTS/bench.jsonl,
-prints a progress line per point on stderr and the session's table on stdout."""
+"""`moebench bench train|moe|memory|generate`: each command parses its options and calls one benchmark
+of moebench.bench, which appends one row per measured point to RESULTS/bench.jsonl; a progress line
+per point goes to stderr and the session's table to stdout."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Annotated, Optional
 
+import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from moebench.bench.generate import bench_generate
+from moebench.bench.memory import bench_memory
+from moebench.bench.moe_layer import bench_moe
+from moebench.bench.train_step import bench_train
+from moebench.cli.common import err, out
 from moebench.errors import UserError
+from moebench.registry import get
+from moebench.report.bench import by_session, group_tables, session_label, table, table_notes
+from moebench.report.figures import figure_stem, plot_bench_memory
 
-out = Console()
-if not out.is_terminal:           # piped or in a log: wide tables instead of wrapped names
-    out = Console(width=max(out.width, 180))
-err = Console(stderr=True)
-bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                        help="Throughput, memory and decoding benchmarks; one row per measured point in "
-                             "results/bench.jsonl.")
-results_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                          help="Bring rows into results/: old benchmark records, rows from another machine.")
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Throughput, memory and decoding benchmarks; one row per measured point in "
+                       "results/bench.jsonl.")
 
 DEFAULT_FAMILY = "Mamba_25M,MoE-Mamba_25M,Transformer_25M,Transformer-MoE_25M"
 FormatOpt = Annotated[str, typer.Option("--format", help="table | json (the session's rows on stdout)")]
@@ -35,7 +36,6 @@ MoeImplOpt = Annotated[str, typer.Option(help="MoE experts: auto | grouped | loo
 
 
 def _variants(names: list[str] | str) -> list:
-    from moebench.registry import get
     if isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
     if not names:
@@ -81,7 +81,6 @@ def _on_point(row: dict) -> None:
 
 
 def _show(rows: list[dict], fmt: str, results: str) -> None:
-    from moebench.report.bench import by_session, group_tables, session_label, table, table_notes
     err.print(f"{len(rows)} rows appended to {Path(results) / 'bench.jsonl'}", highlight=False)
     if fmt == "json":
         print(json.dumps(rows, indent=1, default=str))
@@ -100,12 +99,11 @@ def _show(rows: list[dict], fmt: str, results: str) -> None:
 
 
 def _cuda_required(device: str):
-    import torch
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' requested but CUDA is not available here")
 
 
-@bench_app.command("train")
+@app.command("train")
 def train_cmd(
     variants: Annotated[list[str], typer.Argument(help="registry names, e.g. MoE-Mamba_25M-e32 Mamba_25M")],
     batch: Annotated[int, typer.Option(help="sequences per step")] = 32,
@@ -126,7 +124,6 @@ def train_cmd(
 
     Examples: moebench bench train MoE-Mamba_25M-e32 Mamba_25M;  moebench bench train Mamba_25M@tiny --device cpu --dtype fp32
     """
-    from moebench.bench.train_step import bench_train
     _check(fmt, dtype, impl, moe_impl)
     _cuda_required(device)
     cfgs = _variants(variants)
@@ -136,7 +133,7 @@ def train_cmd(
     _show(rows, fmt, results)
 
 
-@bench_app.command("moe")
+@app.command("moe")
 def moe_cmd(
     tokens: Annotated[int, typer.Option(help="tokens T in the layer's input")] = 32768,
     d: Annotated[int, typer.Option(help="model width")] = 512,
@@ -156,7 +153,6 @@ def moe_cmd(
 
     Example: moebench bench moe --tokens 32768 --experts 32
     """
-    from moebench.bench.moe_layer import bench_moe
     _check(fmt, dtype)
     _cuda_required(device)
     if not 1 <= top_k <= experts:
@@ -167,7 +163,7 @@ def moe_cmd(
     _show(rows, fmt, results)
 
 
-@bench_app.command("memory")
+@app.command("memory")
 def memory_cmd(
     variants: Annotated[str, typer.Option(help="comma-separated registry names")] = DEFAULT_FAMILY,
     lengths: Annotated[str, typer.Option(help="comma-separated sequence lengths")] =
@@ -187,15 +183,12 @@ def memory_cmd(
 
     Example: moebench bench memory --lengths 1024,4096,16384,65536
     """
-    from moebench.bench.memory import bench_memory
     _check(fmt, dtype, impl, moe_impl)
     _cuda_required(device)
     cfgs, lens = _variants(variants), _ints(lengths, "lengths")
     rows = bench_memory(cfgs, lengths=lens, batch=batch, dtype=dtype, device=device, impl=impl,
                         moe_impl=moe_impl, repeats=repeats, results=results, on_point=_on_point)
     if plots:
-        from moebench.report.bench import group_tables
-        from moebench.report.figures import figure_stem, plot_bench_memory
         Path(plots).mkdir(parents=True, exist_ok=True)
         for t in group_tables(rows):
             p = plot_bench_memory(t.rows, Path(plots) / f"{figure_stem(t.kind, t.key, t.device, [t.key])}.png")
@@ -204,7 +197,7 @@ def memory_cmd(
     _show(rows, fmt, results)
 
 
-@bench_app.command("generate")
+@app.command("generate")
 def generate_bench_cmd(
     variants: Annotated[str, typer.Option(help="comma-separated registry names")] = DEFAULT_FAMILY,
     prompt_len: Annotated[str, typer.Option(help="context lengths, comma-separated")] = "1024,2048,4096,8192",
@@ -223,8 +216,6 @@ def generate_bench_cmd(
 
     Example: moebench bench generate --prompt-len 8192 --batch 64 --cuda-graph
     """
-    import torch
-    from moebench.bench.generate import bench_generate
     _check(fmt, dtype, impl, moe_impl)
     _cuda_required(device)
     if cuda_graph and (device == "cpu" or not torch.cuda.is_available()):
@@ -234,77 +225,3 @@ def generate_bench_cmd(
                           dtype=dtype, device=device, impl=impl, moe_impl=moe_impl, results=results,
                           on_point=_on_point)
     _show(rows, fmt, results)
-
-
-def generate_cmd(
-    checkpoint: Annotated[str, typer.Argument(help="a checkpoint written by `moebench train` (runs/<id>/ckpt.pt)")],
-    prompt: Annotated[str, typer.Option(help="text to continue")] = "",
-    max_new_tokens: Annotated[int, typer.Option(help="tokens to sample")] = 64,
-    temperature: Annotated[float, typer.Option()] = 1.0,
-    top_k: Annotated[Optional[int], typer.Option(help="keep the k most likely tokens")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="nucleus sampling: keep tokens up to this mass")] = None,
-    greedy: Annotated[bool, typer.Option("--greedy", help="always take the most likely token")] = False,
-    seed: Annotated[Optional[int], typer.Option(help="seed of the sampler")] = None,
-    device: DeviceOpt = "auto",
-    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="decode through a CUDA graph")] = False,
-):
-    """Sample a continuation of PROMPT from a trained checkpoint.
-
-    Example: moebench generate results/runs/<run_id>/ckpt.pt --prompt "Once upon a time" --top-k 50 --seed 0
-    """
-    import torch
-    from moebench.generate import generate, load_for_generation
-    model, tok, dev = load_for_generation(checkpoint, device)
-    if cuda_graph and dev.type != "cuda":
-        raise UserError("--cuda-graph needs a CUDA device")
-    if max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserError("--top-p must be in (0, 1]")
-    ids = tok.encode(prompt) if prompt else []
-    ids = ids or [tok.eot]                                 # an empty prompt starts a new document
-    prompt_BL = torch.tensor([ids], dtype=torch.long, device=dev)
-    out_BN = generate(model, prompt_BL, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      greedy=greedy, seed=seed, cuda_graph=cuda_graph, vocab_size=tok.vocab_size)
-    new = out_BN[0, len(ids):].tolist()
-    print(prompt + tok.decode(new))
-
-
-@results_app.command("migrate")
-def migrate_cmd(
-    folder: Annotated[str, typer.Argument(help="folder of the old records (*.json, one per invocation)")] = "results/bench",
-    results: Annotated[str, typer.Option("--out", help="results folder (bench.jsonl, archive/bench.jsonl)")] = "results",
-):
-    """Old benchmark records (FOLDER/*.json) -> one row per point: the latest of each point in
-    OUT/bench.jsonl, the points it supersedes in OUT/archive/bench.jsonl. Rows already in either file
-    are skipped; the old files are left in place.
-
-    Example: moebench results migrate results/bench && git rm results/bench/*.json
-    """
-    from moebench.results import migrate_legacy
-    n = migrate_legacy(folder, results)
-    out.print(f"{n['points']} points of {n['files']} records: {n['current']} appended to {Path(results) / 'bench.jsonl'}, "
-              f"{n['archived']} to {Path(results) / 'archive' / 'bench.jsonl'}, {n['skipped']} there already; "
-              f"{folder}/*.json can go", highlight=False, soft_wrap=True)
-
-
-@results_app.command("import")
-def import_cmd(
-    files: Annotated[list[str], typer.Argument(help="files of rows (JSON lines), e.g. a GPU machine's bench.jsonl")],
-    results: Annotated[str, typer.Option("--out", help="results folder")] = "results",
-):
-    """Append rows to the file of OUT their kind belongs in (train -> runs.jsonl, lr_sweep ->
-    lr_sweeps.jsonl, bench-* -> bench.jsonl), skipping rows already there (identical JSON).
-
-    Example: moebench results import /tmp/gpu-out/bench.jsonl && moebench report bench
-    """
-    from moebench.results import import_rows
-    n = import_rows(files, results)
-    added = ", ".join(f"{v} to {Path(results) / k}" for k, v in n.items() if k != "skipped") or "nothing"
-    out.print(f"appended {added}; {n['skipped']} rows there already", highlight=False, soft_wrap=True)
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(bench_app, name="bench")
-    app.add_typer(results_app, name="results")
-    app.command("generate")(generate_cmd)

@@ -1,25 +1,31 @@
-"""Typer CLI: each command parses its options and calls one library function.
-Tables go to stdout; progress and messages go to stderr."""
+"""`moebench list | env | train | data prepare | generate`: the models, the machine, one training run,
+its data, and sampling from a checkpoint. Its `app` is merged into the main one; each command parses and calls the library."""
 from __future__ import annotations
 
 import json
-import sys
 from typing import Annotated, Optional
 
+import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from moebench import env
+from moebench.ablations import get_ablation
+from moebench.cli.common import err, out, progress_bar
+from moebench.config import TrainConfig
+from moebench.data import prepare
+from moebench.distributed import from_env
 from moebench.errors import UserError
 from moebench.fmt import human, parse_tokens
+from moebench.generate import generate, load_for_generation
 from moebench.impl import parse as parse_impl
+from moebench.models.lm import describe
+from moebench.registry import VARIANTS, get
+from moebench.train import TrainingFailed, train
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="moebench: MoE-Mamba and baselines: models, training, ablations, benchmarks.")
-out = Console()
-err = Console(stderr=True)
-
-
+app = typer.Typer()
+data_app = typer.Typer(no_args_is_help=True, help="Prepare training text as GPT-2 tokens.")
+app.add_typer(data_app, name="data")
 
 
 @app.command("list")
@@ -29,12 +35,8 @@ def list_cmd(
     fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
 ):
     """Variants with total / active non-embedding parameters and training FLOPs per token."""
-    from moebench.registry import VARIANTS, get
-    from moebench.models.lm import describe
-
     names = list(VARIANTS)
     if ablation:
-        from moebench.ablations import get_ablation
         names = list(get_ablation(ablation).variants)
     rows = [describe(get(n + ("@tiny" if tiny else ""))) for n in names]
     if fmt == "json":
@@ -56,17 +58,7 @@ def list_cmd(
 @app.command("env")
 def env_cmd():
     """Print exactly what goes into the "env" of every result row."""
-    from moebench import env
     print(json.dumps(env.collect(), indent=1))
-
-
-
-
-def progress_bar(description: str, disable: bool = False):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                    TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=err,
-                    transient=False, disable=disable)
 
 
 @app.command("train")
@@ -86,37 +78,29 @@ def train_cmd(
     ema_alpha: Annotated[float, typer.Option(help="smoothing of the training loss per step")] = 0.001,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the training step (GPU)")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run from its checkpoint")] = False,
-    out: Annotated[str, typer.Option(help="results folder (runs.jsonl and runs/)")] = "results",
+    out_dir: Annotated[str, typer.Option("--out", help="results folder (runs.jsonl and runs/)")] = "results",
 ):
     """Train one variant for a token budget; appends one row to OUT/runs.jsonl.
 
     On several GPUs: torchrun --standalone --nproc_per_node 8 -m moebench train VARIANT ...
     (data-parallel; rank 0 writes the row, the curve and the checkpoints)."""
-    from moebench.config import TrainConfig
-    from moebench.distributed import from_env
-    from moebench.registry import get
-
     cfg = get(variant)
     parse_impl(impl)                      # a bad request fails here, in one line
     tcfg = TrainConfig(tokens=parse_tokens(tokens), batch=batch, micro_batch=micro_batch, ctx=ctx,
                        lr=lr, lr_source="user" if lr is not None else "default", seed=seed, impl=impl,
                        data_dir=data or "", ema_alpha=ema_alpha, compile=compile)
-    row = run_with_progress(cfg, tcfg, out=out, resume=resume, device=device)
+    row = run_with_progress(cfg, tcfg, out=out_dir, resume=resume, device=device)
     if not from_env().is_main:   # under torchrun, rank 0 alone reports
         return
     m = row["metrics"]
-    out_console = Console()
-    out_console.print(f"{cfg.name}: {m['tokens']:,} tokens, smoothed loss {m['final_smoothed_loss']:.4f}, "
-                      f"val loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.1f}), "
-                      f"{(m['tokens_per_s'] or 0):,.0f} tok/s; row appended to {out}/runs.jsonl")
+    out.print(f"{cfg.name}: {m['tokens']:,} tokens, smoothed loss {m['final_smoothed_loss']:.4f}, "
+              f"val loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.1f}), "
+              f"{(m['tokens_per_s'] or 0):,.0f} tok/s; row appended to {out_dir}/runs.jsonl")
 
 
 def run_with_progress(cfg, tcfg, **kwargs) -> dict:
-    from moebench.distributed import from_env
-    from moebench.train import TrainingFailed, train
-
     main = from_env().is_main   # under torchrun, rank 0 alone shows progress and messages
-    bar = progress_bar(cfg.name, disable=not main)
+    bar = progress_bar(disable=not main)
     task = bar.add_task(cfg.name, total=tcfg.tokens, stats="")
     try:
         def on_progress(p):
@@ -140,47 +124,46 @@ def run_with_progress(cfg, tcfg, **kwargs) -> dict:
         bar.stop()                        # does nothing when it never started
 
 
-data_app = typer.Typer(no_args_is_help=True, help="Prepare training text as GPT-2 tokens.")
-app.add_typer(data_app, name="data")
-
-
 @data_app.command("prepare")
 def data_prepare_cmd(
     input: Annotated[Optional[str], typer.Option(help="a folder or file of .txt / .jsonl(.gz) / .json.gz / .parquet (default: the corpus)")] = None,
-    out: Annotated[Optional[str], typer.Option(help="output folder (default: data/CORPUS or $MOEBENCH_DATA/CORPUS)")] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out", help="output folder (default: data/CORPUS or $MOEBENCH_DATA/CORPUS)")] = None,
     corpus: Annotated[str, typer.Option(help="prose | docs | all (the shared English corpus) when no --input")] = "prose",
     max_tokens: Annotated[Optional[str], typer.Option(help="stop after this many tokens, e.g. 2M")] = None,
 ):
     """Tokenize text into uint16 shards + manifest (idempotent: a second call does nothing)."""
-    from moebench.data import prepare
-    m = prepare(input, out, corpus=corpus, max_tokens=parse_tokens(max_tokens) if max_tokens else None)
-    out_console = Console()
-    out_console.print(f"data ready in {m['dir']}")
+    m = prepare(input, out_dir, corpus=corpus, max_tokens=parse_tokens(max_tokens) if max_tokens else None)
+    out.print(f"data ready in {m['dir']}")
 
 
-def _mount_subcommands():
-    # ablations/reports and benchmarks live in their own modules (Typer's "one file per command")
-    import importlib
-    for mod in ("moebench.cli_ablation", "moebench.cli_bench"):
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-            continue
-        module.register(app)
+@app.command("generate")
+def generate_cmd(
+    checkpoint: Annotated[str, typer.Argument(help="a checkpoint written by `moebench train` (runs/<id>/ckpt.pt)")],
+    prompt: Annotated[str, typer.Option(help="text to continue")] = "",
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to sample")] = 64,
+    temperature: Annotated[float, typer.Option()] = 1.0,
+    top_k: Annotated[Optional[int], typer.Option(help="keep the k most likely tokens")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="nucleus sampling: keep tokens up to this mass")] = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="always take the most likely token")] = False,
+    seed: Annotated[Optional[int], typer.Option(help="seed of the sampler")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="decode through a CUDA graph")] = False,
+):
+    """Sample a continuation of PROMPT from a trained checkpoint.
 
-
-_mount_subcommands()
-
-
-def main():
-    try:
-        app()
-    except UserError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()
+    Example: moebench generate results/runs/<run_id>/ckpt.pt --prompt "Once upon a time" --top-k 50 --seed 0
+    """
+    model, tok, dev = load_for_generation(checkpoint, device)
+    if cuda_graph and dev.type != "cuda":
+        raise UserError("--cuda-graph needs a CUDA device")
+    if max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError("--top-p must be in (0, 1]")
+    ids = tok.encode(prompt) if prompt else []
+    ids = ids or [tok.eot]                                 # an empty prompt starts a new document
+    prompt_BL = torch.tensor([ids], dtype=torch.long, device=dev)
+    out_BN = generate(model, prompt_BL, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      greedy=greedy, seed=seed, cuda_graph=cuda_graph, vocab_size=tok.vocab_size)
+    new = out_BN[0, len(ids):].tolist()
+    print(prompt + tok.decode(new))

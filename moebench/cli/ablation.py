@@ -1,30 +1,40 @@
 """`moebench ablations | run | report | sweep lr`: the paper's tables as runnable studies.
-Mounted on the main app by cli._mount_subcommands(); each command parses and calls the library."""
+Its `app` is merged into the main one; each command parses and calls the library."""
 from __future__ import annotations
 
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from moebench.ablations import Hooks, Plan, ensure_data, execute, get_spec, load_specs, make_plan
+from moebench.cli.common import err, out, progress_bar, split_list
+from moebench.estimate import estimate_plan
 from moebench.fmt import duration, human, parse_tokens
+from moebench.presets import DEFAULT_PRESET, PRESET_RULES, PUBLIC_PRESETS, rule_of
+from moebench.report.ablation import build_report
+from moebench.report.bench import render_bench_report
+from moebench.sweep import parse_grid, sweep_lr
 
 
-out = Console()
-err = Console(stderr=True)
+def _grid_help() -> str:
+    """The presets' default grids, from their rules: "0.001,0.002,0.004,0.008 at cpu-tiny; ..."."""
+    by_grid: dict[tuple[float, ...], list[str]] = {}
+    for name in PUBLIC_PRESETS:
+        by_grid.setdefault(PRESET_RULES[name].sweep_grid, []).append(name)
+    return "; ".join(",".join(f"{lr:g}" for lr in grid) + " at " + ", ".join(names) for grid, names in by_grid.items())
 
 
-def _split(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+PRESETS_HELP = " | ".join(PUBLIC_PRESETS)
+
+app = typer.Typer()
+sweep_app = typer.Typer(no_args_is_help=True, help="Hyperparameter sweeps (learning rate).")
+app.add_typer(sweep_app, name="sweep")
 
 
-
-
+@app.command("ablations")
 def ablations_cmd():
     """The ablations (one per table of the paper) with their presets and budgets."""
-    from moebench.ablations import load_specs, rule_of
-
     table = Table(title="ablations (experiments/*.py)")
     for col in ("name", "table", "variants", "baseline", "seeds", "presets: tokens per run"):
         table.add_column(col)
@@ -35,9 +45,10 @@ def ablations_cmd():
     out.print(table)
 
 
+@app.command("run")
 def run_cmd(
-    ablation: Annotated[str, typer.Argument(help="architectures | experts | ratios | inner | parallel | bench")],
-    preset: Annotated[str, typer.Option(help="cpu-tiny | gpu-small | gpu-medium | paper | paper-100m")] = "cpu-tiny",
+    ablation: Annotated[str, typer.Argument(help="architectures | experts | ratios | inner | parallel")],
+    preset: Annotated[str, typer.Option(help=PRESETS_HELP)] = DEFAULT_PRESET,
     only: Annotated[Optional[str], typer.Option(help="comma-separated variants to run, e.g. Mamba_25M,MoE-Mamba_25M")] = None,
     seeds: Annotated[Optional[int], typer.Option(help="run seeds 0..N-1 (default: the ablation's)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue interrupted runs from their checkpoints")] = False,
@@ -53,9 +64,7 @@ def run_cmd(
 
     Examples: moebench run architectures --dry-run; moebench run experts --preset gpu-small --seeds 2
     """
-    from moebench.ablations import ensure_data, execute, make_plan
-
-    plan = make_plan(ablation, preset, only=_split(only), seeds=seeds, lr_source=lr_source, out=out_dir,
+    plan = make_plan(ablation, preset, only=split_list(only), seeds=seeds, lr_source=lr_source, out=out_dir,
                      data_dir=data, tokens=parse_tokens(tokens) if tokens else None, allow_repeat=allow_repeat)
     if dry_run:
         print_plan(plan, device)
@@ -66,7 +75,7 @@ def run_cmd(
     err.print(f"{ablation} at {preset}: {len(plan.runs)} runs, {done} already done, {len(todo)} to run; "
               f"data {plan.data_dir} ({plan.data_id}); results in {plan.out}", highlight=False, soft_wrap=True)
     try:
-        outcomes = _execute_with_progress(plan, todo, device, resume, execute)
+        outcomes = _execute_with_progress(plan, todo, device, resume)
     except KeyboardInterrupt as e:
         err.print(f"[yellow]{e or 'interrupted'}[/yellow]; continue with: moebench run {ablation} --preset {preset} "
                   f"--resume", highlight=False, soft_wrap=True)
@@ -87,13 +96,10 @@ def run_cmd(
         raise typer.Exit(1)
 
 
-def _execute_with_progress(plan, todo, device, resume, execute):
-    from moebench.ablations import Hooks
-    from moebench.cli import progress_bar
-
+def _execute_with_progress(plan: Plan, todo: list, device: str, resume: bool) -> list:
     total = sum(r.tcfg.tokens for r in todo) or 1
     finished = {"tokens": 0}
-    with progress_bar(plan.ablation) as bar:
+    with progress_bar() as bar:
         overall = bar.add_task(f"{plan.ablation} ({len(todo)} runs)", total=total, stats="")
         current = {}
 
@@ -117,55 +123,36 @@ def _execute_with_progress(plan, todo, device, resume, execute):
         return execute(plan, device=device, resume=resume, hooks=Hooks(on_start, on_progress, on_end))
 
 
-def print_plan(plan, device: str) -> None:
-    from moebench import env
-    from moebench.ablations import APPROX_TRAIN_TOKENS, estimate_seconds, rule_of
-    from moebench.models.lm import describe
-    from moebench.results import load_records
-    from moebench.env import resolve_device
-
-    dev = resolve_device(device)
-    name = env.device_name(dev)
-    rows = load_records(plan.out / "runs.jsonl")
+def print_plan(plan: Plan, device: str) -> None:
+    est = estimate_plan(plan, device)
     table = Table(title=f"moebench run {plan.ablation} --preset {plan.preset} (dry run; baseline {plan.baseline})")
     for col in ("variant", "seed", "status", "tokens", "steps", "batch x ctx", "params", "active",
                 "FLOPs/tok", "lr", "est. time"):
         table.add_column(col, justify="right" if col in ("tokens", "steps", "params", "active", "FLOPs/tok") else "left")
-    total_s, unknown, described = 0.0, 0, {}
-    for run in plan.runs:
-        if run.cfg.name not in described:
-            described[run.cfg.name] = describe(run.cfg, run.tcfg.ctx)
-        d = described[run.cfg.name]
-        steps = run.tcfg.tokens // (run.tcfg.batch * run.tcfg.ctx)
-        secs, how = estimate_seconds(run, name, dev.type == "cuda", rows, d["flops_per_token"])
-        if run.status != "done":
-            if secs is None:
-                unknown += 1
-            else:
-                total_s += secs
-        micro = f" (micro {run.tcfg.micro_batch})" if run.tcfg.micro_batch else ""
-        table.add_row(run.cfg.name, str(run.tcfg.seed), run.status, human(steps * run.tcfg.batch * run.tcfg.ctx),
-                      f"{steps:,}", f"{run.tcfg.batch} x {run.tcfg.ctx}{micro}", human(d["total_params"]),
+    for e in est.runs:
+        run, tcfg, d = e.run, e.run.tcfg, e.model
+        micro = f" (micro {tcfg.micro_batch})" if tcfg.micro_batch else ""
+        table.add_row(run.cfg.name, str(tcfg.seed), run.status, human(e.steps * tcfg.batch * tcfg.ctx),
+                      f"{e.steps:,}", f"{tcfg.batch} x {tcfg.ctx}{micro}", human(d["total_params"]),
                       human(d["active_params"]), human(d["flops_per_token"]),
-                      f"{run.tcfg.lr:g} ({run.lr_note})", f"{duration(secs)} ({how})" if run.status != "done" else "done")
-    con = out if out.is_terminal else Console(width=max(out.width, 170))   # piped: no folded cells
-    con.print(table)
-    n_train = plan.n_train_tokens or APPROX_TRAIN_TOKENS.get(plan.corpus)
+                      f"{tcfg.lr:g} ({run.lr_note})", f"{duration(e.seconds)} ({e.how})" if run.status != "done" else "done")
+    out.print(table)
     prepared = "prepared" if plan.n_train_tokens else "not prepared yet (run prepares it)"
-    epochs = f"{max(r.tcfg.tokens for r in plan.runs) / n_train:.2f}" if n_train and plan.runs else "?"
-    limit = rule_of(plan.preset).max_epochs
-    con.print(f"data: {plan.data_dir} ({plan.corpus or 'user data'}, {prepared}); "
+    epochs = f"{est.epochs:.2f}" if est.epochs is not None else "?"
+    limit = est.max_epochs
+    out.print(f"data: {plan.data_dir} ({plan.corpus or 'user data'}, {prepared}); "
               f"{epochs} passes per run (preset limit {limit if limit is not None else 'none'})", highlight=False, soft_wrap=True)
-    if limit is not None and epochs != "?" and float(epochs) > limit and not plan.allow_repeat:
-        con.print(f"[yellow]this budget makes more than {limit:g} passes over the data: the run will refuse it "
+    if est.repeats_too_often:
+        out.print(f"[yellow]this budget makes more than {limit:g} passes over the data: the run will refuse it "
                   f"without --allow-repeat[/yellow]", soft_wrap=True)
     todo = sum(r.status != "done" for r in plan.runs)
-    con.print(f"device: {name}; {todo} of {len(plan.runs)} runs to do; estimated {duration(total_s)}"
-              + (f" + {unknown} runs without an estimate" if unknown else "")
-              + (f"; {rule_of(plan.preset).wall}" if rule_of(plan.preset).wall else ""),
+    out.print(f"device: {est.device_name}; {todo} of {len(plan.runs)} runs to do; estimated {duration(est.total_s)}"
+              + (f" + {est.unknown} runs without an estimate" if est.unknown else "")
+              + (f"; {est.wall}" if est.wall else ""),
               highlight=False, soft_wrap=True)
 
 
+@app.command("report")
 def report_cmd(
     ablation: Annotated[str, typer.Argument(help="architectures | experts | ratios | inner | parallel | bench")],
     out_dir: Annotated[str, typer.Option("--out", help="folder for ABLATION.md and the PNGs")] = "reports",
@@ -178,12 +165,9 @@ def report_cmd(
     Example: moebench report experts --preset gpu-small --lr-source sweep
     """
     if ablation == "bench":       # the benchmark rows (RESULTS/bench.jsonl), not an ablation
-        from moebench.report.bench import render_bench_report
         folder = "results" if results == "results/runs.jsonl" else results
         out.print(str(render_bench_report(folder, out_dir)), highlight=False)
         return
-    from moebench.report.ablation import build_report
-
     rep = build_report(ablation, results=results, out=out_dir, preset=preset, lr_source=lr_source)
     for w in rep.warnings:
         err.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
@@ -191,13 +175,13 @@ def report_cmd(
     out.print(f"{rep.markdown} ({rep.preset}; {tau}) + {len(rep.pngs)} figures", highlight=False, soft_wrap=True)
 
 
+@sweep_app.command("lr")
 def sweep_lr_cmd(
     variants: Annotated[Optional[list[str]], typer.Argument(help="registry names, e.g. Mamba_25M MoE-Mamba_25M")] = None,
     ablation: Annotated[Optional[str], typer.Option(help="sweep every variant of this ablation at the preset")] = None,
-    grid: Annotated[Optional[str], typer.Option(help="comma-separated peak rates (default: 2.5e-4,5e-4,1e-3,2e-3; "
-                                                     "at cpu-tiny 1e-3,2e-3,4e-3,8e-3)")] = None,
+    grid: Annotated[Optional[str], typer.Option(help=f"comma-separated peak rates (default: {_grid_help()})")] = None,
     tokens: Annotated[Optional[str], typer.Option(help="tokens per point (default: the preset's sweep budget)")] = None,
-    preset: Annotated[str, typer.Option(help="batch, context and model scale of the sweep")] = "cpu-tiny",
+    preset: Annotated[str, typer.Option(help="batch, context and model scale of the sweep")] = DEFAULT_PRESET,
     out_dir: Annotated[str, typer.Option("--out", help="results folder (lr_sweeps.jsonl, sweeps/)")] = "results",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     data: Annotated[Optional[str], typer.Option(help="a prepared data folder instead of the preset's corpus")] = None,
@@ -206,15 +190,11 @@ def sweep_lr_cmd(
 
     Example: moebench sweep lr Mamba_25M MoE-Mamba_25M --preset gpu-small; then moebench run ... --lr-source sweep
     """
-    from moebench.ablations import Hooks, get_spec, rule_of
-    from moebench.cli import progress_bar
-    from moebench.sweep import parse_grid, sweep_lr
-
     names = list(variants or [])
     if ablation:
         names += list(get_spec(ablation).variants(preset))
     lrs = parse_grid(grid) if grid else list(rule_of(preset).sweep_grid)
-    with progress_bar("sweep") as bar:
+    with progress_bar() as bar:
         current = {}
 
         def on_start(run):
@@ -243,12 +223,3 @@ def sweep_lr_cmd(
               f"moebench run ABLATION --preset {preset} --lr-source sweep", highlight=False, soft_wrap=True)
     if any(r["best_lr"] is None for r in rows):
         raise typer.Exit(1)
-
-
-def register(app: typer.Typer) -> None:
-    app.command("ablations")(ablations_cmd)
-    app.command("run")(run_cmd)
-    app.command("report")(report_cmd)
-    sweep = typer.Typer(no_args_is_help=True, help="Hyperparameter sweeps (learning rate).")
-    sweep.command("lr")(sweep_lr_cmd)
-    app.add_typer(sweep, name="sweep")

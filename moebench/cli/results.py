@@ -1,0 +1,46 @@
+"""`moebench results migrate|import`: bring rows into results/, from the old benchmark records or
+from another machine (e.g. a GPU machine's bench.jsonl or runs.jsonl)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moebench.cli.common import out
+from moebench.results import import_rows, migrate_legacy
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Bring rows into results/: old benchmark records, rows from another machine.")
+
+
+@app.command("migrate")
+def migrate_cmd(
+    folder: Annotated[str, typer.Argument(help="folder of the old records (*.json, one per invocation)")] = "results/bench",
+    results: Annotated[str, typer.Option("--out", help="results folder (bench.jsonl, archive/bench.jsonl)")] = "results",
+):
+    """Old benchmark records (FOLDER/*.json) -> one row per point: the latest of each point in
+    OUT/bench.jsonl, the points it supersedes in OUT/archive/bench.jsonl. Rows already in either file
+    are skipped; the old files are left in place.
+
+    Example: moebench results migrate results/bench && git rm results/bench/*.json
+    """
+    n = migrate_legacy(folder, results)
+    out.print(f"{n['points']} points of {n['files']} records: {n['current']} appended to {Path(results) / 'bench.jsonl'}, "
+              f"{n['archived']} to {Path(results) / 'archive' / 'bench.jsonl'}, {n['skipped']} there already; "
+              f"{folder}/*.json can go", highlight=False, soft_wrap=True)
+
+
+@app.command("import")
+def import_cmd(
+    files: Annotated[list[str], typer.Argument(help="files of rows (JSON lines), e.g. a GPU machine's bench.jsonl")],
+    results: Annotated[str, typer.Option("--out", help="results folder")] = "results",
+):
+    """Append rows to the file of OUT their kind belongs in (train -> runs.jsonl, lr_sweep ->
+    lr_sweeps.jsonl, bench-* -> bench.jsonl), skipping rows already there (identical JSON).
+
+    Example: moebench results import /tmp/gpu-out/bench.jsonl && moebench report bench
+    """
+    n = import_rows(files, results)
+    added = ", ".join(f"{v} to {Path(results) / k}" for k, v in n.items() if k != "skipped") or "nothing"
+    out.print(f"appended {added}; {n['skipped']} rows there already", highlight=False, soft_wrap=True)

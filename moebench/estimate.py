@@ -1,0 +1,109 @@
+"""Time estimates for `moebench run --dry-run`: from finished runs of the same model and shape on
+this device when there are any, else from a stated throughput (CPU: the twins' measured tokens/s;
+GPU: training FLOPs at an assumed MFU)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moebench import env
+from moebench.ablations import Plan, PlannedRun
+from moebench.models.lm import describe
+from moebench.presets import CPU_TINY_CTX, rule_of
+from moebench.results import load_records
+
+# wall-clock tokens/s (training + evaluation) of the @tiny twins at cpu-tiny's shape (8 x 128) on a
+# 2-core x86 CPU (torch 2.13, not shared): the first five from `moebench run architectures --preset
+# cpu-tiny`, the others from 12-step runs' training tokens/s x 0.95 (the evaluations' share)
+CPU_TINY_TOK_S: dict[str, float] = {
+    "Mamba_25M@tiny": 2200, "MoE-Mamba_25M@tiny": 2380, "Transformer_25M@tiny": 2670,
+    "Transformer-MoE_25M@tiny": 2600, "Mamba-MLP_25M@tiny": 2500, "MoE-Mamba_25M-e1@tiny": 2240,
+    "MoE-Mamba_25M-e4@tiny": 2220, "MoE-Mamba_25M-e8@tiny": 2180, "MoE-Mamba_25M-e16@tiny": 2250,
+    "MoE-Mamba_25M-e32@tiny": 2240, "InnerMoE_25M-conv-all@tiny": 2030,
+    "InnerMoE_25M-conv-every2@tiny": 2030, "InnerMoE_25M-gate-all@tiny": 2040,
+    "InnerMoE_25M-gate-every2@tiny": 1990, "InnerMoE_25M-out-all@tiny": 1950,
+    "InnerMoE_25M-out-every2@tiny": 1940, "InnerMoE_25M-conv+gate-all@tiny": 1940,
+    "InnerMoE_25M-conv+gate-every2@tiny": 1890, "InnerMoE_25M-conv+out-all@tiny": 1910,
+    "InnerMoE_25M-conv+out-every2@tiny": 1970, "InnerMoE_25M-gate+out-all@tiny": 1890,
+    "InnerMoE_25M-gate+out-every2@tiny": 1910, "InnerMoE_25M-conv+gate+out-all@tiny": 1920,
+    "InnerMoE_25M-conv+gate+out-every2@tiny": 1880, "ParMoE-Mamba_25M-e1@tiny": 2130,
+    "MoE-Mamba_25M-e2@tiny": 2150, "ParMoE-Mamba_25M-e2@tiny": 2180, "ParMoE-Mamba_25M-e4@tiny": 2210,
+    "ParMoE-Mamba_25M-e8@tiny": 2160, "ParMoE-Mamba_25M-e16@tiny": 2160, "ParMoE-Mamba_25M-e32@tiny": 2150,
+    "MoE-Mamba_25M-ratio1to5@tiny": 2370, "MoE-Mamba_25M-ratio2to4@tiny": 2290,
+    "MoE-Mamba_25M-ratio3to3@tiny": 2140, "MoE-Mamba_25M-ratio4to2@tiny": 2100,
+    "MoE-Mamba_25M-ratio5to1@tiny": 2030, "Mamba_25M-8xE4@tiny": 2040,
+}
+CPU_FLOPS = 37e9                # the slowest twin's FLOPs/token x tokens/s above, for any other twin
+ASSUMED_GPU_MFU = 0.10          # for a GPU time estimate when no run of the variant was measured yet
+# training tokens of the named corpora once prepared, for the passes per run before preparing them
+APPROX_TRAIN_TOKENS = {"prose": 10.2e6, "news": 2.6e6, "small": 28.5e6, "docs": 87.5e6, "all": 97.7e6}
+
+
+def estimate_seconds(run: PlannedRun, device_name: str, is_cuda: bool, rows: list[dict],
+                     flops_per_token: float) -> tuple[float | None, str]:
+    """(seconds, how): from finished runs of the same model and shape on this device, else from a
+    stated throughput (CPU: the twins' measured tokens/s; GPU: FLOPs at an assumed MFU)."""
+    measured = sorted(r["metrics"]["tokens"] / r["metrics"]["wall_s"] for r in rows
+                      if r.get("variant_hash") == run.cfg.config_hash() and r.get("status") == "done"
+                      and (r.get("env") or {}).get("device_name") == device_name
+                      and (r.get("train") or {}).get("batch") == run.tcfg.batch
+                      and (r.get("train") or {}).get("ctx") == run.tcfg.ctx
+                      and (r.get("metrics") or {}).get("wall_s"))
+    if measured:
+        return run.tcfg.tokens / measured[len(measured) // 2], "measured here"
+    if is_cuda:
+        peak = env.peak_flops(device_name)
+        if peak:
+            return run.tcfg.tokens * flops_per_token / (peak * ASSUMED_GPU_MFU), f"MFU {ASSUMED_GPU_MFU:.0%} assumed"
+        return None, "unknown GPU"
+    if run.cfg.name in CPU_TINY_TOK_S and run.tcfg.ctx == CPU_TINY_CTX:
+        return run.tcfg.tokens / CPU_TINY_TOK_S[run.cfg.name], "2-core CPU, measured"
+    return run.tcfg.tokens * flops_per_token / CPU_FLOPS, f"{CPU_FLOPS / 1e9:.0f} GFLOP/s"
+
+
+@dataclass
+class RunEstimate:
+    run: PlannedRun
+    steps: int
+    model: dict                  # describe(): parameters and FLOPs per token at the run's context
+    seconds: float | None        # None: no estimate (an unknown GPU)
+    how: str
+
+
+@dataclass
+class PlanEstimate:
+    device_name: str
+    runs: list[RunEstimate]
+    total_s: float               # the runs still to do that have an estimate
+    unknown: int                 # the runs still to do that have none
+    epochs: float | None         # passes over the training data per run; None when unknown
+    max_epochs: float | None     # the preset's limit (None = no check)
+    repeats_too_often: bool      # the run will refuse the budget without --allow-repeat
+    wall: str                    # the preset's measured wall time, if any
+
+
+def estimate_plan(plan: Plan, device: str = "auto") -> PlanEstimate:
+    """What `moebench run --dry-run` prints besides the plan: a time per run and in all, and how
+    often each run reads the data (approximately, from the corpus' usual size, before preparing it)."""
+    dev = env.resolve_device(device)
+    name = env.device_name(dev)
+    rows = load_records(plan.out / "runs.jsonl")
+    described: dict[str, dict] = {}
+    estimates, total_s, unknown = [], 0.0, 0
+    for run in plan.runs:
+        if run.cfg.name not in described:
+            described[run.cfg.name] = describe(run.cfg, run.tcfg.ctx)
+        model = described[run.cfg.name]
+        secs, how = estimate_seconds(run, name, dev.type == "cuda", rows, model["flops_per_token"])
+        if run.status != "done":
+            if secs is None:
+                unknown += 1
+            else:
+                total_s += secs
+        estimates.append(RunEstimate(run, run.tcfg.tokens // (run.tcfg.batch * run.tcfg.ctx), model, secs, how))
+    n_train = plan.n_train_tokens or APPROX_TRAIN_TOKENS.get(plan.corpus)
+    epochs = max(r.tcfg.tokens for r in plan.runs) / n_train if n_train and plan.runs else None
+    rule = rule_of(plan.preset)
+    # compared as printed (2 decimals), so that "1.00 passes" never comes with a warning
+    repeats = (rule.max_epochs is not None and epochs is not None and not plan.allow_repeat
+               and round(epochs, 2) > rule.max_epochs)
+    return PlanEstimate(name, estimates, total_s, unknown, epochs, rule.max_epochs, repeats, rule.wall)

@@ -1,0 +1,94 @@
+"""Presets: the budgets an ablation can run at (cpu-tiny ... paper-100m) and what each preset
+decides besides the budget: the corpus, how often the data may repeat, the loss smoothing, how
+often to log and evaluate, and the defaults of `moebench sweep lr`. experiments/*.py build their
+presets with `presets()`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moebench.config import Preset
+
+
+@dataclass(frozen=True)
+class PresetRule:
+    """What a preset decides besides the budget (which each ablation states for itself)."""
+    corpus: str                     # named corpus prepare() builds ("prose", "all")
+    max_epochs: float | None        # refuse budgets that repeat the data more (None = no check)
+    paper_ema: bool                 # True: the paper's alpha = 0.001; False: the short-run rule
+    log_every: int                  # steps between curve points
+    sweep_tokens: int               # default budget of `moebench sweep lr` at this preset
+    n_evals: int = 10               # validation evaluations per run
+    sweep_grid: tuple[float, ...] = (2.5e-4, 5e-4, 1e-3, 2e-3)   # default rates of `moebench sweep lr`
+    hidden: bool = False
+    wall: str = ""                  # measured wall time of the `architectures` ablation, for --dry-run
+
+
+# cpu-tiny budget. The twins' 50304-way head is most of their FLOPs (20M per token), so a CPU
+# trains ~2,200-2,700 tokens/s whatever the body: 160 steps of 8 x 128 take 60-75 s per twin
+CPU_TINY_CTX = 128
+CPU_TINY_BATCH = 8
+CPU_TINY_TOKENS = 160 * CPU_TINY_BATCH * CPU_TINY_CTX     # 160 steps, 163,840 tokens per run
+
+PRESET_RULES: dict[str, PresetRule] = {
+    # 4 evaluations, not 10: on a CPU each costs ~1% of the run. The twins (d_model 64, 200 steps)
+    # want higher rates than the paper's models: a 1e-3..4e-3 sweep (200 steps) picked 4e-3 for all of table 1
+    "cpu-tiny": PresetRule("prose", 1.0, False, 2, CPU_TINY_TOKENS, n_evals=4, sweep_grid=(1e-3, 2e-3, 4e-3, 8e-3),
+                           wall="measured: architectures took 5.7-6.8 min on 2 CPU cores, data prep included"),
+    # corpus "small" (~28.5M train tokens): 20M-token runs never repeat it
+    "gpu-small": PresetRule("small", 1.0, False, 5, 20_000_000,
+                            wall="measured: experts (6 runs x 20M tokens) took 512 s on one H100 "
+                                 "(torch 2.11, mamba-ssm 2.3.2, eager bf16), data prep 10 s"),
+    "gpu-medium": PresetRule("all", 1.0, False, 10, 20_000_000, wall="GPU wall time: not measured yet"),
+    "paper": PresetRule("all", 1.0, True, 50, 100_000_000),
+    "paper-100m": PresetRule("all", 1.0, True, 10, 500_000_000),
+    "test": PresetRule("prose", None, False, 1, 192, n_evals=1, hidden=True),
+}
+PUBLIC_PRESETS = tuple(n for n, r in PRESET_RULES.items() if not r.hidden)
+DEFAULT_PRESET = "cpu-tiny"
+EMA_RULE = ("paper presets: alpha = 0.001 per step (the paper's, for 15K-150K steps); shorter runs: "
+            "alpha = clamp(50 / steps, 0.001, 0.5), so the smoothing window 1/alpha is ~2% of the run")
+
+
+def rule_of(preset: str) -> PresetRule:
+    """The preset's rule; an ablation's own extra preset gets the test preset's (no checks)."""
+    return PRESET_RULES.get(preset, PRESET_RULES["test"])
+
+
+def ema_alpha_for(preset: str, steps: int) -> float:
+    if rule_of(preset).paper_ema:
+        return 0.001
+    return min(0.5, max(0.001, 50 / max(1, steps)))
+
+
+def eval_every(rule: PresetRule, steps: int, tokens_per_step: int) -> int:
+    return max(1, steps // rule.n_evals) * tokens_per_step
+
+
+def presets(*, paper_tokens: int, with_100m: bool = False) -> dict[str, Preset]:
+    """The standard presets of an ablation; only the `paper` budget differs between tables."""
+    out = {
+        # the @tiny CPU twins (d_model 64) on short windows of real text; sized by measurement so
+        # that the 5-variant `architectures` ablation takes ~6 minutes on 2 CPU cores (<= 10 when shared)
+        "cpu-tiny": Preset(name="cpu-tiny", tokens=CPU_TINY_TOKENS, batch=CPU_TINY_BATCH, ctx=CPU_TINY_CTX,
+                           scale="tiny", eval_batches=4,
+                           note="CPU twins, 160 steps of 8 x 128; ~6 min for architectures on 2 cores"),
+        # paper shapes, 610 steps of 32 x 1024: 0.7 passes over `small` (28.5M train tokens)
+        "gpu-small": Preset(name="gpu-small", tokens=20_000_000, batch=32, ctx=1024, eval_batches=8,
+                            note="paper shapes, 20M tokens (610 steps of 32 x 1024)"),
+        # one pass over `all` (prose + docs, 97.7M train tokens): 2929 steps of 32 x 1024
+        "gpu-medium": Preset(name="gpu-medium", tokens=96_000_000, batch=32, ctx=1024, eval_batches=8,
+                             note="paper shapes, 96M tokens = one pass over prose+docs"),
+        "paper": Preset(name="paper", tokens=paper_tokens, batch=64, ctx=1024, eval_batches=16,
+                        note="the paper's budget and batch (C4 recommended: --data)"),
+        "test": Preset(name="test", tokens=3 * 2 * 32, batch=2, ctx=32, scale="tiny", eval_batches=1,
+                       note="hidden: 3 steps of the CPU twins, for tests"),
+    }
+    if with_100m:
+        # table 6: 30K steps of 1024 x 1024 (~31.5B tokens), accumulated from micro-batches of 16.
+        # MoE-Mamba_100M measured on an H100 at micro-batch 8: 48.8 GiB peak (36.4 of them weights,
+        # gradients and Adam state), 58.2 GiB under DDP: ~12.4 GiB of activations per 8 sequences, so
+        # 32 (~86 GiB, ~96 under DDP) cannot fit an 80 GB card and 16 (~61, ~71 under DDP) can
+        out["paper-100m"] = Preset(name="paper-100m", tokens=30_000 * 1024 * 1024, batch=1024, ctx=1024,
+                                   micro_batch=16, eval_batches=16,
+                                   note="100M variants, 30K steps x 1024 x 1024 (micro-batch 16)")
+    return out
