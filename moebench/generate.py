@@ -21,9 +21,17 @@ from __future__ import annotations
 import functools
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from moebench import checkpoint
+from moebench.config import ModelConfig
+from moebench.data import get_tokenizer
+from moebench.env import resolve_device
+from moebench.errors import UserError
+from moebench.models.lm import build_model
 
 # ---- building blocks ----------------------------------------------------------------------------
 
@@ -311,16 +319,6 @@ def generate(model, prompt_BL: torch.Tensor, max_new_tokens: int, temperature: f
 
 def load_for_generation(path: str, device: str = "auto"):
     """(model in eval mode, tokenizer, device) from a checkpoint; bad paths and contents are UserErrors."""
-    # imported here: loading a checkpoint needs the tokenizer and the model builder, decoding alone does not
-    from pathlib import Path
-
-    from moebench import checkpoint
-    from moebench.config import ModelConfig
-    from moebench.data import get_tokenizer
-    from moebench.env import resolve_device
-    from moebench.errors import UserError
-    from moebench.models.lm import build_model
-
     dev = resolve_device(device)
     if not Path(path).is_file():
         raise UserError(f"no checkpoint at {path}" + (" (a folder: pass its ckpt.pt)" if Path(path).is_dir() else ""))

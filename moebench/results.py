@@ -31,6 +31,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pandas as pd
+
 from moebench.errors import RunBusy, UserError
 
 SCHEMA = 2
@@ -89,8 +91,7 @@ def load_records(path: str | Path) -> list[dict]:
     return rows
 
 
-def load_frame(path: str | Path):
-    import pandas as pd
+def load_frame(path: str | Path) -> pd.DataFrame:
     rows = load_records(path)
     return pd.json_normalize(rows) if rows else pd.DataFrame()
 

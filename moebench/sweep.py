@@ -20,7 +20,7 @@ from moebench.data import default_data_dir, effective_corpus, prepare
 from moebench.errors import UserError
 from moebench.presets import ema_alpha_for, eval_every, presets, rule_of
 from moebench.registry import get
-from moebench.results import append_record, load_records
+from moebench.results import SCHEMA, append_record, load_records
 from moebench.train import TrainingFailed, run_id_for, train
 
 
@@ -127,7 +127,7 @@ def sweep_lr(variants: list[str], preset: str, grid: list[float] | None = None, 
         best = min(ok, key=lambda pt: pt[metric]) if ok else None
         lrs = sorted(pt["lr"] for pt in pts)
         row = {
-            "schema": 1, "kind": "lr_sweep", "variant": run.variant, "model_name": run.cfg.name,
+            "schema": SCHEMA, "kind": "lr_sweep", "variant": run.variant, "model_name": run.cfg.name,
             "variant_hash": run.cfg.config_hash(), "preset": preset, "tokens": run.tcfg.tokens,
             "batch": run.tcfg.batch, "ctx": run.tcfg.ctx, "micro_batch": run.tcfg.micro_batch,
             "seed": seed, "data_id": data_id, "metric": metric, "grid": lrs, "points": pts,

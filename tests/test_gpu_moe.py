@@ -11,7 +11,6 @@ import statistics
 import pytest
 import torch
 
-from moebench.models.ffn import FFN
 from moebench.models.moe import MoE
 from moebench.ops.experts import HAS_GROUPED_MM
 

@@ -327,16 +327,8 @@ def test_inner_moe_wiring_with_stand_in(places, monkeypatch):
     assert_close(y_steps, y, 1e-5, "inner MoE decode")
 
 
-def _real_moe():
-    try:
-        from moebench.models.moe import MoE  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"moebench.models.moe not importable yet: {e}")
-
-
 @pytest.mark.parametrize("places", INNER_COMBOS, ids="+".join)
 def test_inner_moe_placements_real_moe(places):
-    _real_moe()
     torch.manual_seed(4)
     m = Mamba(24, d_state=4, impl="ref", inner_places=places, inner_moe_kwargs=MOE_KWARGS)
     x = torch.randn(2, 32, 24, requires_grad=True)
@@ -356,7 +348,6 @@ def test_inner_moe_placements_real_moe(places):
 
 
 def test_inner_moe_real_decode_dropless():
-    _real_moe()
     torch.manual_seed(5)
     kw = dict(MOE_KWARGS, capacity_factor=None)  # generate.py decodes dropless
     m = Mamba(24, d_state=4, impl="ref", inner_places=INNER_PLACES, inner_moe_kwargs=kw).eval()
@@ -369,7 +360,6 @@ def test_inner_moe_real_decode_dropless():
 
 
 def test_from_config_inner_every_other_layer():
-    _real_moe()
     cfg = ModelConfig(name="t", mixer="mamba", ffn="none", n_layer=2, d_model=32, inner_moe=("gate", "conv"),
                       inner_every=2, inner_n_expert=4, inner_d_hidden=16, capacity_factor=2.0)
     m0, m1 = Mamba.from_config(cfg, 0, impl="ref"), Mamba.from_config(cfg, 1, impl="ref")

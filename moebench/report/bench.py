@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moebench.errors import UserError
+from moebench.report.figures import BENCH_FIGURES, figure_stem
 from moebench.results import BENCH_FILE, BENCH_KINDS, latest_points, load_records, table_key
 
 
@@ -388,9 +389,6 @@ def render_bench_report(results: str | Path = "results", out_dir: str | Path = "
     else:
         lines += ["## Summary (the newest table of each kind)", "",
                   markdown_table(["check", "value", "target", "ok"], summary_rows(tables, sessions)), ""]
-    if plots:
-        # matplotlib only when figures are drawn: the bench commands print tables where it is missing
-        from moebench.report.figures import BENCH_FIGURES, figure_stem
     written: set[str] = set()
     for t in tables:
         title, cols, body = table(t, sessions)
