@@ -1,5 +1,5 @@
-"""Human-readable numbers, one place for the CLI and the reports: token counts in, sizes and
-durations out."""
+"""Human-readable numbers, one place for the CLI and the reports: token counts in; sizes, rates,
+sequence lengths and durations out."""
 from __future__ import annotations
 
 from moebench.errors import UserError
@@ -13,6 +13,18 @@ def human(n: float | None) -> str:
         if abs(n) >= div:
             return f"{n / div:.3g}{unit}"
     return f"{n:.0f}"
+
+
+def per_s(x: float | None) -> str:
+    """A rate (tokens/s) in a table: 321.5k, 1.23M; '-' for None."""
+    if x is None:
+        return "-"
+    return f"{x / 1e3:,.1f}k" if x < 1e6 else f"{x / 1e6:,.2f}M"
+
+
+def length(n: int) -> str:
+    """A sequence length: 8k for 8192, 1000 as is."""
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def parse_tokens(text: str) -> int:

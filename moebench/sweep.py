@@ -117,7 +117,7 @@ def sweep_lr(variants: list[str], preset: str, grid: list[float] | None = None, 
         points.setdefault(run.variant, []).append({
             "lr": run.tcfg.lr, "run_id": run.run_id, "status": "done" if row else "failed", "error": error,
             "val_loss": m.get("val_loss"), "final_smoothed_loss": m.get("final_smoothed_loss"),
-            "tokens_per_s": m.get("tokens_per_s")})
+            "tokens_per_s": m.get("tokens_per_s"), "impl": (row or {}).get("impl")})
     rows = []
     envd = env.collect(dev)
     for run in {r.variant: r for r in runs}.values():

@@ -14,6 +14,7 @@ from moebench.cli import app
 from moebench.errors import UserError
 from moebench.presets import PUBLIC_PRESETS, ema_alpha_for
 from moebench.registry import VARIANTS
+from moebench.results import SCHEMA
 
 TABLES = {"architectures": "table 1", "experts": "table 4", "ratios": "table 2", "inner": "table 3",
           "parallel": "table 7"}
@@ -222,6 +223,7 @@ def test_lr_sweep_then_run_with_swept_rates(data_dir, tmp_path):
     row = rows[0]
     assert row["kind"] == "lr_sweep" and row["best_lr"] in (1e-3, 3e-3) and row["at_grid_edge"]
     assert [pt["lr"] for pt in row["points"]] == [1e-3, 3e-3] and all(pt["status"] == "done" for pt in row["points"])
+    assert row["schema"] == SCHEMA and all(pt["impl"]["mixer"] == "ref" for pt in row["points"])   # what ran
     assert json.loads((out / "lr_sweeps.jsonl").read_text().splitlines()[0])["variant"] == "Mamba_25M"
     assert not (out / "runs.jsonl").exists()                # sweep runs live in sweeps/, apart
     # a wider grid reuses the points already trained

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moebench.errors import UserError
+from moebench.fmt import length, per_s
 from moebench.report.figures import BENCH_FIGURES, figure_stem
 from moebench.results import BENCH_FILE, BENCH_KINDS, latest_points, load_records, table_key
 
@@ -79,12 +80,6 @@ def _f(x, spec: str = ".3g", none: str = "-") -> str:
     return format(x, spec)
 
 
-def _tok(x) -> str:
-    if x is None:
-        return "-"
-    return f"{x / 1e3:,.1f}k" if x < 1e6 else f"{x / 1e6:,.2f}M"
-
-
 def _ratio(x, target: float | None = None, at_least: bool = True) -> str:
     if x is None:
         return "-"
@@ -92,10 +87,6 @@ def _ratio(x, target: float | None = None, at_least: bool = True) -> str:
     if target is not None:
         s += " ✓" if (x >= target if at_least else x <= target) else " ✗"
     return s
-
-
-def _length(n: int) -> str:
-    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def markdown_table(cols: list[str], rows: list[list[str]]) -> str:
@@ -153,7 +144,7 @@ def _train_table(rows, sessions):
             continue
         im = r["impl"]
         body.append([r["variant"], f"{im['mixer']}/{im['moe'] or '-'}", _f(r["step_s"]["median"] * 1e3, ".1f"),
-                     _tok(r["tokens_per_s"]), _f(r["tflops"], ".1f"),
+                     per_s(r["tokens_per_s"]), _f(r["tflops"], ".1f"),
                      _f(r["mfu"] and 100 * r["mfu"], ".1f") + ("%" if r["mfu"] else ""), _f(r["peak_mem_gib"], ".1f"),
                      _ratio(ratios.get("vs_dense_equivalent"), 0.9), _ratio(ratios.get("vs_loop"), 4.0)])
     return title, cols, body, [[r["session"]] for r in rows]
@@ -196,7 +187,7 @@ def _memory_table(rows, sessions):
                 line.append(f"{_f(r['peak_mem_gib'], '.2f', '?')} / {r['time_s']['median'] * 1e3:.0f}")
         body.append(line)
         row_sessions.append(sorted({x["session"] for x in by_len.values()}, reverse=True))
-    return title, ["variant", "mode"] + [_length(n) for n in lengths], body, row_sessions
+    return title, ["variant", "mode"] + [length(n) for n in lengths], body, row_sessions
 
 
 def _generate_table(rows, sessions):
@@ -212,11 +203,11 @@ def _generate_table(rows, sessions):
     body = []
     for r in (row["result"] for row in rows):
         if r["status"] != "ok":
-            body.append([r["variant"], _length(r["prompt_len"]), r["status"].upper()] + ["-"] * 8)
+            body.append([r["variant"], length(r["prompt_len"]), r["status"].upper()] + ["-"] * 8)
             continue
-        body.append([r["variant"], _length(r["prompt_len"]), _f(r["prefill_s"], ".3f"),
+        body.append([r["variant"], length(r["prompt_len"]), _f(r["prefill_s"], ".3f"),
                      _f(r["prefill_peak_gib"], ".2f"), _f(r["prompt_logits_gib"], ".1f"),
-                     _tok(r["decode_tokens_per_s"]), _f(r["ms_per_step"], ".3f"), _f(r["state_gib"], ".4f"),
+                     per_s(r["decode_tokens_per_s"]), _f(r["ms_per_step"], ".3f"), _f(r["state_gib"], ".4f"),
                      _f(r.get("kv_bound_ms"), ".3f"),
                      _ratio(r.get("ratio_to_kv_bound"), 2.0, at_least=False) if "kv_bound_ms" in r else "-",
                      _f(r["decode_peak_gib"], ".2f")])
@@ -238,8 +229,8 @@ def _multi_gpu_table(rows, sessions):
         t, val, mem = r["tokens_per_s"], r["final_val_loss"], r["peak_mem_gib_rank0"]
         lr = r["train_config"][0].get("lr") if r.get("train_config") else None
         eff = r["scaling_efficiency"]
-        body.append([r["variant"], _f(lr, ".0e"), str(r["steps"]), _tok(t["1"]), _tok(t[k]),
-                     _tok(r["tokens_per_s_per_gpu"][k]), _f(eff and 100 * eff, ".0f") + "%",
+        body.append([r["variant"], _f(lr, ".0e"), str(r["steps"]), per_s(t["1"]), per_s(t[k]),
+                     per_s(r["tokens_per_s_per_gpu"][k]), _f(eff and 100 * eff, ".0f") + "%",
                      _f(r["max_abs_loss_diff"], ".3f"), _f(r.get("repeat_1gpu_max_abs_loss_diff"), ".3f"),
                      f"{_f(val['1'], '.4f')} / {_f(val[k], '.4f')}", f"{_f(mem['1'], '.1f')} / {_f(mem[k], '.1f')}"])
     return title, cols, body, [[r["session"]] for r in rows]
@@ -303,7 +294,7 @@ def summary_rows(tables: list[BenchTable], sessions: dict[str, list[dict]]) -> l
                 continue
             mfu = f", MFU {100 * r['mfu']:.0f}%" if r.get("mfu") else ""
             e32 = "e32" in r["variant"] and "MoE-Mamba" in r["variant"]
-            add(f"train {tag} {r['variant']}", f"{_tok(r['tokens_per_s'])} tok/s{mfu}", "≥ 400k on H100" if e32 else "",
+            add(f"train {tag} {r['variant']}", f"{per_s(r['tokens_per_s'])} tok/s{mfu}", "≥ 400k on H100" if e32 else "",
                 r["tokens_per_s"] >= 4e5 if e32 else None)
             for key, v in train_ratios(row, sessions).items():
                 target = {"vs_dense_equivalent": 0.9, "vs_loop": 4.0}[key]
@@ -322,7 +313,7 @@ def summary_rows(tables: list[BenchTable], sessions: dict[str, list[dict]]) -> l
                 if r["mode"] == mode and r["status"] == "ok":
                     best[r["variant"]] = max(best.get(r["variant"], 0), r["length"])
             add(f"memory {mode}: longest length without OOM",
-                ", ".join(f"{v} {_length(n)}" for v, n in best.items()) or "none")
+                ", ".join(f"{v} {length(n)}" for v, n in best.items()) or "none")
     for graph, t in _newest(tables, "bench-generate", lambda c: bool(c["cuda_graph"])).items():
         _decode_summary(add, "graph" if graph else "eager", [x["result"] for x in t.rows if x["result"]["status"] == "ok"])
     for t in (t for t in tables if t.kind == "bench-multi-gpu"):
@@ -330,7 +321,7 @@ def summary_rows(tables: list[BenchTable], sessions: dict[str, list[dict]]) -> l
         for r in (x["result"] for x in t.rows if x["result"]["status"] == "ok"):
             lr = r["train_config"][0].get("lr") if r.get("train_config") else None
             add(f"{n} GPUs {r['variant']} (lr {_f(lr, '.0e')})",
-                f"{_tok(r['tokens_per_s'][str(n)])} tok/s, scaling {100 * r['scaling_efficiency']:.0f}%, "
+                f"{per_s(r['tokens_per_s'][str(n)])} tok/s, scaling {100 * r['scaling_efficiency']:.0f}%, "
                 f"val loss {_f(r['final_val_loss']['1'], '.3f')} (1 GPU) vs {_f(r['final_val_loss'][str(n)], '.3f')}")
     return rows
 
@@ -341,21 +332,21 @@ def _decode_summary(add, tag: str, res: list[dict]) -> None:
     top = max(r["prompt_len"] for r in res)
     at = {r["variant"]: r for r in res if r["prompt_len"] == top}
     for v, r in at.items():
-        value = f"{_tok(r['decode_tokens_per_s'])} tok/s, {r['ms_per_step']:.2f} ms/step"
+        value = f"{per_s(r['decode_tokens_per_s'])} tok/s, {r['ms_per_step']:.2f} ms/step"
         bound = r.get("ratio_to_kv_bound")
         if bound is not None:
             value += f", {bound:.2f}x KV bound"
         tmoe = v.startswith("Transformer-MoE") and bound is not None
-        add(f"decode {tag} {v} @ {_length(top)}", value, "≤ 2x KV bound" if tmoe else "", bound <= 2 if tmoe else None)
+        add(f"decode {tag} {v} @ {length(top)}", value, "≤ 2x KV bound" if tmoe else "", bound <= 2 if tmoe else None)
     mm = next((r for v, r in at.items() if v.startswith("MoE-Mamba")), None)
     tm = next((r for v, r in at.items() if v.startswith("Transformer-MoE")), None)
     if mm and tm:
         x = mm["decode_tokens_per_s"] / tm["decode_tokens_per_s"]
-        add(f"↳ decode {tag} MoE-Mamba ÷ Transformer-MoE @ {_length(top)}", _ratio(x), "≥ 10", x >= 10)
+        add(f"↳ decode {tag} MoE-Mamba ÷ Transformer-MoE @ {length(top)}", _ratio(x), "≥ 10", x >= 10)
     peaks = [(r["prefill_peak_gib"] / r["prompt_logits_gib"], r) for r in at.values() if r["prefill_peak_gib"]]
     if peaks:
         frac, r = max(peaks, key=lambda p: p[0])
-        add(f"↳ prefill {tag} peak memory ÷ prompt logits @ {_length(top)}",
+        add(f"↳ prefill {tag} peak memory ÷ prompt logits @ {length(top)}",
             f"{frac:.1%} (worst: {r['variant']}, {r['prefill_peak_gib']:.1f} of {r['prompt_logits_gib']:.0f} GiB)",
             "far below 1", frac < 0.5)
     mamba = list(dict.fromkeys(r["variant"] for r in res if r["mixer"] == "mamba"))

@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt       # noqa: E402  (after the backend is chosen)
 
+from moebench.fmt import length              # noqa: E402
 from moebench.metrics import speedup_curve    # noqa: E402
 from moebench.report.stats import mean_std    # noqa: E402
 
@@ -238,10 +239,6 @@ def figure_stem(kind: str, key: tuple, device: str, peer_keys: list[tuple]) -> s
     return "_".join(parts + [device_slug(device)])
 
 
-def _length(n: int) -> str:
-    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
-
-
 def _guides(ax, xs, y0):
     """Dotted slope-1 (linear) and dashed slope-2 (quadratic) lines through (xs[0], y0) on log-log axes."""
     x0 = xs[0]
@@ -253,7 +250,7 @@ def _log_length_axes(ax, lengths: list[int], xlabel: str) -> None:
     # log-log against length: linear growth is a slope-1 line, quadratic a slope-2 line
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xticks(lengths, [_length(n) for n in lengths])
+    ax.set_xticks(lengths, [length(n) for n in lengths])
     ax.set_xlabel(xlabel)
     ax.grid(alpha=0.3, which="both")
 
