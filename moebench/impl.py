@@ -18,7 +18,9 @@ import torch
 from moebench.config import ModelConfig
 from moebench.errors import UserError
 from moebench.ops import adamw as adamw_ops
+from moebench.ops import mamba_decode, moe_decode  # noqa: F401  (their Triton ops, for register_all)
 from moebench.ops import routing as routing_ops
+from moebench.ops.lazy_op import register_all
 from moebench.ops.experts import HAS_GROUPED_MM
 from moebench.ops.scan import HAS_MAMBA_KERNELS, KERNEL_IMPORT_ERROR
 
@@ -109,7 +111,9 @@ def resolve_routing(request: str, device: torch.device | str | None) -> Literal[
     _triton_or_fail(request, "routing")
     device = torch.device(device) if device is not None else torch.get_default_device()
     if request == "auto":
-        return "triton" if routing_ops.HAS_TRITON and device.type == "cuda" else "torch"
+        request = "triton" if routing_ops.HAS_TRITON and device.type == "cuda" else "torch"
+    if request == "triton":
+        register_all()            # now, not inside a torch.compile trace of the first call
     return request
 
 
@@ -152,10 +156,13 @@ def resolve(cfg: ModelConfig, device: torch.device | str | None = None, request:
     req = parse(request)
     has_moe = cfg.ffn == "moe" or bool(cfg.inner_moe)
     moe = resolve_moe(req["moe"], moe_widths(cfg)) if has_moe else None
-    return Impl(
+    impl = Impl(
         mixer="sdpa" if cfg.mixer == "attention" else resolve_mixer(req["mixer"], device, cfg.d_conv),
         moe=moe,
         routing=resolve_routing(req["routing"], device) if moe == "grouped" else None,
         decode=resolve_decode(req["decode"], device),
         adamw=resolve_adamw(req["adamw"], device),
     )
+    if impl.decode or impl.routing == "triton":
+        register_all()
+    return impl

@@ -34,7 +34,9 @@ BLOCKS = dict(in_b=16, in_i=32, in_warps=4, ssm_i=64, ssm_warps=4, out_b=16, out
 if HAS_TRITON:
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
+    from torch.library import wrap_triton
+
+    from moebench.ops.lazy_op import lazy_triton_op
 
     from moebench.ops.moe_decode import _dot_args
 
@@ -149,7 +151,7 @@ if HAS_TRITON:
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
         tl.store(out_ptr + bn, acc.to(out_ptr.dtype.element_ty), mask=b_ok[:, None] & n_ok[None, :])
 
-    @triton_op("moebench::mamba_decode_residual", mutates_args=("conv_state_BIW", "ssm_state_BIN"))
+    @lazy_triton_op("moebench::mamba_decode_residual", mutates_args=("conv_state_BIW", "ssm_state_BIN"))
     def _mamba_decode_residual_op(x_BD: torch.Tensor, norm_w_D: torch.Tensor, norm_b_D: torch.Tensor | None,
                                   eps: float, rms: bool, in_w_ED: torch.Tensor, conv_w_IW: torch.Tensor,
                                   conv_b_I: torch.Tensor, xproj_w_EI: torch.Tensor, dtproj_w_IR: torch.Tensor,
@@ -207,6 +209,7 @@ def mamba_decode_residual(x_BD: torch.Tensor, norm: torch.nn.Module, mixer, stat
                         f"(generate.cast_for_inference), got {sorted({str(w.dtype) for w in weights})}, "
                         f"conv state {conv_state_BIW.dtype}")
     norm_w, bias, eps, rms = norm_args(norm)
+    _mamba_decode_residual_op.register()                     # the op exists from its first call on (ops/lazy_op.py)
     return torch.ops.moebench.mamba_decode_residual(
         x_BD.contiguous(), norm_w, bias, eps, rms, mixer.in_proj.weight,
         mixer.conv1d.weight[:, 0].contiguous(), mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight,

@@ -42,7 +42,9 @@ from moebench.ops.experts import act_fn
 try:
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
+    from torch.library import wrap_triton
+
+    from moebench.ops.lazy_op import lazy_triton_op
     HAS_TRITON = True
 except ImportError:                    # a CPU box without triton: the torch reference only
     HAS_TRITON = False
@@ -300,18 +302,18 @@ if HAS_TRITON:
             BLOCK_G=min(32, triton.next_power_of_2(G)), BLOCK_N=BLOCK_N, num_warps=4)
         return y_TN
 
-    @triton_op("moebench::decode_router", mutates_args=())
+    @lazy_triton_op("moebench::decode_router", mutates_args=())
     def _decode_router_op(x_TD: torch.Tensor, router_DE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _, p_T, expert_T = _norm_router(x_TD, None, None, 0.0, 0, router_DE)
         return p_T, expert_T
 
-    @triton_op("moebench::decode_experts", mutates_args=())
+    @lazy_triton_op("moebench::decode_experts", mutates_args=())
     def _decode_experts_op(x_TD: torch.Tensor, expert_T: torch.Tensor, p_T: torch.Tensor, w1_EDF: torch.Tensor,
                            w2_EFD: torch.Tensor, activation: str) -> torch.Tensor:
         part_GTN = _expert_partials(x_TD, expert_T, w1_EDF, w2_EFD, activation)
         return _combine(part_GTN, p_T, x_TD, residual=False)
 
-    @triton_op("moebench::decode_moe_residual", mutates_args=())
+    @lazy_triton_op("moebench::decode_moe_residual", mutates_args=())
     def _decode_moe_residual_op(x_TD: torch.Tensor, norm_w_D: torch.Tensor, norm_b_D: torch.Tensor | None, eps: float,
                                 rms: bool, router_DE: torch.Tensor, w1_EDF: torch.Tensor, w2_EFD: torch.Tensor,
                                 activation: str) -> torch.Tensor:
@@ -358,6 +360,7 @@ def decode_experts(x_TD: torch.Tensor, expert_T: torch.Tensor, p_T: torch.Tensor
         raise ValueError(f"shapes: x {tuple(x_TD.shape)}, expert {tuple(expert_T.shape)}, p {tuple(p_T.shape)}")
     if expert_T.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"expert_T must be int64 or int32, got {expert_T.dtype}")
+    _decode_experts_op.register()                     # the op exists from its first call on (ops/lazy_op.py)
     return torch.ops.moebench.decode_experts(x_TD.contiguous(), expert_T.contiguous(), p_T.contiguous(),
                                              w1_EDF, w2_EFD, activation)
 
@@ -373,6 +376,7 @@ def decode_router(x_TD: torch.Tensor, router_DE: torch.Tensor) -> tuple[torch.Te
     if not 1 <= T <= MAX_DECODE_T or router_DE.shape[0] != x_TD.shape[1] or router_DE.dtype != x_TD.dtype:
         raise ValueError(f"decode_router: x {tuple(x_TD.shape)} {x_TD.dtype}, router {tuple(router_DE.shape)} "
                          f"{router_DE.dtype}; 1..{MAX_DECODE_T} tokens, same dtype")
+    _decode_router_op.register()                     # the op exists from its first call on (ops/lazy_op.py)
     return torch.ops.moebench.decode_router(x_TD.contiguous(), router_DE.contiguous())
 
 
@@ -411,6 +415,7 @@ def decode_moe_residual(x_TD: torch.Tensor, norm_w_D: torch.Tensor, norm_b_D: to
         raise TypeError(f"decode_moe_residual wants the norm and router weights in x's dtype {x_TD.dtype}, got "
                         f"{sorted({str(w.dtype) for w in others})}")
     eps = torch.finfo(x_TD.dtype).eps if eps is None else float(eps)
+    _decode_moe_residual_op.register()                     # the op exists from its first call on (ops/lazy_op.py)
     return torch.ops.moebench.decode_moe_residual(
         x_TD.contiguous(), norm_w_D.contiguous(), None if norm_b_D is None else norm_b_D.contiguous(), eps, rms,
         router_DE.contiguous(), w1_EDF, w2_EFD, activation)

@@ -31,7 +31,9 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
+    from torch.library import wrap_triton
+
+    from moebench.ops.lazy_op import lazy_triton_op
     HAS_TRITON = True
 except ImportError:                    # a CPU box without triton: the torch reference only
     HAS_TRITON = False
@@ -239,7 +241,7 @@ if HAS_TRITON:
     def _blocks(D: int) -> int:
         return min(triton.next_power_of_2(D), 256)
 
-    @triton_op("moebench::gather_sum", mutates_args=())
+    @lazy_triton_op("moebench::gather_sum", mutates_args=())
     def gather_sum(src_SD: torch.Tensor, w_N: torch.Tensor, row_N: torch.Tensor, keep_N: torch.Tensor,
                    T: int, has_w: bool) -> torch.Tensor:
         """(T, D): Σ_k keep·w·src_SD[row_N[k·T + t]]; w_N is ignored when has_w is False."""
@@ -252,7 +254,7 @@ if HAS_TRITON:
                                              K=K, HAS_W=has_w, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
         return out_TD
 
-    @triton_op("moebench::combine_bwd", mutates_args=())
+    @lazy_triton_op("moebench::combine_bwd", mutates_args=())
     def combine_bwd(g_TD: torch.Tensor, out_SD: torch.Tensor, w_N: torch.Tensor, n_S: torch.Tensor,
                     keep_N: torch.Tensor, want_out: bool, want_p: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(g_out_SD in out_SD's dtype, g_p_N fp32); a tensor not wanted comes back empty."""
@@ -332,7 +334,7 @@ if HAS_TRITON:
         tl.store(nS_ptr + row, n64, mask=n_ok)
         tl.store(tokS_ptr + row, n64 % T, mask=n_ok)
 
-    @triton_op("moebench::route_plan", mutates_args=())
+    @lazy_triton_op("moebench::route_plan", mutates_args=())
     def route_plan(col_N: torch.Tensor, T: int, n_expert: int, cap_mode: int, cap: int,
                    cap_t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                         torch.Tensor, torch.Tensor]:
