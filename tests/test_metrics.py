@@ -66,6 +66,16 @@ def test_speedup_interpolates_between_a_coarse_curve_points():
     assert speedup(ta2, la2, tb, lb).value == pytest.approx(1000 / (700 * 5 / 6), rel=1e-12)
 
 
+def test_speedup_counts_the_baselines_whole_budget():
+    # B reaches 5.0 at 600 tokens, wobbles and ends at 5.0 after 1000: the paper divides B's 1000
+    # training tokens, not its first crossing at 600, by the 500 tokens A needs
+    tb = np.array([0, 200, 400, 600, 800, 1000])
+    lb = np.array([10.0, 8.0, 6.0, 5.0, 5.1, 5.0])
+    ta = np.arange(0, 1001, 100)
+    la = 10.0 - 10.0 * ta / 1000
+    assert speedup(ta, la, tb, lb).value == pytest.approx(1000 / 500, rel=1e-12)
+
+
 def test_speedup_below_one_when_a_is_slower():
     t = np.arange(0, 10_001, 100)
     a_t = np.arange(0, 20_001, 100)
