@@ -7,9 +7,10 @@ import pytest
 
 from moebench import paper
 from moebench.ablations import load_specs
-from moebench.registry import VARIANTS
+from moebench.registry import VARIANTS, get
 from moebench.report.ablation import build_report
-from moebench.report.stats import kendall_tau
+from moebench.report.compare import VariantResult, compute_paired, ranking_scores
+from moebench.report.stats import fmt_paired, kendall_tau, paired_difference, t975
 
 FIXTURE = Path(__file__).parent / "fixtures" / "experts_gpu-small"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -74,17 +75,22 @@ def test_report_from_fixture(tmp_path):
     md = rep.markdown.read_text()
     assert rep.markdown == tmp_path / "experts.md"
     header = next(line for line in md.splitlines() if line.startswith("| variant |"))
-    for col in ("params", "active", "final smoothed loss", "val ppl", "tokens", "speedup over Mamba_25M",
-                "paper params", "paper loss", "paper speedup"):
+    for col in ("params", "active", "final smoothed loss", "Δ loss vs Mamba_25M [95% CI]", "val ppl", "tokens",
+                "speedup over Mamba_25M", "paper params", "paper loss", "paper speedup"):
         assert f"| {col} |" in header
     row = {line.split(" | ")[0][2:]: line.split(" | ") for line in md.splitlines() if line.startswith("| MoE-Mamba")}
     # two seeds: mean ± std; e32's seed 1 failed, so one seed
     assert row["MoE-Mamba_25M-e16"][3] == "4.135 ± 0.007"
-    assert row["MoE-Mamba_25M-e32"][3] == "4.110" and row["MoE-Mamba_25M-e32"][6] == "1"
-    # speedups from the curves: (1 + 4.20 - final)^2 for seed 0, e.g. e32 1.09^2
-    assert row["MoE-Mamba_25M-e32"][7] == "1.19"
-    assert row["MoE-Mamba_25M-e1"][7].startswith("— (never reaches")
-    assert row["MoE-Mamba_25M-e32"][9:13] == ["416M", "26M", "3.67", "1.23 |"]
+    assert row["MoE-Mamba_25M-e32"][3] == "4.110" and row["MoE-Mamba_25M-e32"][7] == "1"
+    # the paired difference to Mamba_25M seed by seed: every seed shifts both by 0.01, so no spread
+    assert row["MoE-Mamba_25M-e16"][4] == "-0.070 [-0.070, -0.070] (2 seeds)"
+    assert row["MoE-Mamba_25M-e32"][4] == "-0.090 (1 seed)"
+    # speedups from the curves: (1 + 4.20 - final)^2 for seed 0, e.g. e32 1.09^2; of the seed-mean
+    # curves with the per-seed range where there are two seeds
+    assert row["MoE-Mamba_25M-e32"][8] == "1.19"
+    assert row["MoE-Mamba_25M-e16"][8] == "1.14 (seeds 1.14–1.14, 2 of 2)"
+    assert row["MoE-Mamba_25M-e1"][8].startswith("— (never reaches")
+    assert row["MoE-Mamba_25M-e32"][10:14] == ["416M", "26M", "3.67", "1.23 |"]
     assert "τ = 0.931" in md and "Per seed: τ = 0.940 ± 0.013 over 2 seeds" in md
     assert "rows mix torch: 2.12.0+cu128, 2.13.0+cu128" in md
     assert "MoE-Mamba_25M-e32 seed 1: non-finite loss nan at step 200" in md
@@ -138,3 +144,31 @@ def test_report_cli(tmp_path, cli_main):
     assert "experts.md" in res.output and "Kendall tau vs the paper 0.931" in res.output
     code, _, err = cli_main(["report", "experts", "--results", str(FIXTURE / "runs.jsonl"), "--preset", "gpu-smal"])
     assert code == 2 and "did you mean gpu-small" in err
+
+
+# --- paired statistics ----------------------------------------------------------------------------
+def test_t_quantiles_and_paired_interval():
+    assert t975(1) == 12.706 and t975(2) == 4.303 and t975(30) == 2.042
+    assert t975(31) == pytest.approx(2.0395, abs=2e-4) and t975(120) == pytest.approx(1.9799, abs=2e-4)
+    p = paired_difference({0: 4.1, 1: 4.3, 2: 4.2, 9: 1.0}, {0: 4.0, 1: 4.0, 2: 4.0})   # seed 9: no pair
+    # differences 0.1, 0.3, 0.2: mean 0.2, sd 0.1, half-width t(2) * 0.1 / sqrt(3)
+    assert p.n == 3 and p.mean == pytest.approx(0.2)
+    assert (p.hi - p.mean) == pytest.approx(4.303 * 0.1 / 3**0.5) and (p.mean - p.lo) == pytest.approx(p.hi - p.mean)
+    assert fmt_paired(p) == "+0.200 [-0.048, +0.448] (3 seeds)"
+    assert fmt_paired(paired_difference({0: 3.9}, {0: 4.0})) == "-0.100 (1 seed)"
+    assert paired_difference({1: 3.9}, {0: 4.0}) is None and fmt_paired(None) == "—"
+
+
+def test_ranking_uses_paired_differences():
+    """A's only seed is one where the baseline did badly too: its mean loss looks worse than B's,
+    but seed by seed A gains 0.10 on the baseline and B only 0.05."""
+    def result(name, finals):
+        v = VariantResult(name, get("Mamba_25M"))
+        v.rows = [{"seed": s, "metrics": {"final_smoothed_loss": x}} for s, x in finals.items()]
+        return v
+    base, a, b = result("base", {0: 4.1, 1: 3.8}), result("A", {0: 4.0}), result("B", {0: 4.05, 1: 3.75})
+    res = {"base": base, "A": a, "B": b}
+    compute_paired(res, "base")
+    assert a.loss[0] > b.loss[0]
+    scores = ranking_scores(list(res.values()), base)
+    assert scores["A"] == pytest.approx(-0.10) and scores["B"] == pytest.approx(-0.05) and scores["base"] == 0

@@ -10,19 +10,19 @@ from __future__ import annotations
 import csv
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from moebench import paper
 from moebench.ablations import Spec, get_spec
-from moebench.config import ModelConfig
 from moebench.errors import UserError
 from moebench.fmt import human
-from moebench.metrics import speedup
 from moebench.presets import EMA_RULE, rule_of
 from moebench.registry import get
+from moebench.report.compare import (VariantResult, compute_paired, compute_speedups, rank_agreement, ranking_scores,
+                                      speedup_cell)
 from moebench.report.figures import ablation_figures
-from moebench.report.stats import fmt_ms, kendall_tau, mean_std
+from moebench.report.stats import fmt_ms, fmt_paired, mean_std
 from moebench.results import load_records
 
 PROVENANCE_KEYS = {  # what a report states and warns about when its rows differ
@@ -50,23 +50,6 @@ def _git(r: dict) -> str | None:
 
 
 # --- collecting rows ---------------------------------------------------------------------------
-@dataclass
-class VariantResult:
-    name: str
-    cfg: ModelConfig                              # what was trained at this preset (the @tiny twin at tiny scale)
-    rows: list[dict] = field(default_factory=list)   # one per seed
-    curves: dict[int, tuple[list[float], list[float]]] = field(default_factory=dict)  # seed -> (tokens, smoothed)
-    speedups: dict[int, float | None] = field(default_factory=dict)
-    speedup_reason: str = ""
-
-    def metric(self, key: str) -> list[float]:
-        return [r["metrics"].get(key) for r in self.rows if r["metrics"].get(key) is not None]
-
-    @property
-    def loss(self) -> tuple[float | None, float | None]:
-        return mean_std(self.metric("final_smoothed_loss"))
-
-
 @dataclass
 class Report:
     ablation: str
@@ -171,22 +154,6 @@ def _read_curve(row: dict, results_dir: Path) -> tuple[list[float], list[float]]
     return None
 
 
-def compute_speedups(results: dict[str, VariantResult], baseline: str) -> None:
-    """speedup(variant over baseline) per seed on the smoothed curves (appendix D), pairing seeds
-    where the baseline has the same seed, else using the baseline's first seed."""
-    base = results.get(baseline)
-    if base is None or not base.curves:
-        return
-    first = min(base.curves)
-    for v in results.values():
-        for seed, (t, y) in v.curves.items():
-            bt, by = base.curves.get(seed, base.curves[first])
-            s = speedup(t, y, bt, by)
-            v.speedups[seed] = s.value
-            if s.value is None:
-                v.speedup_reason = s.reason
-
-
 # --- the report --------------------------------------------------------------------------------
 def build_report(ablation: str, results: str | Path = "results/runs.jsonl", out: str | Path = "reports",
                  preset: str | None = None, lr_source: str | None = None) -> Report:
@@ -212,6 +179,7 @@ def build_report(ablation: str, results: str | Path = "results/runs.jsonl", out:
                         f"this report is preset {chosen} (choose with --preset)")
     baseline = spec.baseline(chosen)
     compute_speedups(res, baseline)
+    compute_paired(res, baseline)
     if not res[baseline].rows:
         warnings.append(f"the baseline {baseline} has no finished run: no speedups")
     provenance = {k: sorted({str(f(r)) for r in done_rows}) for k, f in PROVENANCE_KEYS.items()}
@@ -220,7 +188,7 @@ def build_report(ablation: str, results: str | Path = "results/runs.jsonl", out:
     prows = paper.paper_rows(table)
     present = [v for v in res.values() if v.rows]
     theirs = paper.paper_order(table, [v.name for v in present])
-    tau, seed_taus, common = _rank_agreement(present, theirs)
+    tau, seed_taus, common = rank_agreement(present, theirs, ranking_scores(present, res.get(baseline)))
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,25 +213,6 @@ def _mixed(provenance: dict[str, list[str]]) -> list[str]:
     return warnings
 
 
-def _rank_agreement(present: list[VariantResult], theirs: dict[str, float]
-                    ) -> tuple[float | None, list[float | None], list[str]]:
-    """(tau of our mean losses against the paper's order, tau per seed when there are several seeds,
-    the variants compared: those with both our result and a paper number)."""
-    ours = {v.name: v.loss[0] for v in present}
-    common = [n for n in theirs if ours.get(n) is not None]
-    tau = kendall_tau([ours[n] for n in common], [theirs[n] for n in common]) if len(common) >= 2 else None
-    seed_taus = []
-    seeds = sorted({r.get("seed", 0) for v in present for r in v.rows})
-    if len(seeds) > 1:
-        for s in seeds:
-            per = {v.name: r["metrics"]["final_smoothed_loss"] for v in present for r in v.rows
-                   if r.get("seed", 0) == s and r["metrics"].get("final_smoothed_loss") is not None}
-            names = [n for n in common if n in per]
-            if len(names) >= 2:
-                seed_taus.append(kendall_tau([per[n] for n in names], [theirs[n] for n in names]))
-    return tau, seed_taus, common
-
-
 def _markdown(spec, preset, res, baseline, prows, provenance, warnings, failed, tau, seed_taus, common, theirs,
               pngs, results) -> str:
     abl = spec.ablation
@@ -276,8 +225,9 @@ def _markdown(spec, preset, res, baseline, prows, provenance, warnings, failed, 
     if warnings:
         lines += ["> **Warnings**", ">"] + [f"> - {w}" for w in warnings] + [""]
     lines += ["## Results", ""]
-    head = ["variant", "params", "active", "final smoothed loss", "val ppl", "tokens", "seeds",
-            f"speedup over {baseline}", "lr (source)", "paper params", "paper active", "paper loss", "paper speedup"]
+    head = ["variant", "params", "active", "final smoothed loss", f"Δ loss vs {baseline} [95% CI]", "val ppl",
+            "tokens", "seeds", f"speedup over {baseline}", "lr (source)", "paper params", "paper active",
+            "paper loss", "paper speedup"]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for v in res.values():
         pr = prows.get(v.name)
@@ -286,17 +236,16 @@ def _markdown(spec, preset, res, baseline, prows, provenance, warnings, failed, 
             (f"{pr.loss:.2f}" if pr.loss is not None else f"rank {pr.rank}" if pr.rank else "—") if pr else "—",
             (pr.speedup_text or "—") if pr else "—"]
         if not v.rows:
-            lines.append("| " + " | ".join([v.name, "—", "—", "not run", "—", "—", "0", "—", "—"] + paper_cols) + " |")
+            lines.append("| " + " | ".join([v.name, "—", "—", "not run", "—", "—", "—", "0", "—", "—"] + paper_cols) + " |")
             continue
         r0 = v.rows[0]
         ppl = mean_std([math.exp(x) for x in v.metric("val_loss")])
-        sp = mean_std([s for s in v.speedups.values() if s is not None])
-        sp_text = "1 (baseline)" if v.name == baseline else fmt_ms(*sp, digits=2) if sp[0] is not None else \
-            (f"— (never reaches {baseline}'s final loss)" if v.speedup_reason else "—")
+        sp_text = "1 (baseline)" if v.name == baseline else speedup_cell(v, baseline)
         lrs = sorted({(r["train"].get("lr"), r["train"].get("lr_source")) for r in v.rows})
         lines.append("| " + " | ".join([
             v.name + (" (@tiny)" if tiny else ""), human(r0["params"]["total"]), human(r0["params"]["active"]),
-            fmt_ms(*v.loss), fmt_ms(*ppl, digits=1), human(statistics.fmean(v.metric("tokens"))), str(len(v.rows)),
+            fmt_ms(*v.loss), "0 (baseline)" if v.name == baseline else fmt_paired(v.paired), fmt_ms(*ppl, digits=1),
+            human(statistics.fmean(v.metric("tokens"))), str(len(v.rows)),
             sp_text, ", ".join(f"{lr:g} ({src})" for lr, src in lrs)] + paper_cols) + " |")
     lines.append("")
     if abl.table in paper.LAYOUTS:
@@ -306,12 +255,14 @@ def _markdown(spec, preset, res, baseline, prows, provenance, warnings, failed, 
         lines.append("Not enough variants with both our result and a paper number to compare orderings.")
     else:
         kind = "losses" if all(prows[n].loss is not None for n in common) else "ranks (figure 5's trend)"
-        lines.append(f"Kendall τ-b between our final smoothed losses (mean over seeds) and the paper's {kind}, "
-                     f"over {len(common)} variants: **τ = {tau:.3f}** (1 = same order, -1 = reversed).")
+        lines.append(f"Kendall τ-b between our ranking (the mean paired difference of the final smoothed loss "
+                     f"to {baseline}, seed by seed) and the paper's {kind}, over {len(common)} variants: "
+                     f"**τ = {tau:.3f}** (1 = same order, -1 = reversed).")
         if seed_taus:
             m, s = mean_std([t for t in seed_taus if t is not None])
             lines.append(f"Per seed: τ = {fmt_ms(m, s)} over {len(seed_taus)} seeds.")
-        ours_order = sorted(common, key=lambda n: res[n].loss[0])
+        scores = ranking_scores([res[n] for n in common], res.get(baseline))
+        ours_order = sorted(common, key=lambda n: scores[n])
         paper_order = sorted(common, key=lambda n: theirs[n])
         lines += ["", f"- ours (best first): {' < '.join(ours_order)}",
                   f"- paper (best first): {' < '.join(paper_order)}"]
@@ -367,3 +318,5 @@ def _pivot(table: str, res, prows) -> list[str]:
             cells.append(f"{prows[v].loss:.2f}" if v in prows and prows[v].loss is not None else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
