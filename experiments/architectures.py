@@ -10,7 +10,8 @@ ABLATION = Ablation(
              "(Mamba-MLP) not?",
     variants=("Mamba_25M", "MoE-Mamba_25M", "Transformer_25M", "Transformer-MoE_25M", "Mamba-MLP_25M"),
     baseline="Mamba_25M",
-    seeds=(0,),
+    # three seeds of the headline pair where a preset runs several (gpu-small, gpu-medium)
+    extra_seeds={"Mamba_25M": 3, "MoE-Mamba_25M": 3},
     # table 1 trains the 25M models for 150K steps x 64 x 1024 (~10B tokens)
     presets=presets(paper_tokens=150_000 * 64 * 1024, with_100m=True),
 )

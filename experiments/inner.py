@@ -12,7 +12,6 @@ ABLATION = Ablation(
     variants=("Mamba_25M", "MoE-Mamba_25M-e16") + tuple(
         f"InnerMoE_25M-{'+'.join(places)}-{tag}" for places in INNER_COMBOS for tag in ("all", "every2")),
     baseline="Mamba_25M",
-    seeds=(0,),
     presets=presets(paper_tokens=1_000_000_000),   # "final log perplexity (1B tokens)"
 )
 X_AXIS = "placement"

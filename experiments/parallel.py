@@ -12,7 +12,6 @@ ABLATION = Ablation(
              "(paper: >= 8)?",
     variants=("Mamba_25M",) + tuple(f"{kind}-Mamba_25M-e{e}" for e in EXPERTS for kind in ("MoE", "ParMoE")),
     baseline="Mamba_25M",
-    seeds=(0,),
     presets=presets(paper_tokens=1_000_000_000),   # "final log perplexity (1B tokens)"
 )
 X_AXIS = "n_expert"

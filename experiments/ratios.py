@@ -12,7 +12,6 @@ ABLATION = Ablation(
     variants=("MoE-Mamba_25M-ratio1to5", "MoE-Mamba_25M-ratio2to4", "MoE-Mamba_25M-ratio3to3",
               "MoE-Mamba_25M-ratio4to2", "MoE-Mamba_25M-ratio5to1", "Mamba_25M", "Mamba_25M-8xE4"),
     baseline="Mamba_25M",
-    seeds=(0,),
     presets=presets(paper_tokens=1_000_000_000),   # section 4.3 runs use 1B tokens
 )
 X_AXIS = "ratio"

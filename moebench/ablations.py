@@ -205,7 +205,6 @@ def make_plan(name: str, preset: str = DEFAULT_PRESET, *, only: list[str] | None
         raise UserError(f"{budget} tokens is less than one step of {p.batch} x {p.ctx}")
     swept = load_sweeps(out) if lr_source == "sweep" else {}
     runs, missing = [], []
-    seed_list = tuple(range(seeds)) if seeds else spec.ablation.seeds
     for v in resolve_variants(spec, preset, only):
         base = get(v)
         cfg = get(v + "@tiny") if p.scale == "tiny" else base
@@ -217,7 +216,7 @@ def make_plan(name: str, preset: str = DEFAULT_PRESET, *, only: list[str] | None
             lr, note = best["best_lr"], f"sweep {best['finished'][:10]}"
         else:
             lr, note = default_lr(base), "paper default"
-        for seed in seed_list:
+        for seed in range(seeds or spec.ablation.seeds(preset, v)):
             tcfg = TrainConfig(tokens=budget, batch=p.batch, micro_batch=p.micro_batch, ctx=p.ctx, lr=lr,
                                lr_source=lr_source, seed=seed, ema_alpha=ema_alpha_for(preset, steps),
                                eval_every_tokens=eval_every(rule, steps, p.batch * p.ctx),

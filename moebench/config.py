@@ -156,6 +156,7 @@ class Preset:
     micro_batch: int | None = None
     scale: Literal["tiny", "paper"] = "paper"    # tiny = run the variants' CPU twins
     eval_batches: int = 8
+    seeds: int = 1                               # seeds 0..seeds-1 of every variant (Ablation.extra_seeds)
     note: str = ""
 
 
@@ -166,5 +167,11 @@ class Ablation:
     question: str
     variants: tuple[str, ...]                    # registry names
     baseline: str                                # speedup is measured over this variant
-    seeds: tuple[int, ...] = (0,)
     presets: dict[str, Preset] = field(default_factory=dict)
+    # variants that get more seeds at presets of several seeds (the headline's tighter intervals)
+    extra_seeds: dict[str, int] = field(default_factory=dict)
+
+    def seeds(self, preset: str, variant: str) -> int:
+        """How many seeds (0..n-1) `variant` trains at `preset`."""
+        n = self.presets[preset].seeds
+        return max(n, self.extra_seeds.get(variant, n)) if n > 1 else n

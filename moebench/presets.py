@@ -73,10 +73,11 @@ def presets(*, paper_tokens: int, with_100m: bool = False) -> dict[str, Preset]:
                            scale="tiny", eval_batches=4,
                            note="CPU twins, 160 steps of 8 x 128; ~6 min for architectures on 2 cores"),
         # paper shapes, 610 steps of 32 x 1024: 0.7 passes over `small` (28.5M train tokens)
-        "gpu-small": Preset(name="gpu-small", tokens=20_000_000, batch=32, ctx=1024, eval_batches=8,
+        # two seeds on the GPU: a paired difference with an interval (reports), at twice the GPU time
+        "gpu-small": Preset(name="gpu-small", tokens=20_000_000, batch=32, ctx=1024, eval_batches=8, seeds=2,
                             note="paper shapes, 20M tokens (610 steps of 32 x 1024)"),
         # one pass over `all` (prose + docs, 97.7M train tokens): 2929 steps of 32 x 1024
-        "gpu-medium": Preset(name="gpu-medium", tokens=96_000_000, batch=32, ctx=1024, eval_batches=8,
+        "gpu-medium": Preset(name="gpu-medium", tokens=96_000_000, batch=32, ctx=1024, eval_batches=8, seeds=2,
                              note="paper shapes, 96M tokens = one pass over prose+docs"),
         "paper": Preset(name="paper", tokens=paper_tokens, batch=64, ctx=1024, eval_batches=16,
                         note="the paper's budget and batch (C4 recommended: --data)"),

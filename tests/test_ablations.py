@@ -53,7 +53,7 @@ def test_specs_cover_the_papers_tables():
         assert set(a.variants) <= set(VARIANTS), f"{name}: unregistered {set(a.variants) - set(VARIANTS)}"
         assert a.baseline in a.variants
         assert set(PUBLIC_PRESETS) - {"paper-100m"} <= set(a.presets)
-        assert a.question and a.seeds
+        assert a.question and set(a.extra_seeds) <= set(a.variants), f"{name}: extra seeds of no variant"
         for preset in a.presets:
             assert spec.baseline(preset) in spec.variants(preset)
             assert set(spec.variants(preset)) <= set(VARIANTS)
@@ -112,6 +112,22 @@ def test_dry_run_prints_the_plan(tmp_path):
                               "--device", "cpu"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     assert "MoE-Mamba_100M" in res.output and "micro 16" in res.output
+
+
+def test_seeds_per_preset_and_variant(tmp_path):
+    """GPU presets run two seeds of every variant and three of the headline pair; cpu-tiny one;
+    --seeds N overrides both. Every variant of a seed reads the same batches (same seed, same data)."""
+    def seeds(plan):
+        out = {}
+        for r in plan.runs:
+            out.setdefault(r.variant, []).append(r.tcfg.seed)
+        return out
+    got = seeds(make_plan("architectures", "gpu-small", out=tmp_path))
+    assert got["Mamba_25M"] == [0, 1, 2] and got["MoE-Mamba_25M"] == [0, 1, 2]
+    assert got["Transformer_25M"] == [0, 1] and got["Mamba-MLP_25M"] == [0, 1]
+    assert seeds(make_plan("experts", "gpu-medium", out=tmp_path))["MoE-Mamba_25M-e32"] == [0, 1, 2]
+    assert set(map(tuple, seeds(make_plan("architectures", "cpu-tiny", out=tmp_path)).values())) == {(0,)}
+    assert set(map(tuple, seeds(make_plan("architectures", "gpu-small", seeds=1, out=tmp_path)).values())) == {(0,)}
 
 
 def test_refuses_repeating_data(data_dir, tmp_path):

@@ -41,7 +41,10 @@ def ablations_cmd():
     for spec in load_specs().values():
         a = spec.ablation
         budgets = ", ".join(f"{n} {human(p.tokens)}" for n, p in a.presets.items() if not rule_of(n).hidden)
-        table.add_row(a.name, a.table, str(len(a.variants)), a.baseline, ",".join(map(str, a.seeds)), budgets)
+        seeds = ", ".join(f"{n} {p.seeds}" for n, p in a.presets.items() if not rule_of(n).hidden and p.seeds > 1)
+        extra = ", ".join(f"{v} {k}" for v, k in a.extra_seeds.items() if v in a.variants)
+        table.add_row(a.name, a.table, str(len(a.variants)), a.baseline,
+                      (seeds or "1") + (f" ({extra})" if extra and seeds else ""), budgets)
     out.print(table)
 
 
@@ -50,7 +53,8 @@ def run_cmd(
     ablation: Annotated[str, typer.Argument(help="architectures | experts | ratios | inner | parallel")],
     preset: Annotated[str, typer.Option(help=PRESETS_HELP)] = DEFAULT_PRESET,
     only: Annotated[Optional[str], typer.Option(help="comma-separated variants to run, e.g. Mamba_25M,MoE-Mamba_25M")] = None,
-    seeds: Annotated[Optional[int], typer.Option(help="run seeds 0..N-1 (default: the ablation's)")] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="run seeds 0..N-1 of every variant (default: the preset's, "
+                                                     "more for the ablation's headline variants)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue interrupted runs from their checkpoints")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and estimates; train nothing")] = False,
     out_dir: Annotated[str, typer.Option("--out", help="results folder (runs.jsonl, runs/, lr_sweeps.jsonl)")] = "results",
