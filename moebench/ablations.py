@@ -14,7 +14,7 @@ import importlib.util
 import json
 import math
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -24,7 +24,7 @@ from moebench.config import Ablation, ModelConfig, Preset, TrainConfig, default_
 from moebench.data import default_data_dir, effective_corpus, prepare
 from moebench.errors import RunBusy, UserError
 from moebench.presets import DEFAULT_PRESET, EMA_RULE, ema_alpha_for, eval_every, rule_of
-from moebench.registry import get
+from moebench.registry import SWEEP_VARIANTS, get
 from moebench.results import SCHEMA, append_record, load_records
 from moebench.train import TrainingFailed, run_id_for, train
 
@@ -118,8 +118,9 @@ class PlannedRun:
     run_tag: str
     run_id: str
     run_key: str = ""            # identity for skipping and reporting (see module docstring)
-    status: str = "todo"         # todo | done | resume (a checkpoint of an interrupted run exists)
+    status: str = "todo"         # todo | done | resume (a checkpoint exists) | reuse (the sweep trained it)
     lr_note: str = ""
+    sweep_key: str = ""          # the run_key the sweep's run of the same training has (lr_source sweep)
 
 
 @dataclass
@@ -177,13 +178,16 @@ def run_key(cfg: ModelConfig, tcfg: TrainConfig, preset: str, data_id: str) -> s
 
 
 def make_plan(name: str, preset: str = DEFAULT_PRESET, *, only: list[str] | None = None,
-              seeds: int | None = None, lr_source: str = "default", out: str | Path = "results",
+              seeds: int | None = None, lr_source: str | None = None, out: str | Path = "results",
               data_dir: str | Path | None = None, tokens: int | None = None,
               allow_repeat: bool = False) -> Plan:
-    """Which runs `moebench run NAME --preset PRESET` would do, and their status in `out`."""
+    """Which runs `moebench run NAME --preset PRESET` would do, and their status in `out`. Learning
+    rates: the paper's (lr_source "default") or the sweeps' ("sweep": a variant's own sweep, else its
+    family's); None takes the preset's choice (sweep at the GPU presets)."""
     spec = get_spec(name)
     p = spec.preset(preset)
     rule = rule_of(preset)
+    lr_source = lr_source or rule.lr_source
     if lr_source not in ("default", "sweep"):
         raise UserError(f"unknown --lr-source '{lr_source}': use default or sweep")
     if seeds is not None and seeds < 1:
@@ -209,11 +213,13 @@ def make_plan(name: str, preset: str = DEFAULT_PRESET, *, only: list[str] | None
         base = get(v)
         cfg = get(v + "@tiny") if p.scale == "tiny" else base
         if lr_source == "sweep":
-            best = swept.get((cfg.config_hash(), preset, p.batch, p.ctx, data_id))
+            own = swept.get((cfg.config_hash(), preset, p.batch, p.ctx, data_id))
+            best = own or swept.get((("family", cfg.family), preset, p.batch, p.ctx, data_id))
             if best is None:
                 missing.append(v)
                 continue
-            lr, note = best["best_lr"], f"sweep {best['finished'][:10]}"
+            lr = best["best_lr"]
+            note = f"{'own' if own else cfg.family + ' family'} sweep {best['finished'][:10]}"
         else:
             lr, note = default_lr(base), "paper default"
         for seed in range(seeds or spec.ablation.seeds(preset, v)):
@@ -222,13 +228,15 @@ def make_plan(name: str, preset: str = DEFAULT_PRESET, *, only: list[str] | None
                                eval_every_tokens=eval_every(rule, steps, p.batch * p.ctx),
                                eval_batches=p.eval_batches, log_every=rule.log_every, data_dir=str(data_dir))
             tag = f"preset={preset}"
+            # the sweep's run at this rate is this run, when the sweep's budget is the preset's
+            same = run_key(cfg, replace(tcfg, lr_source="user"), f"sweep:{preset}", data_id) if lr_source == "sweep" else ""
             runs.append(PlannedRun(v, cfg, tcfg, tag, run_id_for(cfg, tcfg, tag),
-                                   run_key(cfg, tcfg, preset, data_id), lr_note=note))
+                                   run_key(cfg, tcfg, preset, data_id), lr_note=note, sweep_key=same))
     if missing:
         data_flag = f" --data {data_dir}" if not corpus else ""
-        raise UserError(f"no learning-rate sweep at preset {preset} on data {data_id} for {', '.join(missing)} in "
-                        f"{out / SWEEPS_FILE}: run `moebench sweep lr {' '.join(missing)} --preset {preset}{data_flag}` "
-                        f"first, or use --lr-source default")
+        raise UserError(f"no learning-rate sweep at preset {preset} on data {data_id} for {', '.join(missing)} or "
+                        f"their families in {out / SWEEPS_FILE}: run `moebench sweep lr --ablation {name} "
+                        f"--preset {preset}{data_flag}` first (one sweep per family), or use --lr-source default")
     plan = Plan(name, preset, spec.baseline(preset), corpus, data_dir, data_id, n_train, lr_source, runs, out,
                 allow_repeat)
     refresh_status(plan)
@@ -238,9 +246,12 @@ def make_plan(name: str, preset: str = DEFAULT_PRESET, *, only: list[str] | None
 def refresh_status(plan: Plan) -> None:
     done = {r.get("run_key") for r in load_records(plan.out / "runs.jsonl")
             if r.get("status") == "done" and r.get("kind") == "train"}
+    swept = {r.get("run_key") for r in load_records(plan.out / "sweeps" / "runs.jsonl") if r.get("status") == "done"}
     for run in plan.runs:
         if run.run_key in done:
             run.status = "done"
+        elif run.sweep_key and run.sweep_key in swept:
+            run.status = "reuse"                  # trained by the sweep: recorded, not trained again
         elif (plan.out / "runs" / run.run_id / "ckpt.pt").exists():
             run.status = "resume"
         else:
@@ -248,11 +259,15 @@ def refresh_status(plan: Plan) -> None:
 
 
 def load_sweeps(out: str | Path) -> dict[tuple, dict]:
-    """(model config hash, preset, batch, ctx, data id) -> the latest sweep row."""
+    """(model config hash, preset, batch, ctx, data id) -> the latest sweep row of that model, and
+    (("family", family), preset, batch, ctx, data id) -> the latest of the family's sweep variant."""
     best: dict[tuple, dict] = {}
     for r in load_records(Path(out) / SWEEPS_FILE):
         if r.get("kind") == "lr_sweep" and r.get("best_lr") is not None:
-            best[(r["variant_hash"], r["preset"], r["batch"], r["ctx"], r.get("data_id"))] = r
+            where = (r["preset"], r["batch"], r["ctx"], r.get("data_id"))
+            best[(r["variant_hash"], *where)] = r
+            if r.get("family") and SWEEP_VARIANTS.get(r["family"]) == r["variant"]:
+                best[(("family", r["family"]), *where)] = r
     return best
 
 
@@ -264,6 +279,8 @@ def ensure_data(plan: Plan) -> Plan:
     plan.data_id, plan.n_train_tokens = data_id, n_train
     for run in plan.runs:
         run.run_key = run_key(run.cfg, run.tcfg, plan.preset, data_id)
+        if run.sweep_key:
+            run.sweep_key = run_key(run.cfg, replace(run.tcfg, lr_source="user"), f"sweep:{plan.preset}", data_id)
     check_epochs(plan)
     refresh_status(plan)
     return plan
@@ -311,6 +328,11 @@ def execute(plan: Plan, *, device: str = "auto", resume: bool = False, hooks: Ho
         if run.status == "done":
             outcomes.append(Outcome(run, "skipped"))
             continue
+        if run.status == "reuse":
+            outcomes.append(Outcome(run, "reused", _record_reuse(plan, run)))
+            if hooks.on_end:
+                hooks.on_end(outcomes[-1])
+            continue
         if run.status == "resume" and not resume:
             outcomes.append(Outcome(run, "interrupted", error=f"has a checkpoint in {plan.out / 'runs' / run.run_id}: "
                                                                f"pass --resume to continue it"))
@@ -342,6 +364,22 @@ def execute(plan: Plan, *, device: str = "auto", resume: bool = False, hooks: Ho
         if hooks.on_end:
             hooks.on_end(outcome)
     return outcomes
+
+
+def _record_reuse(plan: Plan, run: PlannedRun) -> dict:
+    """The sweep's run of this training (seed, rate, budget, evaluation all equal) as this run's row:
+    its numbers and curve, this ablation's tags, lr_source "sweep", and where it came from."""
+    sweep_rows = [r for r in load_records(plan.out / "sweeps" / "runs.jsonl")
+                  if r.get("run_key") == run.sweep_key and r.get("status") == "done"]
+    src = sweep_rows[-1]
+    row = {**src, "ablation": plan.ablation, "preset": plan.preset, "ablation_variant": run.variant,
+           "run_key": run.run_key, "data_id": plan.data_id, "corpus": plan.corpus or None, "ema_rule": EMA_RULE,
+           "lr_note": run.lr_note, "train": {**src["train"], "lr_source": "sweep"},
+           "curve": f"sweeps/runs/{src['run_id']}/curve.csv",     # relative to the results folder
+           "reused_from": {"file": "sweeps/runs.jsonl", "run_id": src["run_id"], "run_key": src["run_key"]}}
+    row.pop("sweep", None)
+    append_record(plan.out / "runs.jsonl", row)
+    return row
 
 
 def _record_failure(plan: Plan, run: PlannedRun, extra: dict, device: str, tb: str) -> None:

@@ -94,7 +94,7 @@ def estimate_plan(plan: Plan, device: str = "auto") -> PlanEstimate:
             described[run.cfg.name] = describe(run.cfg, run.tcfg.ctx)
         model = described[run.cfg.name]
         secs, how = estimate_seconds(run, name, dev.type == "cuda", rows, model["flops_per_token"])
-        if run.status != "done":
+        if run.status not in ("done", "reuse"):
             if secs is None:
                 unknown += 1
             else:

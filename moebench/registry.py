@@ -108,3 +108,13 @@ for _places in INNER_COMBOS:
         register(replace(mamba_25m, name=f"InnerMoE_25M-{'+'.join(_places)}-{_tag}",
                          family="Inner MoE", inner_moe=_places, inner_every=_every,
                          inner_n_expert=_experts, inner_d_hidden=352, paper_ref="table 3"))
+
+# --- one learning-rate sweep per family (paper appendix A tunes a rate per model family) ----------
+# the member a family's sweep trains; the family's other members take its rate (`moebench sweep lr
+# --ablation`, `moebench run --lr-source sweep`) unless they have a sweep of their own
+SWEEP_VARIANTS = {
+    "Mamba": "Mamba_25M", "MoE-Mamba": "MoE-Mamba_25M", "Mamba-MLP": "Mamba-MLP_25M",
+    "Transformer": "Transformer_25M", "Transformer-MoE": "Transformer-MoE_25M",
+    "Parallel MoE-Mamba": "ParMoE-Mamba_25M-e32", "Inner MoE": "InnerMoE_25M-conv+gate+out-all",
+}
+assert all(VARIANTS[v].family == f for f, v in SWEEP_VARIANTS.items())

@@ -122,19 +122,20 @@ def test_seeds_per_preset_and_variant(tmp_path):
         for r in plan.runs:
             out.setdefault(r.variant, []).append(r.tcfg.seed)
         return out
-    got = seeds(make_plan("architectures", "gpu-small", out=tmp_path))
+    got = seeds(make_plan("architectures", "gpu-small", out=tmp_path, lr_source="default"))
     assert got["Mamba_25M"] == [0, 1, 2] and got["MoE-Mamba_25M"] == [0, 1, 2]
     assert got["Transformer_25M"] == [0, 1] and got["Mamba-MLP_25M"] == [0, 1]
-    assert seeds(make_plan("experts", "gpu-medium", out=tmp_path))["MoE-Mamba_25M-e32"] == [0, 1, 2]
+    assert seeds(make_plan("experts", "gpu-medium", out=tmp_path, lr_source="default"))["MoE-Mamba_25M-e32"] == [0, 1, 2]
     assert set(map(tuple, seeds(make_plan("architectures", "cpu-tiny", out=tmp_path)).values())) == {(0,)}
-    assert set(map(tuple, seeds(make_plan("architectures", "gpu-small", seeds=1, out=tmp_path)).values())) == {(0,)}
+    assert set(map(tuple, seeds(make_plan("architectures", "gpu-small", seeds=1, out=tmp_path, lr_source="default")).values())) == {(0,)}
 
 
 def test_refuses_repeating_data(data_dir, tmp_path):
-    plan = make_plan("experts", "gpu-medium", only=["Mamba_25M"], out=tmp_path, data_dir=data_dir)
+    plan = make_plan("experts", "gpu-medium", only=["Mamba_25M"], out=tmp_path, data_dir=data_dir, lr_source="default")
     with pytest.raises(UserError, match="--allow-repeat"):
         ensure_data(plan)
-    plan = make_plan("experts", "gpu-medium", only=["Mamba_25M"], out=tmp_path, data_dir=data_dir, allow_repeat=True)
+    plan = make_plan("experts", "gpu-medium", only=["Mamba_25M"], out=tmp_path, data_dir=data_dir, allow_repeat=True,
+                     lr_source="default")
     assert ensure_data(plan).epochs > 1
 
 
@@ -229,39 +230,72 @@ def test_a_failing_variant_does_not_stop_the_others(data_dir, tmp_path, monkeypa
     assert "RuntimeError: boom" in rows[0]["reason"] and rows[0]["preset"] == "test"
 
 
-def test_lr_sweep_then_run_with_swept_rates(data_dir, tmp_path):
-    from moebench.sweep import sweep_lr
+def test_lr_sweep_then_run_with_swept_rates(data_dir, tmp_path, monkeypatch):
+    import moebench.sweep as sweep
+    from moebench.report.ablation import build_report
     out = tmp_path / "results"
-    with pytest.raises(UserError, match="moebench sweep lr Mamba_25M --preset test"):
+    with pytest.raises(UserError, match="moebench sweep lr --ablation experts --preset test"):
         make_plan("experts", "test", only=["Mamba_25M"], out=out, data_dir=data_dir, lr_source="sweep")
-    rows = sweep_lr(["Mamba_25M"], "test", [1e-3, 3e-3], out=out, data_dir=data_dir, device="cpu")
+    monkeypatch.setattr(sweep, "MAX_EXTENSIONS", 1)
+    rows = sweep.sweep_lr(["Mamba_25M"], "test", [1e-3, 3e-3], out=out, data_dir=data_dir, device="cpu")
     assert len(rows) == 1
     row = rows[0]
-    assert row["kind"] == "lr_sweep" and row["best_lr"] in (1e-3, 3e-3) and row["at_grid_edge"]
-    assert [pt["lr"] for pt in row["points"]] == [1e-3, 3e-3] and all(pt["status"] == "done" for pt in row["points"])
+    lrs = [pt["lr"] for pt in row["points"]]
+    # the best of the grid lay on an edge: one rate beyond it (x2 or /2) was added and trained
+    assert row["extensions"] == 1 and len(lrs) == 3 and lrs == sorted(lrs) and row["grid"] == lrs
+    assert lrs in ([5e-4, 1e-3, 3e-3], [1e-3, 3e-3, 6e-3])
+    assert all(pt["status"] == "done" for pt in row["points"])
+    done = [pt for pt in row["points"]]
+    assert row["best_lr"] == min(done, key=lambda pt: pt["final_smoothed_loss"])["lr"]   # the paper's metric
+    assert row["metric"] == "final_smoothed_loss" and row["best_val_loss"] is not None and row["family"] == "Mamba"
     assert row["schema"] == SCHEMA and all(pt["impl"]["mixer"] == "ref" for pt in row["points"])   # what ran
     assert json.loads((out / "lr_sweeps.jsonl").read_text().splitlines()[0])["variant"] == "Mamba_25M"
     assert not (out / "runs.jsonl").exists()                # sweep runs live in sweeps/, apart
-    # a wider grid reuses the points already trained
-    again = sweep_lr(["Mamba_25M"], "test", [1e-3, 3e-3], out=out, data_dir=data_dir, device="cpu")
+    # the same sweep again reuses every point already trained
+    again = sweep.sweep_lr(["Mamba_25M"], "test", [1e-3, 3e-3], out=out, data_dir=data_dir, device="cpu")
     assert [pt["run_id"] for pt in again[0]["points"]] == [pt["run_id"] for pt in row["points"]]
-    assert len((out / "sweeps" / "runs.jsonl").read_text().splitlines()) == 2
-    plan = make_plan("experts", "test", only=["Mamba_25M"], out=out, data_dir=data_dir, lr_source="sweep")
-    assert (plan.runs[0].tcfg.lr, plan.runs[0].tcfg.lr_source) == (row["best_lr"], "sweep")
+    assert len((out / "sweeps" / "runs.jsonl").read_text().splitlines()) == 3
+    # seed 0 at the chosen rate is the sweep's run: recorded from it, not trained again; seed 1 trains
+    plan = ensure_data(make_plan("experts", "test", only=["Mamba_25M"], seeds=2, out=out, data_dir=data_dir,
+                                 lr_source="sweep"))
+    assert [(r.tcfg.lr, r.tcfg.lr_source, r.status) for r in plan.runs] == \
+        [(row["best_lr"], "sweep", "reuse"), (row["best_lr"], "sweep", "todo")]
+    outcomes = execute(plan, device="cpu")
+    assert [o.status for o in outcomes] == ["reused", "done"]
+    reused = rows_of(out)[0]
+    assert reused["reused_from"]["run_id"] == row["best_run_id"] and reused["train"]["lr_source"] == "sweep"
+    assert reused["metrics"]["final_smoothed_loss"] == row["best_loss"] and reused["ablation"] == "experts"
+    assert [r.status for r in ensure_data(make_plan("experts", "test", only=["Mamba_25M"], seeds=2, out=out,
+                                                    data_dir=data_dir, lr_source="sweep")).runs] == ["done", "done"]
     default = make_plan("experts", "test", only=["Mamba_25M"], out=out, data_dir=data_dir)
-    assert default.runs[0].run_key != plan.runs[0].run_key       # a swept run is a different run
-    # both kinds of rows in one results file: the report takes one source when asked
-    from moebench.report.ablation import build_report
+    assert default.lr_source == "default" and default.runs[0].run_key != plan.runs[0].run_key
+    # both kinds of rows in one results file: the report takes one source when asked, and finds the
+    # reused run's curve in sweeps/
     execute(ensure_data(default), device="cpu")
-    execute(ensure_data(plan), device="cpu")
-    for source, rate in (("default", 1e-3), ("sweep", row["best_lr"]), (None, row["best_lr"])):
+    for source, rate in (("default", 1e-3), ("sweep", row["best_lr"])):
         md = build_report("experts", out, tmp_path / "rep", preset="test", lr_source=source).markdown.read_text()
-        assert f"| {rate:g} ({source or 'sweep'}) |" in md
+        assert f"| {rate:g} ({source}) |" in md and "no curve.csv" not in md
+    assert "## Learning rates" in md and f"**{row['best_lr']:g}**: {row['best_loss']:.3f}" in md
+
+
+def test_a_variant_takes_its_familys_swept_rate(data_dir, tmp_path, monkeypatch):
+    import moebench.sweep as sweep
+    out = tmp_path / "results"
+    monkeypatch.setattr(sweep, "MAX_EXTENSIONS", 0)
+    rows = sweep.sweep_families(["MoE-Mamba_25M-e1", "MoE-Mamba_25M-e4"], "test", [2e-3], out=out,
+                                data_dir=data_dir, device="cpu")
+    assert [r["variant"] for r in rows] == ["MoE-Mamba_25M"]          # one sweep for the family
+    plan = make_plan("experts", "test", only=["MoE-Mamba_25M-e1"], out=out, data_dir=data_dir, lr_source="sweep")
+    assert plan.runs[0].tcfg.lr == 2e-3 and plan.runs[0].lr_note.startswith("MoE-Mamba family sweep")
+    with pytest.raises(UserError, match="or their families"):     # Mamba_25M's family has no sweep
+        make_plan("experts", "test", only=["Mamba_25M"], out=out, data_dir=data_dir, lr_source="sweep")
+    with pytest.raises(UserError, match="no learning-rate sweep"):   # the GPU presets sweep by default
+        make_plan("experts", "gpu-small", out=out)
 
 
 def test_time_estimates(tmp_path):
     from moebench.estimate import estimate_seconds
-    plan = make_plan("experts", "gpu-small", only=["Mamba_25M"], out=tmp_path)
+    plan = make_plan("experts", "gpu-small", only=["Mamba_25M"], out=tmp_path, lr_source="default")
     run = plan.runs[0]
     secs, how = estimate_seconds(run, "NVIDIA H100 80GB HBM3", True, [], 3e8)
     assert secs == pytest.approx(run.tcfg.tokens * 3e8 / (989e12 * estimate.ASSUMED_GPU_MFU)) and "assumed" in how

@@ -9,12 +9,13 @@ from rich.table import Table
 
 from moebench.ablations import Hooks, Plan, ensure_data, execute, get_spec, load_specs, make_plan
 from moebench.cli.common import err, out, progress_bar, split_list
+from moebench.errors import UserError
 from moebench.estimate import estimate_plan
 from moebench.fmt import duration, human, parse_tokens
 from moebench.presets import DEFAULT_PRESET, PRESET_RULES, PUBLIC_PRESETS, rule_of
 from moebench.report.ablation import build_report
 from moebench.report.bench import render_bench_report
-from moebench.sweep import parse_grid, sweep_lr
+from moebench.sweep import parse_grid, sweep_families, sweep_lr
 
 
 def _grid_help() -> str:
@@ -60,7 +61,9 @@ def run_cmd(
     out_dir: Annotated[str, typer.Option("--out", help="results folder (runs.jsonl, runs/, lr_sweeps.jsonl)")] = "results",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     allow_repeat: Annotated[bool, typer.Option("--allow-repeat", help="allow budgets that repeat the data more than the preset allows")] = False,
-    lr_source: Annotated[str, typer.Option(help="default (the paper's rates) | sweep (from `moebench sweep lr`)")] = "default",
+    lr_source: Annotated[Optional[str], typer.Option(help="default (the paper's rates) | sweep (the family sweeps of "
+                                                           "`moebench sweep lr`); default: sweep at the GPU presets, "
+                                                           "the paper's elsewhere")] = None,
     data: Annotated[Optional[str], typer.Option(help="a prepared data folder instead of the preset's corpus (e.g. C4)")] = None,
     tokens: Annotated[Optional[str], typer.Option(help="override the preset's tokens per run: 200k, 20M")] = None,
 ):
@@ -88,7 +91,9 @@ def run_cmd(
     ran = [o for o in outcomes if o.status == "done"]
     busy = [o for o in outcomes if o.status == "skipped" and o.error]
     busy_part = f"{len(busy)} skipped (another process trains them), " if busy else ""
-    err.print(f"{len(ran)} trained, {sum(o.status == 'skipped' for o in outcomes) - len(busy)} skipped (done before), "
+    reused = sum(o.status == "reused" for o in outcomes)
+    reused_part = f"{reused} recorded from the learning-rate sweep (its run at the chosen rate), " if reused else ""
+    err.print(f"{len(ran)} trained, {reused_part}{sum(o.status == 'skipped' for o in outcomes) - len(busy)} skipped (done before), "
               f"{busy_part}{len(bad)} not finished; report: moebench report {ablation} --preset {preset} "
               f"--results {plan.out / 'runs.jsonl'}", highlight=False, soft_wrap=True)
     for o in busy:
@@ -117,6 +122,8 @@ def _execute_with_progress(plan: Plan, todo: list, device: str, resume: bool) ->
             bar.update(overall, completed=finished["tokens"] + p.tokens)
 
         def on_end(o):
+            if o.status == "reused":              # not in the total: nothing trained
+                return
             finished["tokens"] += o.run.tcfg.tokens
             bar.update(overall, completed=finished["tokens"],
                        stats=f"last: {o.run.variant} {o.status}")
@@ -139,7 +146,7 @@ def print_plan(plan: Plan, device: str) -> None:
         table.add_row(run.cfg.name, str(tcfg.seed), run.status, human(e.steps * tcfg.batch * tcfg.ctx),
                       f"{e.steps:,}", f"{tcfg.batch} x {tcfg.ctx}{micro}", human(d["total_params"]),
                       human(d["active_params"]), human(d["flops_per_token"]),
-                      f"{tcfg.lr:g} ({run.lr_note})", f"{duration(e.seconds)} ({e.how})" if run.status != "done" else "done")
+                      f"{tcfg.lr:g} ({run.lr_note})", f"{duration(e.seconds)} ({e.how})" if run.status not in ("done", "reuse") else run.status)
     out.print(table)
     prepared = "prepared" if plan.n_train_tokens else "not prepared yet (run prepares it)"
     epochs = f"{est.epochs:.2f}" if est.epochs is not None else "?"
@@ -149,7 +156,7 @@ def print_plan(plan: Plan, device: str) -> None:
     if est.repeats_too_often:
         out.print(f"[yellow]this budget makes more than {limit:g} passes over the data: the run will refuse it "
                   f"without --allow-repeat[/yellow]", soft_wrap=True)
-    todo = sum(r.status != "done" for r in plan.runs)
+    todo = sum(r.status not in ("done", "reuse") for r in plan.runs)
     out.print(f"device: {est.device_name}; {todo} of {len(plan.runs)} runs to do; estimated {duration(est.total_s)}"
               + (f" + {est.unknown} runs without an estimate" if est.unknown else "")
               + (f"; {est.wall}" if est.wall else ""),
@@ -182,7 +189,8 @@ def report_cmd(
 @sweep_app.command("lr")
 def sweep_lr_cmd(
     variants: Annotated[Optional[list[str]], typer.Argument(help="registry names, e.g. Mamba_25M MoE-Mamba_25M")] = None,
-    ablation: Annotated[Optional[str], typer.Option(help="sweep every variant of this ablation at the preset")] = None,
+    ablation: Annotated[Optional[str], typer.Option(help="sweep one variant per model family of this ablation "
+                                                        "(registry.SWEEP_VARIANTS); the others take its rate")] = None,
     grid: Annotated[Optional[str], typer.Option(help=f"comma-separated peak rates (default: {_grid_help()})")] = None,
     tokens: Annotated[Optional[str], typer.Option(help="tokens per point (default: the preset's sweep budget)")] = None,
     preset: Annotated[str, typer.Option(help="batch, context and model scale of the sweep")] = DEFAULT_PRESET,
@@ -190,13 +198,15 @@ def sweep_lr_cmd(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     data: Annotated[Optional[str], typer.Option(help="a prepared data folder instead of the preset's corpus")] = None,
 ):
-    """Short runs at each rate of a grid; records the best rate per variant in OUT/lr_sweeps.jsonl.
+    """Short runs at each rate of a log grid (extended past an edge while the best rate sits on it);
+    records the best rate by the final smoothed training loss per variant in OUT/lr_sweeps.jsonl.
 
-    Example: moebench sweep lr Mamba_25M MoE-Mamba_25M --preset gpu-small; then moebench run ... --lr-source sweep
+    Example: moebench sweep lr --ablation experts --preset gpu-small; then moebench run experts --preset gpu-small
     """
     names = list(variants or [])
-    if ablation:
-        names += list(get_spec(ablation).variants(preset))
+    family_of = list(get_spec(ablation).variants(preset)) if ablation else []
+    if not names and not family_of:
+        raise UserError("name variants to sweep, or --ablation NAME (one sweep per family of its variants)")
     lrs = parse_grid(grid) if grid else list(rule_of(preset).sweep_grid)
     with progress_bar() as bar:
         current = {}
@@ -208,22 +218,25 @@ def sweep_lr_cmd(
             bar.update(current["task"], completed=p.tokens, stats=f"loss {p.loss:.3f} smoothed {p.smoothed:.3f}")
 
         try:
-            rows = sweep_lr(names, preset, lrs, tokens=parse_tokens(tokens) if tokens else None, out=out_dir,
-                            data_dir=data, device=device, hooks=Hooks(on_start, on_progress, None))
+            kw = dict(tokens=parse_tokens(tokens) if tokens else None, out=out_dir, data_dir=data, device=device,
+                      hooks=Hooks(on_start, on_progress, None))
+            rows = (sweep_families(family_of, preset, lrs, **kw) if family_of else []) + \
+                (sweep_lr(names, preset, lrs, **kw) if names else [])
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/yellow]; run the same command again to continue (finished points are kept)")
             raise typer.Exit(130)
     table = Table(title=f"learning-rate sweep at {preset} (appended to {out_dir}/lr_sweeps.jsonl)")
-    for col in ["variant"] + [f"{lr:g}" for lr in lrs] + ["best"]:
+    for col in ("variant", "family", "rate: final smoothed loss (val)", "best"):
         table.add_column(col)
     for r in rows:
-        by_lr = {pt["lr"]: pt for pt in r["points"]}
-        cells = [(f"{by_lr[lr][r['metric']]:.3f}" if by_lr.get(lr, {}).get(r["metric"]) is not None else "failed")
-                 for lr in lrs]
+        cells = "  ".join(f"{pt['lr']:g}: " + (f"{pt['final_smoothed_loss']:.3f} ({pt['val_loss']:.3f})"
+                                                if pt["final_smoothed_loss"] is not None and pt["val_loss"] is not None
+                                                else "failed") for pt in r["points"])
         best = "none" if r["best_lr"] is None else f"{r['best_lr']:g}" + (" (grid edge!)" if r["at_grid_edge"] else "")
-        table.add_row(r["variant"], *cells, best)
+        table.add_row(r["variant"], r["family"], cells, best)
     out.print(table)
-    out.print(f"metric: final {rows[0]['metric'] if rows else 'val_loss'}; use with "
-              f"moebench run ABLATION --preset {preset} --lr-source sweep", highlight=False, soft_wrap=True)
+    out.print(f"chosen by the final smoothed training loss (the paper's metric); `moebench run ABLATION --preset "
+              f"{preset}` takes these rates{'' if rule_of(preset).lr_source == 'sweep' else ' with --lr-source sweep'}",
+              highlight=False, soft_wrap=True)
     if any(r["best_lr"] is None for r in rows):
         raise typer.Exit(1)

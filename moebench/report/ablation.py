@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moebench import paper
-from moebench.ablations import Spec, get_spec
+from moebench.ablations import Spec, get_spec, load_sweeps
 from moebench.errors import UserError
 from moebench.fmt import human
 from moebench.presets import EMA_RULE, rule_of
@@ -266,6 +266,7 @@ def _markdown(spec, preset, res, baseline, prows, provenance, warnings, failed, 
         paper_order = sorted(common, key=lambda n: theirs[n])
         lines += ["", f"- ours (best first): {' < '.join(ours_order)}",
                   f"- paper (best first): {' < '.join(paper_order)}"]
+    lines += _learning_rates(res, preset, Path(results).parent)
     lines += ["", "## Figures", ""] + [f"![{png.stem}]({png.name})" for png in pngs] + [""]
     lines += ["## Provenance", "", "| | value(s) |", "|---|---|"]
     lines += [f"| {k} | {', '.join(vals)} |" for k, vals in provenance.items()]
@@ -320,3 +321,30 @@ def _pivot(table: str, res, prows) -> list[str]:
     return lines
 
 
+def _learning_rates(res: dict[str, VariantResult], preset: str, results_dir: Path) -> list[str]:
+    """Per family (or variant with a sweep of its own) whose rows took swept rates: the sweep's grid,
+    each rate's final smoothed loss (and validation loss), the rate chosen."""
+    used = [v for v in res.values() if any(r["train"].get("lr_source") == "sweep" for r in v.rows)]
+    if not used:
+        return []
+    swept = load_sweeps(results_dir)
+    lines = ["", "## Learning rates", "",
+             "From `moebench sweep lr` at this preset: each rate's final smoothed training loss (validation "
+             "loss), the rate chosen by the first in **bold**; a family's members take its rate unless swept "
+             "themselves.", ""]
+    shown = set()
+    for v in used:
+        r0 = v.rows[0]
+        where = (preset, r0["train"]["batch"], r0["train"]["ctx"], r0.get("data_id"))
+        row = swept.get((v.cfg.config_hash(), *where)) or swept.get((("family", v.cfg.family), *where))
+        if row is None or id(row) in shown:
+            continue
+        shown.add(id(row))
+        pts = " · ".join((f"**{pt['lr']:g}**" if pt["lr"] == row["best_lr"] else f"{pt['lr']:g}") + ": "
+                         + (f"{pt['final_smoothed_loss']:.3f} ({pt['val_loss']:.3f})"
+                            if pt.get("final_smoothed_loss") is not None and pt.get("val_loss") is not None
+                            else "failed") for pt in row["points"])
+        edge = " — the best rate is at the grid's edge" if row.get("at_grid_edge") else ""
+        lines.append(f"- {row.get('family') or row['variant']} ({row['variant']}, {human(row['tokens'])} tokens, "
+                     f"{row['finished'][:10]}): {pts}{edge}")
+    return lines
