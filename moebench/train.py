@@ -65,20 +65,29 @@ def _entropy(counts_E: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, amp, dist: distributed.Dist | None = None) -> float:
-    """Mean loss over `batches`; with `dist` of several ranks, `batches` is this rank's share and
-    the mean is over all ranks' batches."""
+def evaluate(model, batches, device, amp, dist: distributed.Dist | None = None,
+             sources: list[str] | None = None) -> tuple[float, dict[str, float]]:
+    """(mean loss over every window of `batches`, the mean of each source's windows). With `dist` of
+    several ranks, `batches` is this rank's share and the means are over all ranks' windows; then
+    `sources` (every rank's list, in one order) says which sources to reduce."""
     was_training = model.training
     model.eval()
-    total = 0.0
-    for x, y in batches:
+    sums: dict[str, list[float]] = {}
+    for x, y, source in batches:
         with amp():
-            total += model(x.to(device), y.to(device), return_logits=False, loss_chunk=4096).loss.item()
+            loss = model(x.to(device), y.to(device), return_logits=False, loss_chunk=4096).loss.item()
+        acc = sums.setdefault(source, [0.0, 0])
+        acc[0] += loss * len(x)
+        acc[1] += len(x)
     model.train(was_training)
+    names = sources or sorted(sums)
     if dist is not None and dist.world > 1:
-        total, n = dist.sum_(torch.tensor([total, len(batches)], dtype=torch.float64, device=device)).tolist()
-        return total / max(1, n)
-    return total / max(1, len(batches))
+        flat = torch.tensor([v for s in names for v in sums.get(s, [0.0, 0])], dtype=torch.float64, device=device)
+        flat = dist.sum_(flat).tolist()
+        sums = {s: flat[2 * i:2 * i + 2] for i, s in enumerate(names)}
+    by_source = {s: sums[s][0] / sums[s][1] for s in names if s in sums and sums[s][1]}
+    n = sum(sums[s][1] for s in by_source)
+    return sum(sums[s][0] for s in by_source) / max(1, n), by_source
 
 
 def default_data(corpus: str = "prose") -> Path:
@@ -134,6 +143,7 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
     sampler = BatchSampler(data, micro, tcfg.ctx, seed=tcfg.seed)   # micro batch k = sampler.batch_at(k), on every rank
     # the validation set depends on the TrainConfig only; rank r evaluates its batches [r::world]
     val = val_batches(data, tcfg.eval_batches, tcfg.micro_batch or tcfg.batch, tcfg.ctx)
+    val_sources = list(dict.fromkeys(b.source for b in val))
     eval_every = tcfg.eval_every_tokens or max(tcfg.batch * tcfg.ctx, tcfg.tokens // 10)
     eval_every_steps = max(1, eval_every // (tcfg.batch * tcfg.ctx))
     ema = EMA(tcfg.ema_alpha)
@@ -180,7 +190,8 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
 
     def record(status: str, step: int, wall: float, train_s: float, reason: str = "") -> dict:
         tokens = step * tcfg.batch * tcfg.ctx
-        last_val = next((r["val_loss"] for r in reversed(curve) if r.get("val_loss") is not None), None)
+        last_eval = next((r for r in reversed(curve) if r.get("val_loss") is not None), {})
+        last_val = last_eval.get("val_loss")
         tok_s = (tokens - curve_tokens0) / train_s if train_s > 0 and tokens > curve_tokens0 else None
         row = {
             "schema": SCHEMA, "kind": "train", "run_id": run_id, "status": status, "reason": reason,
@@ -194,6 +205,7 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
                 "final_smoothed_loss": ema.get() if ema.n else None,
                 "final_train_loss": curve[-1]["loss"] if curve else None,
                 "val_loss": last_val, "val_ppl": math.exp(last_val) if last_val is not None else None,
+                "val_loss_by_source": {k[4:]: v for k, v in last_eval.items() if k.startswith("val:")},
                 "tokens_per_s": tok_s,
                 "mfu": tok_s * fpt / peak if tok_s and peak else None,
                 "peak_mem_gib": (torch.cuda.max_memory_allocated(dev) / 2**30) if dev.type == "cuda" else None,
@@ -266,7 +278,9 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
                 row = acc.flush(step, step * tcfg.batch * tcfg.ctx, ema.get(), cur_lr)
                 row["tok_s"] = (step * tcfg.batch * tcfg.ctx - curve_tokens0) / max(train_s - train_time_before, 1e-9)
                 if is_eval:
-                    row["val_loss"] = evaluate(model, val[dist.rank::dist.world], dev, amp, dist)
+                    row["val_loss"], by_source = evaluate(model, val[dist.rank::dist.world], dev, amp, dist,
+                                                          val_sources)
+                    row.update({f"val:{name}": v for name, v in by_source.items()})
                 if dev.type == "cuda":
                     row["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
                 curve.append(row)

@@ -17,6 +17,7 @@ import torch
 
 import moebench.train as train_module
 from moebench import checkpoint
+from moebench.data import TokenData, val_batches
 from moebench.errors import UserError
 from moebench.registry import get
 from moebench.results import SCHEMA, load_frame, load_records
@@ -86,6 +87,14 @@ def test_loss_falls_on_real_text(finished_run, curve_reader):
     assert val[-1] < val[0] - 1.0, f"validation loss did not fall: {val}"
     assert smoothed[-1] < smoothed[0] - 1.0, f"smoothed loss did not fall: {smoothed}"
     assert row["metrics"]["val_loss"] == pytest.approx(val[-1])
+    # per source too: the overall loss is the mean of the sources' weighted by their windows
+    by_source = row["metrics"]["val_loss_by_source"]
+    data = TokenData(tcfg.data_dir)
+    vb = val_batches(data, tcfg.eval_batches, tcfg.micro_batch or tcfg.batch, tcfg.ctx)
+    windows = {s: sum(len(b.x) for b in vb if b.source == s) for s in by_source}
+    assert set(by_source) == {b.source for b in vb} and by_source
+    assert sum(by_source[s] * windows[s] for s in by_source) / sum(windows.values()) == pytest.approx(val[-1])
+    assert float(curve[-1][f"val:{next(iter(by_source))}"]) == pytest.approx(next(iter(by_source.values())))
     # 30 tiny steps (about 7 s on 2 cores): the budget is fixed in steps, not asserted in seconds
     assert row["metrics"]["steps"] == 30
 
@@ -174,6 +183,7 @@ KILL_DRIVER = r"""
 import json, sys, torch
 torch.set_num_threads(1)
 from moebench.config import TrainConfig
+from moebench.data import TokenData, val_batches
 from moebench.registry import get
 from moebench.train import train
 kw = json.loads(sys.argv[2])

@@ -6,11 +6,11 @@ TokenData (memory-mapped splits), BatchSampler (random windows, resumable) and v
     data = TokenData(manifest["dir"])
     x_BL, y_BL = BatchSampler(data, batch=8, ctx=256, seed=0).next()
 """
-from moebench.data.loader import BatchSampler, Split, TokenData, val_batches
+from moebench.data.loader import BatchSampler, Split, TokenData, ValBatch, val_batches
 from moebench.data.prep import FORMAT, default_data_dir, prepare
 from moebench.data.sources import CORPORA, data_root, effective_corpus, find_shared_data
 from moebench.data.tokenizer import EOT, VOCAB_SIZE, Tokenizer, get_tokenizer
 
 __all__ = ["BatchSampler", "CORPORA", "EOT", "FORMAT", "Split", "TokenData", "Tokenizer", "VOCAB_SIZE",
            "data_root", "default_data_dir", "effective_corpus", "find_shared_data", "get_tokenizer",
-           "prepare", "val_batches"]
+           "prepare", "ValBatch", "val_batches"]

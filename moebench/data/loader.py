@@ -1,6 +1,6 @@
 """Reading prepared tokens: TokenData opens a folder, BatchSampler draws training batches the way
 the paper's code does (windows of ctx+1 tokens at uniformly random offsets into the train stream;
-x = window[:-1], y = window[1:]), val_batches() gives a fixed held-out set.
+x = window[:-1], y = window[1:]), val_batches() gives a fixed held-out set, source by source.
 
 Shapes: B batch (sequences), L = ctx (tokens per sequence).
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -136,16 +137,33 @@ class BatchSampler:
         self.step, self.seed = state["step"], state["seed"]
 
 
-def val_batches(data: TokenData, n_batches: int, batch: int, ctx: int, seed: int = 1234) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed set of held-out batches (the same on every call). Stratified: the val stream is cut
-    into n_batches * batch equal strata, one window at a random offset in each, and batch i takes
-    strata i, i + n_batches, ... so that every batch (and any prefix of the list) spans the whole
-    stream, hence every source. Multi-GPU: give rank r the batches [r::world]."""
+class ValBatch(NamedTuple):
+    x: torch.Tensor            # (B, L) int64
+    y: torch.Tensor            # (B, L) int64, x shifted by one
+    source: str                # every window of a batch lies in this source's part of the val stream
+
+
+def val_batches(data: TokenData, n_batches: int, batch: int, ctx: int, seed: int = 1234) -> list[ValBatch]:
+    """A fixed held-out set of about n_batches * batch windows (the same on every call). Each window
+    lies inside one source's range of the val stream (the manifest's), the sources in proportion to
+    their val tokens, at least one each, stratified within the range; batched source by source (a
+    source's last batch may be short), so a batch's loss is its source's. A source with fewer than
+    ctx + 1 val tokens gets none. Multi-GPU: give rank r the batches [r::world]."""
     _need(data.val, ctx, "val")
+    ranges = data.manifest["splits"]["val"].get("sources") or {"all": [0, len(data.val)]}
+    fits = {name: (a, b) for name, (a, b) in ranges.items() if b - a >= ctx + 1}
+    if not fits:
+        raise UserError(f"no source has ctx + 1 = {ctx + 1} val tokens in a row: prepare more data (or a larger "
+                        f"val_frac) or use a shorter context")
     n = n_batches * batch
-    span = len(data.val) - ctx                                   # possible window starts
-    rng = np.random.default_rng([seed, n])
-    lo = np.arange(n) * span // n
-    hi = np.maximum((np.arange(n) + 1) * span // n, lo + 1)
-    starts = rng.integers(lo, hi)                                # one start per stratum
-    return [_windows(data.val, starts[i::n_batches], ctx) for i in range(n_batches)]
+    total = sum(b - a for a, b in fits.values())
+    out = []
+    for k, (name, (a, b)) in enumerate(fits.items()):
+        n_s = max(1, round(n * (b - a) / total))
+        span = b - a - ctx                                       # possible window starts in the source
+        rng = np.random.default_rng([seed, n, k])
+        lo = np.arange(n_s) * span // n_s
+        hi = np.maximum((np.arange(n_s) + 1) * span // n_s, lo + 1)
+        starts = a + rng.integers(lo, hi)                        # one start per stratum
+        out += [ValBatch(*_windows(data.val, starts[i:i + batch], ctx), name) for i in range(0, n_s, batch)]
+    return out
