@@ -15,6 +15,7 @@ from moebench.fmt import duration, human, parse_tokens
 from moebench.presets import DEFAULT_PRESET, PRESET_RULES, PUBLIC_PRESETS, rule_of
 from moebench.report.ablation import build_report
 from moebench.report.bench import render_bench_report
+from moebench.report.trend import DEFAULT_PAIR, build_trend
 from moebench.sweep import parse_grid, sweep_families, sweep_lr
 
 
@@ -165,16 +166,24 @@ def print_plan(plan: Plan, device: str) -> None:
 
 @app.command("report")
 def report_cmd(
-    ablation: Annotated[str, typer.Argument(help="architectures | experts | ratios | inner | parallel | bench")],
+    ablation: Annotated[str, typer.Argument(help="architectures | experts | ratios | inner | parallel | bench | trend")],
     out_dir: Annotated[str, typer.Option("--out", help="folder for ABLATION.md and the PNGs")] = "reports",
     results: Annotated[str, typer.Option(help="the results file (or its folder)")] = "results/runs.jsonl",
     preset: Annotated[Optional[str], typer.Option(help="which preset's rows (default: the one with most rows)")] = None,
     lr_source: Annotated[Optional[str], typer.Option(help="only rows trained at default | sweep rates (default: the latest row)")] = None,
+    pair: Annotated[str, typer.Option(help="report trend: VARIANT,BASELINE")] = ",".join(DEFAULT_PAIR),
 ):
-    """Write reports/ABLATION.md and PNGs from the results file only.
+    """Write reports/ABLATION.md and PNGs from the results file only; `report bench` the benchmarks,
+    `report trend` a pair's gap against the training budget (every budget it ran at).
 
     Example: moebench report experts --preset gpu-small --lr-source sweep
     """
+    if ablation == "trend":
+        names = split_list(pair) or []
+        if len(names) != 2:
+            raise UserError(f"--pair takes two variants, VARIANT,BASELINE; got '{pair}'")
+        out.print(str(build_trend(results, out_dir, (names[0], names[1]))), highlight=False)
+        return
     if ablation == "bench":       # the benchmark rows (RESULTS/bench.jsonl), not an ablation
         folder = "results" if results == "results/runs.jsonl" else results
         out.print(str(render_bench_report(folder, out_dir)), highlight=False)

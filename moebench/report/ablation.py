@@ -7,7 +7,6 @@ change, when its variant name matches (with a warning).
 """
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from moebench.fmt import human
 from moebench.presets import EMA_RULE, rule_of
 from moebench.registry import get
 from moebench.report.compare import (VariantResult, compute_paired, compute_speedups, rank_agreement, ranking_scores,
-                                      speedup_cell)
+                                      read_curve, speedup_cell)
 from moebench.report.figures import ablation_figures
 from moebench.report.stats import fmt_ms, fmt_paired, mean_std
 from moebench.results import load_records
@@ -122,7 +121,7 @@ def collect(spec: Spec, preset: str, rows: list[dict], results_dir: Path,
                         f"today's registry (matched by name, not by config hash)")
     for (v, seed), r in sorted(latest.items(), key=lambda kv: kv[0][1]):
         out[v].rows.append(r)
-        curve = _read_curve(r, results_dir)
+        curve = read_curve(r, results_dir)
         if curve is not None:
             out[v].curves[seed] = curve
         else:
@@ -130,28 +129,6 @@ def collect(spec: Spec, preset: str, rows: list[dict], results_dir: Path,
     failed = [f for f in failed if not any((f.get("ablation_variant") or f.get("variant")) == v and f.get("seed") == s
                                            for (v, s) in latest)]
     return out, warnings, failed
-
-
-def _read_curve(row: dict, results_dir: Path) -> tuple[list[float], list[float]] | None:
-    candidates = []
-    if row.get("curve"):
-        c = Path(row["curve"])
-        candidates += [c] if c.is_absolute() else [results_dir / c]
-    candidates.append(results_dir / "runs" / str(row.get("run_id")) / "curve.csv")
-    for path in candidates:
-        if path.is_file():
-            tokens, smoothed = [], []
-            with open(path, newline="") as f:
-                for rec in csv.DictReader(f):
-                    try:
-                        t, s = float(rec["tokens"]), float(rec["smoothed"])
-                    except (KeyError, TypeError, ValueError):
-                        continue
-                    if math.isfinite(s):
-                        tokens.append(t)
-                        smoothed.append(s)
-            return (tokens, smoothed) if tokens else None
-    return None
 
 
 # --- the report --------------------------------------------------------------------------------

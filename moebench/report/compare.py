@@ -3,8 +3,11 @@ speedup (per seed pair and of the mean curves), paired differences to the baseli
 they give, and its rank agreement with the paper."""
 from __future__ import annotations
 
+import csv
+import math
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -55,10 +58,10 @@ def compute_speedups(results: dict[str, VariantResult], baseline: str) -> None:
                 v.speedup_reason = s.reason
         if v.curves:       # the mean curves over the seeds both have: the same data orders
             seeds = sorted(v.curves.keys() & base.curves.keys()) or None
-            v.speedup_of_means = speedup(*_mean_curve(v.curves, seeds), *_mean_curve(base.curves, seeds)).value
+            v.speedup_of_means = speedup(*mean_curve(v.curves, seeds), *mean_curve(base.curves, seeds)).value
 
 
-def _mean_curve(curves: dict[int, tuple[list[float], list[float]]], seeds: list[int] | None = None
+def mean_curve(curves: dict[int, tuple[list[float], list[float]]], seeds: list[int] | None = None
                 ) -> tuple[list[float], list[float]]:
     """The smoothed curves of `seeds` (default: all) averaged on the first one's token grid, up to
     where every one reaches (runs of one config log at the same tokens: an average point by point)."""
@@ -117,3 +120,27 @@ def speedup_cell(v: VariantResult, baseline: str) -> str:
         return f"{v.speedup_of_means:.2f}"
     spread = f"{min(per_seed):.2f}–{max(per_seed):.2f}" if per_seed else "none reached"
     return f"{v.speedup_of_means:.2f} (seeds {spread}, {len(per_seed)} of {len(v.speedups)})"
+
+
+def read_curve(row: dict, results_dir: Path) -> tuple[list[float], list[float]] | None:
+    """(tokens, smoothed loss) of a run's curve.csv: where the row says (relative to the results
+    folder), else results/runs/<run_id>/; None when there is none."""
+    candidates = []
+    if row.get("curve"):
+        c = Path(row["curve"])
+        candidates += [c] if c.is_absolute() else [results_dir / c]
+    candidates.append(results_dir / "runs" / str(row.get("run_id")) / "curve.csv")
+    for path in candidates:
+        if path.is_file():
+            tokens, smoothed = [], []
+            with open(path, newline="") as f:
+                for rec in csv.DictReader(f):
+                    try:
+                        t, s = float(rec["tokens"]), float(rec["smoothed"])
+                    except (KeyError, TypeError, ValueError):
+                        continue
+                    if math.isfinite(s):
+                        tokens.append(t)
+                        smoothed.append(s)
+            return (tokens, smoothed) if tokens else None
+    return None

@@ -333,3 +333,32 @@ def plot_bench_generate(rows: list[dict], path: Path) -> Path | None:
 
 BENCH_FIGURES = {"bench-train": plot_bench_train, "bench-memory": plot_bench_memory,
                  "bench-generate": plot_bench_generate}
+
+
+# ---- trend
+
+
+def trend_figures(budgets, curve: list[tuple[float, float]], variant: str, baseline: str, out: Path) -> list[Path]:
+    """trend_delta.png: the paired Δ with its interval against the budget (log tokens);
+    trend_speedup.png: speedup(l) of the largest budget against the baseline's tokens."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [b.tokens for b in budgets]
+    ys = [b.paired.mean for b in budgets]
+    lo = [b.paired.mean - b.paired.lo if b.paired.lo is not None else 0 for b in budgets]
+    hi = [b.paired.hi - b.paired.mean if b.paired.hi is not None else 0 for b in budgets]
+    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3)
+    ax.axhline(0, color="gray", lw=1, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel(f"Δ final smoothed loss ({variant} − {baseline})")
+    ax.set_title("paired difference against the budget (95% t-interval over seeds)")
+    paths = [_save(fig, out / "trend_delta.png")]
+    if curve:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([t for t, _ in curve], [s for _, s in curve], marker=".")
+        ax.axhline(1, color="gray", lw=1, ls="--")
+        ax.set_xlabel(f"tokens {baseline} took to reach the loss")
+        ax.set_ylabel("speedup(l)")
+        ax.set_title(f"speedup of {variant} over {baseline} as training goes (appendix D)")
+        paths.append(_save(fig, out / "trend_speedup.png"))
+    return paths
