@@ -35,7 +35,8 @@ CPU_TINY_TOK_S: dict[str, float] = {
 CPU_FLOPS = 37e9                # the slowest twin's FLOPs/token x tokens/s above, for any other twin
 ASSUMED_GPU_MFU = 0.10          # for a GPU time estimate when no run of the variant was measured yet
 # training tokens of the named corpora once prepared, for the passes per run before preparing them
-APPROX_TRAIN_TOKENS = {"prose": 10.2e6, "news": 2.6e6, "small": 28.5e6, "docs": 87.5e6, "all": 97.7e6}
+# train tokens of the prepared corpora (data format 2: near-duplicates dropped, 1% held out)
+APPROX_TRAIN_TOKENS = {"prose": 10.1e6, "news": 2.6e6, "small": 25.5e6, "docs": 78.8e6, "all": 88.9e6}
 
 
 def estimate_seconds(run: PlannedRun, device_name: str, is_cuda: bool, rows: list[dict],

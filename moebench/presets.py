@@ -37,7 +37,7 @@ PRESET_RULES: dict[str, PresetRule] = {
     # want higher rates than the paper's models: a 1e-3..4e-3 sweep (200 steps) picked 4e-3 for all of table 1
     "cpu-tiny": PresetRule("prose", 1.0, False, 2, CPU_TINY_TOKENS, n_evals=4, sweep_grid=(1e-3, 2e-3, 4e-3, 8e-3),
                            wall="measured: architectures took 5.7-6.8 min on 2 CPU cores, data prep included"),
-    # corpus "small" (~28.5M train tokens): 20M-token runs never repeat it
+    # corpus "small" (~25.5M train tokens): 20M-token runs never repeat it
     "gpu-small": PresetRule("small", 1.0, False, 5, 20_000_000, lr_source="sweep",
                             wall="measured: experts (6 runs x 20M tokens) took 512 s on one H100 "
                                  "(torch 2.11, mamba-ssm 2.3.2, eager bf16), data prep 10 s"),
@@ -76,13 +76,14 @@ def presets(*, paper_tokens: int, with_100m: bool = False) -> dict[str, Preset]:
         "cpu-tiny": Preset(name="cpu-tiny", tokens=CPU_TINY_TOKENS, batch=CPU_TINY_BATCH, ctx=CPU_TINY_CTX,
                            scale="tiny", eval_batches=4,
                            note="CPU twins, 160 steps of 8 x 128; ~6 min for architectures on 2 cores"),
-        # paper shapes, 610 steps of 32 x 1024: 0.7 passes over `small` (28.5M train tokens)
+        # paper shapes, 610 steps of 32 x 1024: 0.8 passes over `small` (25.5M train tokens)
         # two seeds on the GPU: a paired difference with an interval (reports), at twice the GPU time
         "gpu-small": Preset(name="gpu-small", tokens=20_000_000, batch=32, ctx=1024, eval_batches=8, seeds=2,
                             note="paper shapes, 20M tokens (610 steps of 32 x 1024)"),
-        # one pass over `all` (prose + docs, 97.7M train tokens): 2929 steps of 32 x 1024
-        "gpu-medium": Preset(name="gpu-medium", tokens=96_000_000, batch=32, ctx=1024, eval_batches=8, seeds=2,
-                             note="paper shapes, 96M tokens = one pass over prose+docs"),
+        # one pass over `all` (prose + docs, 88.9M train tokens once near-duplicates are dropped):
+        # 2,700 steps of 32 x 1024
+        "gpu-medium": Preset(name="gpu-medium", tokens=2700 * 32 * 1024, batch=32, ctx=1024, eval_batches=8, seeds=2,
+                             note="paper shapes, 88.5M tokens = one pass over prose+docs"),
         "paper": Preset(name="paper", tokens=paper_tokens, batch=64, ctx=1024, eval_batches=16,
                         note="the paper's budget and batch (C4 recommended: --data)"),
         "test": Preset(name="test", tokens=3 * 2 * 32, batch=2, ctx=32, scale="tiny", eval_batches=1,
