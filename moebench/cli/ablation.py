@@ -15,6 +15,7 @@ from moebench.fmt import duration, human, parse_tokens
 from moebench.presets import DEFAULT_PRESET, PRESET_RULES, PUBLIC_PRESETS, rule_of
 from moebench.report.ablation import build_report
 from moebench.report.bench import render_bench_report
+from moebench.report.claims import build_claims
 from moebench.report.trend import DEFAULT_PAIR, build_trend
 from moebench.sweep import parse_grid, sweep_families, sweep_lr
 
@@ -166,7 +167,8 @@ def print_plan(plan: Plan, device: str) -> None:
 
 @app.command("report")
 def report_cmd(
-    ablation: Annotated[str, typer.Argument(help="architectures | experts | ratios | inner | parallel | bench | trend")],
+    ablation: Annotated[str, typer.Argument(help="architectures | experts | ratios | inner | parallel | bench | trend | "
+                                                 "claims")],
     out_dir: Annotated[str, typer.Option("--out", help="folder for ABLATION.md and the PNGs")] = "reports",
     results: Annotated[str, typer.Option(help="the results file (or its folder)")] = "results/runs.jsonl",
     preset: Annotated[Optional[str], typer.Option(help="which preset's rows (default: the one with most rows)")] = None,
@@ -174,10 +176,14 @@ def report_cmd(
     pair: Annotated[str, typer.Option(help="report trend: VARIANT,BASELINE")] = ",".join(DEFAULT_PAIR),
 ):
     """Write reports/ABLATION.md and PNGs from the results file only; `report bench` the benchmarks,
-    `report trend` a pair's gap against the training budget (every budget it ran at).
+    `report trend` a pair's gap against the training budget (every budget it ran at), `report claims`
+    a verdict on each of the paper's claims.
 
     Example: moebench report experts --preset gpu-small --lr-source sweep
     """
+    if ablation == "claims":
+        out.print(str(build_claims(results, out_dir, preset)), highlight=False)
+        return
     if ablation == "trend":
         names = split_list(pair) or []
         if len(names) != 2:

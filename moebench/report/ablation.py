@@ -145,7 +145,7 @@ def build_report(ablation: str, results: str | Path = "results/runs.jsonl", out:
     chosen, others = pick_preset(spec, rows, preset)
     if not chosen:
         raise UserError(f"no results for ablation '{ablation}' in {results}: run `moebench run {ablation}` first")
-    res, warnings, failed = collect(spec, chosen, rows, results.parent, lr_source)
+    res, warnings, failed = analyse(spec, chosen, rows, results.parent, lr_source)
     done_rows = [r for v in res.values() for r in v.rows]
     if not done_rows:
         raise UserError(f"no finished runs of ablation '{ablation}' at preset {chosen}"
@@ -155,8 +155,6 @@ def build_report(ablation: str, results: str | Path = "results/runs.jsonl", out:
         warnings.append(f"{results} also has rows of this ablation at preset(s) {', '.join(others)}; "
                         f"this report is preset {chosen} (choose with --preset)")
     baseline = spec.baseline(chosen)
-    compute_speedups(res, baseline)
-    compute_paired(res, baseline)
     if not res[baseline].rows:
         warnings.append(f"the baseline {baseline} has no finished run: no speedups")
     provenance = {k: sorted({str(f(r)) for r in done_rows}) for k, f in PROVENANCE_KEYS.items()}
@@ -175,6 +173,15 @@ def build_report(ablation: str, results: str | Path = "results/runs.jsonl", out:
     path = out / f"{ablation}.md"
     path.write_text(md)
     return Report(ablation, chosen, path, pngs, warnings, tau)
+
+
+def analyse(spec: Spec, preset: str, rows: list[dict], results_dir: Path, lr_source: str | None = None
+            ) -> tuple[dict[str, VariantResult], list[str], list[dict]]:
+    """collect, then each variant's speedups and paired difference to the preset's baseline."""
+    res, warnings, failed = collect(spec, preset, rows, results_dir, lr_source)
+    compute_speedups(res, spec.baseline(preset))
+    compute_paired(res, spec.baseline(preset))
+    return res, warnings, failed
 
 
 def _mixed(provenance: dict[str, list[str]]) -> list[str]:
