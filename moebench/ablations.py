@@ -180,7 +180,7 @@ def run_key(cfg: ModelConfig, tcfg: TrainConfig, preset: str, data_id: str) -> s
 def make_plan(name: str, preset: str = DEFAULT_PRESET, *, only: list[str] | None = None,
               seeds: int | None = None, lr_source: str | None = None, out: str | Path = "results",
               data_dir: str | Path | None = None, tokens: int | None = None,
-              allow_repeat: bool = False) -> Plan:
+              allow_repeat: bool = False, compile: bool | None = None) -> Plan:
     """Which runs `moebench run NAME --preset PRESET` would do, and their status in `out`. Learning
     rates: the paper's (lr_source "default") or the sweeps' ("sweep": a variant's own sweep, else its
     family's); None takes the preset's choice (sweep at the GPU presets)."""
@@ -226,7 +226,8 @@ def make_plan(name: str, preset: str = DEFAULT_PRESET, *, only: list[str] | None
             tcfg = TrainConfig(tokens=budget, batch=p.batch, micro_batch=p.micro_batch, ctx=p.ctx, lr=lr,
                                lr_source=lr_source, seed=seed, ema_alpha=ema_alpha_for(preset, steps),
                                eval_every_tokens=eval_every(rule, steps, p.batch * p.ctx),
-                               eval_batches=p.eval_batches, log_every=rule.log_every, data_dir=str(data_dir))
+                               eval_batches=p.eval_batches, log_every=rule.log_every, data_dir=str(data_dir),
+                               compile=compile)
             tag = f"preset={preset}"
             # the sweep's run at this rate is this run, when the sweep's budget is the preset's
             same = run_key(cfg, replace(tcfg, lr_source="user"), f"sweep:{preset}", data_id) if lr_source == "sweep" else ""

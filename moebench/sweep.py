@@ -49,7 +49,7 @@ MAX_EXTENSIONS = 3       # points added beyond a grid edge per sweep, at most
 
 
 def sweep_run(name: str, preset: str, lr: float, data_dir: Path, data_id: str, *, tokens: int | None = None,
-              seed: int = 0) -> PlannedRun:
+              seed: int = 0, compile: bool | None = None) -> PlannedRun:
     """The short run of variant `name` at rate `lr`: the preset's shapes and evaluation, its sweep
     budget (`tokens` when given). At a preset whose sweep budget is its run budget, this is the
     ablation's seed-`seed` run at that rate, but for its lr_source (ablations.make_plan reuses it)."""
@@ -63,7 +63,7 @@ def sweep_run(name: str, preset: str, lr: float, data_dir: Path, data_id: str, *
     tcfg = TrainConfig(tokens=budget, batch=p.batch, micro_batch=p.micro_batch, ctx=p.ctx, lr=lr, lr_source="user",
                        seed=seed, ema_alpha=ema_alpha_for(preset, steps),
                        eval_every_tokens=eval_every(rule, steps, p.batch * p.ctx), eval_batches=p.eval_batches,
-                       log_every=rule.log_every, data_dir=str(data_dir))
+                       log_every=rule.log_every, data_dir=str(data_dir), compile=compile)
     tag = f"sweep-lr;preset={preset}"
     return PlannedRun(name, cfg, tcfg, tag, run_id_for(cfg, tcfg, tag), run_key(cfg, tcfg, f"sweep:{preset}", data_id),
                       lr_note=f"grid {lr:g}")
@@ -91,7 +91,7 @@ def sweep_families(variants: list[str], preset: str, grid: list[float] | None = 
 
 def sweep_lr(variants: list[str], preset: str, grid: list[float] | None = None, *, tokens: int | None = None,
              out: str | Path = "results", data_dir: str | Path | None = None, device: str = "auto",
-             seed: int = 0, hooks: Hooks | None = None) -> list[dict]:
+             seed: int = 0, hooks: Hooks | None = None, compile: bool | None = None) -> list[dict]:
     """Sweep each variant: train every rate of the grid not trained yet (default: the preset's,
     2.5e-4..2e-3 for the paper's shapes, 1e-3..8e-3 for the CPU twins), then, while the best rate
     (lowest final smoothed training loss) lies on an edge, one more rate beyond it (x2 or /2, at most
@@ -111,7 +111,7 @@ def sweep_lr(variants: list[str], preset: str, grid: list[float] | None = None, 
         while True:
             for lr in lrs:
                 if lr not in points:
-                    run = sweep_run(name, preset, lr, data_dir, data_id, tokens=tokens, seed=seed)
+                    run = sweep_run(name, preset, lr, data_dir, data_id, tokens=tokens, seed=seed, compile=compile)
                     points[lr] = _train_point(run, out / "sweeps", preset, data_id, corpus, device, hooks or Hooks())
             best = _best(points.values())
             edge = best is not None and len(lrs) > 1 and best["lr"] in (lrs[0], lrs[-1])
@@ -119,7 +119,7 @@ def sweep_lr(variants: list[str], preset: str, grid: list[float] | None = None, 
                 break
             lrs = [lrs[0] / 2] + lrs if best["lr"] == lrs[0] else lrs + [lrs[-1] * 2]
             extensions += 1
-        run = sweep_run(name, preset, lrs[0], data_dir, data_id, tokens=tokens, seed=seed)
+        run = sweep_run(name, preset, lrs[0], data_dir, data_id, tokens=tokens, seed=seed, compile=compile)
         row = {
             "schema": SCHEMA, "kind": "lr_sweep", "variant": name, "family": run.cfg.family,
             "model_name": run.cfg.name, "variant_hash": run.cfg.config_hash(), "preset": preset,

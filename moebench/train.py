@@ -98,6 +98,12 @@ def default_data(corpus: str = "prose") -> Path:
     return folder
 
 
+def compiled_on(tcfg: TrainConfig, dev: torch.device) -> bool:
+    """Whether the training step is compiled: as asked, else on CUDA (the benchmark: 465k vs 322k
+    tokens/s for MoE-Mamba_25M on an H100) and not on a CPU (compiling costs more than it saves there)."""
+    return tcfg.compile if tcfg.compile is not None else dev.type == "cuda"
+
+
 def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = "results", *, resume: bool = False,
           device: str = "auto", run_tag: str = "", extra: dict | None = None,
           on_progress: Callable[[Progress], None] | None = None, ckpt_every_steps: int = 0) -> dict:
@@ -167,7 +173,8 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
         checkpoint.set_rng_state(st["rng"])
 
     fwd = dist.wrap(model)   # called for training; evaluation and checkpoints use the model itself
-    if tcfg.compile:
+    compiled = compiled_on(tcfg, dev)
+    if compiled:
         # graph breaks around mamba-ssm's kernels are fine; the MoE routing and the rest fuse
         fwd = torch.compile(fwd)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -197,9 +204,9 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
             "schema": SCHEMA, "kind": "train", "run_id": run_id, "status": status, "reason": reason,
             "variant": cfg.name, "variant_hash": cfg.config_hash(), "seed": tcfg.seed,
             "model": cfg.to_dict(),
-            "train": {**tcfg.to_dict(), "lr": lr, "steps": steps, "accum": accum, "world": dist.world},
+            "train": {**tcfg.to_dict(), "compile": compiled, "lr": lr, "steps": steps, "accum": accum, "world": dist.world},
             "params": {"total": model.n_params(), "active": n_active},
-            "flops_per_token": fpt, "impl": {**model.impl.to_dict(), "compile": tcfg.compile},
+            "flops_per_token": fpt, "impl": {**model.impl.to_dict(), "compile": compiled},
             "metrics": {
                 "tokens": tokens, "steps": step,
                 "final_smoothed_loss": ema.get() if ema.n else None,

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from moebench.data import TokenData, val_batches
 from moebench.errors import UserError
 from moebench.registry import get
 from moebench.results import SCHEMA, load_frame, load_records
-from moebench.train import TrainingFailed, run_id_for, train
+from moebench.train import TrainingFailed, compiled_on, run_id_for, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,7 +113,8 @@ def test_finished_run_writes_one_row_with_the_schema(finished_run):
     assert rec["run_id"] == run_id_for(cfg, tcfg)
     assert rec["variant"] == "MoE-Mamba_25M@tiny" and rec["variant_hash"] == cfg.config_hash()
     assert rec["model"] == cfg.to_dict()
-    assert rec["train"].items() >= tcfg.to_dict().items()
+    assert rec["train"].items() >= {k: v for k, v in tcfg.to_dict().items() if k != "compile"}.items()
+    assert tcfg.compile is None and rec["train"]["compile"] is False and rec["impl"]["compile"] is False  # auto: eager on a CPU
     assert rec["train"]["steps"] == 30 and rec["train"]["accum"] == 2 and rec["train"]["lr"] == 3e-3
     assert rec["seed"] == tcfg.seed == 0
 
@@ -137,6 +139,13 @@ def test_finished_run_writes_one_row_with_the_schema(finished_run):
                 "metrics.mfu", "metrics.peak_mem_gib", "metrics.wall_s", "env.device_name", "env.torch",
                 "env.python", "env.git_sha", "env.git_dirty", "model.n_expert", "train.batch"):
         assert col in frame.columns, col
+
+
+def test_compiled_by_default_on_cuda_only(tiny_tcfg):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert compiled_on(tiny_tcfg(), cuda) and not compiled_on(tiny_tcfg(), cpu)
+    assert not compiled_on(replace(tiny_tcfg(), compile=False), cuda)
+    assert compiled_on(replace(tiny_tcfg(), compile=True), cpu)
 
 
 def test_run_id_is_deterministic_and_separates_configs(tiny_tcfg):

@@ -68,13 +68,16 @@ def run_cmd(
                                                            "the paper's elsewhere")] = None,
     data: Annotated[Optional[str], typer.Option(help="a prepared data folder instead of the preset's corpus (e.g. C4)")] = None,
     tokens: Annotated[Optional[str], typer.Option(help="override the preset's tokens per run: 200k, 20M")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step "
+                                                    "(default: on CUDA, not on a CPU)")] = None,
 ):
     """Run an ablation's variants at a preset: prepares the data if missing, skips runs already done.
 
     Examples: moebench run architectures --dry-run; moebench run experts --preset gpu-small --seeds 2
     """
     plan = make_plan(ablation, preset, only=split_list(only), seeds=seeds, lr_source=lr_source, out=out_dir,
-                     data_dir=data, tokens=parse_tokens(tokens) if tokens else None, allow_repeat=allow_repeat)
+                     data_dir=data, tokens=parse_tokens(tokens) if tokens else None, allow_repeat=allow_repeat,
+                     compile=compile)
     if dry_run:
         print_plan(plan, device)
         return
@@ -212,6 +215,8 @@ def sweep_lr_cmd(
     out_dir: Annotated[str, typer.Option("--out", help="results folder (lr_sweeps.jsonl, sweeps/)")] = "results",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     data: Annotated[Optional[str], typer.Option(help="a prepared data folder instead of the preset's corpus")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step "
+                                                    "(default: on CUDA, not on a CPU)")] = None,
 ):
     """Short runs at each rate of a log grid (extended past an edge while the best rate sits on it);
     records the best rate by the final smoothed training loss per variant in OUT/lr_sweeps.jsonl.
@@ -233,7 +238,7 @@ def sweep_lr_cmd(
             bar.update(current["task"], completed=p.tokens, stats=f"loss {p.loss:.3f} smoothed {p.smoothed:.3f}")
 
         try:
-            kw = dict(tokens=parse_tokens(tokens) if tokens else None, out=out_dir, data_dir=data, device=device,
+            kw = dict(tokens=parse_tokens(tokens) if tokens else None, out=out_dir, data_dir=data, device=device, compile=compile,
                       hooks=Hooks(on_start, on_progress, None))
             rows = (sweep_families(family_of, preset, lrs, **kw) if family_of else []) + \
                 (sweep_lr(names, preset, lrs, **kw) if names else [])

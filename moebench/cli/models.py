@@ -76,7 +76,8 @@ def train_cmd(
                                              "mixer, moe, routing, decode, adamw (e.g. moe=loop)")] = "auto",
     data: Annotated[Optional[str], typer.Option(help="prepared data dir (default: data/prose)")] = None,
     ema_alpha: Annotated[float, typer.Option(help="smoothing of the training loss per step")] = 0.001,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the training step (GPU)")] = False,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step "
+                                                    "(default: on CUDA, not on a CPU)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run from its checkpoint")] = False,
     out_dir: Annotated[str, typer.Option("--out", help="results folder (runs.jsonl and runs/)")] = "results",
 ):

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One call on the lent GPU of the reproduction (issues 16-17): the steps named, in order, until SECONDS
+# after the start, then what results/ gained (never a checkpoint) is copied to $OUT/results for
+# `cp -r FILES_AT/results .` here. Every step resumes where an earlier call stopped, so a later call
+# with the same steps goes on. Carry .whl (scripts/device_env.sh) and .carry/data (the corpus's xz).
+#   bash scripts/device_call.sh 560 gputests compile sweep:architectures run:architectures
+# steps: gputests | compile (eager vs compiled curves) | sweep:ABLATION | run:ABLATION[:VARIANT,...]
+#        | medium:VARIANT,...  (gpu-medium runs of the trend)
+set -u
+end=$(( $(date +%s) + $1 )); shift
+. scripts/device_env.sh || exit 1
+export MOEBENCH_SHARED_DATA=$PWD/.carry/data MOEBENCH_DATA=/tmp/moebench-data
+stamp=$(mktemp); touch "$stamp"
+left() { echo $(( end - $(date +%s) )); }
+for step in "$@"; do
+  t=$(left)
+  if [ "$t" -lt 45 ]; then echo "== $step: not started, $t s left"; continue; fi
+  echo "== $step: $t s left, $(date +%T)"
+  case $step in
+    gputests)
+      timeout $(( t < 300 ? t : 300 )) python3 -m pytest -q -p no:cacheprovider -m gpu 2>&1 | tail -15 ;;
+    compile)
+      python3 -m moebench data prepare --corpus small 2>&1 | tail -1
+      for flag in --no-compile --compile; do
+        timeout $(( $(left) / 2 )) python3 -m moebench train MoE-Mamba_25M --tokens 6M --batch 32 --ctx 1024 \
+          --lr 1e-3 --ema-alpha 0.05 $flag --data "$MOEBENCH_DATA/small" --out results/compile_check 2>&1 | tail -2
+      done
+      python3 scripts/compare_curves.py results/compile_check ;;
+    sweep:*)
+      timeout $t python3 -m moebench sweep lr --ablation "${step#sweep:}" --preset gpu-small 2>&1 | tail -25 ;;
+    run:*)
+      a=${step#run:}; only=""; [ "$a" != "${a%%:*}" ] && only="--only ${a#*:}"
+      timeout $t python3 -m moebench run "${a%%:*}" --preset gpu-small $only --resume 2>&1 | tail -25 ;;
+    medium:*)
+      timeout $t python3 -m moebench run architectures --preset gpu-medium --only "${step#medium:}" --resume 2>&1 | tail -25 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
+nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+find results -type f -newer "$stamp" ! -name 'ckpt.pt*' ! -name '*.lock' -exec cp --parents {} "$OUT/" \;
+echo "copied: $(find "$OUT/results" -type f | wc -l) files"
