@@ -9,12 +9,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 INNER_PLACES = ("conv", "gate", "out")  # the three projections of a Mamba block (paper fig. 3)
+MAMBA2_FIELDS = ("headdim", "ngroups", "chunk_size")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     name: str                                            # primary key in results/
-    mixer: Literal["mamba", "attention"]                 # sequence mixer of every block
+    mixer: Literal["mamba", "mamba2", "attention"]       # sequence mixer of every block
     ffn: Literal["none", "dense", "moe"]                 # channel mixer of every block
     layout: Literal["sequential", "parallel"] = "sequential"  # parallel: x + mixer(LN x) + ffn(LN x)
     n_layer: int                                         # blocks; a block = mixer (+ ffn)
@@ -27,6 +28,10 @@ class ModelConfig:
     d_conv: int = 4
     expand: float = 2.0
     dt_rank: int | None = None                           # None = "auto" = ceil(d_model / 16)
+    # mamba2 (mamba_ssm.Mamba2 layout; d_state is shared with mamba, 128 in the Mamba-2 variants)
+    headdim: int = 64
+    ngroups: int = 1
+    chunk_size: int = 256
     # attention
     n_head: int = 8
     rope_base: float = 10000.0
@@ -62,6 +67,9 @@ class ModelConfig:
         need(not self.inner_moe or self.inner_n_expert % len(self.inner_moe) == 0,
              "inner_n_expert must split evenly over the inner MoEs")
         need(self.inner_every >= 1, "inner_every >= 1")
+        need(self.mixer != "mamba2" or (self.d_inner % self.headdim == 0
+                                        and (self.d_inner // self.headdim) % self.ngroups == 0),
+             "Mamba-2 needs d_inner divisible into heads of headdim, and the heads into ngroups")
 
     @property
     def d_inner(self) -> int:
@@ -82,8 +90,13 @@ class ModelConfig:
         return tuple(p for p in INNER_PLACES if p in self.inner_moe)
 
     def to_dict(self) -> dict:
+        """The config as JSON; Mamba-2's fields only for a Mamba-2 model, so the rows and hashes of
+        the others stay what they were before Mamba-2 existed."""
         d = asdict(self)
         d["inner_moe"] = list(self.inner_moe)
+        if self.mixer != "mamba2":
+            for k in MAMBA2_FIELDS:
+                d.pop(k)
         return d
 
     @classmethod

@@ -23,6 +23,7 @@ from moebench.ops import routing as routing_ops
 from moebench.ops.lazy_op import register_all
 from moebench.ops.experts import HAS_GROUPED_MM
 from moebench.ops.scan import HAS_MAMBA_KERNELS, KERNEL_IMPORT_ERROR
+from moebench.ops.ssd import HAS_SSD_KERNELS, SSD_IMPORT_ERROR
 
 CHOICES = {
     "mixer": ("auto", "fast", "ref"),           # Mamba: mamba-ssm + causal-conv1d kernels | the torch reference
@@ -70,15 +71,17 @@ def parse(request: str | dict | None) -> dict[str, str]:
     return out
 
 
-def resolve_mixer(request: str, device: torch.device | str | None, d_conv: int = 4) -> Literal["fast", "ref"]:
+def resolve_mixer(request: str, device: torch.device | str | None, d_conv: int = 4,
+                  mamba2: bool = False) -> Literal["fast", "ref"]:
     """'fast' = mamba-ssm's kernels, on CUDA with the kernels installed and 2 <= d_conv <= 4 (the
-    causal-conv1d kernels' limit)."""
+    causal-conv1d kernels' limit); Mamba-2 also needs mamba-ssm's Triton SSD kernels."""
     if request not in CHOICES["mixer"]:
         raise ValueError(f"mixer impl must be one of {CHOICES['mixer']}, got {request!r}")
     device = torch.device(device) if device is not None else torch.get_default_device()
     why = (KERNEL_IMPORT_ERROR if not HAS_MAMBA_KERNELS
            else f"device is {device}, the kernels need CUDA" if device.type != "cuda" or not torch.cuda.is_available()
-           else f"d_conv={d_conv}, the causal-conv1d kernels take 2 to 4" if not 2 <= d_conv <= 4 else None)
+           else f"d_conv={d_conv}, the causal-conv1d kernels take 2 to 4" if not 2 <= d_conv <= 4
+           else f"Mamba-2's SSD kernels: {SSD_IMPORT_ERROR}" if mamba2 and not HAS_SSD_KERNELS else None)
     if request == "ref" or (request == "auto" and why):
         return "ref"
     if why:
@@ -157,7 +160,8 @@ def resolve(cfg: ModelConfig, device: torch.device | str | None = None, request:
     has_moe = cfg.ffn == "moe" or bool(cfg.inner_moe)
     moe = resolve_moe(req["moe"], moe_widths(cfg)) if has_moe else None
     impl = Impl(
-        mixer="sdpa" if cfg.mixer == "attention" else resolve_mixer(req["mixer"], device, cfg.d_conv),
+        mixer="sdpa" if cfg.mixer == "attention" else resolve_mixer(req["mixer"], device, cfg.d_conv,
+                                                                            cfg.mixer == "mamba2"),
         moe=moe,
         routing=resolve_routing(req["routing"], device) if moe == "grouped" else None,
         decode=resolve_decode(req["decode"], device),

@@ -48,6 +48,7 @@ def tiny(cfg: ModelConfig) -> ModelConfig:
         n_layer=max(2, cfg.n_layer // 4),
         n_head=4,
         d_state=8,
+        headdim=16 if cfg.mixer == "mamba2" else cfg.headdim,     # 8 heads at d_inner 128
         d_ff=_shrink(cfg.d_ff, factor) if cfg.d_ff else 0,
         inner_d_hidden=_shrink(cfg.inner_d_hidden, factor),
     )
@@ -109,6 +110,14 @@ for _places in INNER_COMBOS:
                          family="Inner MoE", inner_moe=_places, inner_every=_every,
                          inner_n_expert=_experts, inner_d_hidden=352, paper_ref="table 3"))
 
+# --- beyond the paper: the Mamba-2 mixer (mamba_ssm.Mamba2's defaults: d_state 128, head dim 64,
+# one group), alone and interleaved with a Switch MoE of 32 experts; the Mamba-1 shapes otherwise,
+# which give about the same parameters (16 x 1.72M against 16 x 1.70M per mixer)
+mamba2_25m = register(replace(mamba_25m, name="Mamba2_25M", family="Mamba-2", mixer="mamba2", d_state=128,
+                              paper_ref="Mamba-2 (Dao & Gu 2024), Mamba_25M's shape"))
+moe_mamba2_25m = register(replace(moe_mamba_25m, name="MoE-Mamba2_25M", family="MoE-Mamba-2", mixer="mamba2",
+                                  d_state=128, n_expert=32, paper_ref="Mamba-2 in MoE-Mamba_25M-e32's shape"))
+
 # --- one learning-rate sweep per family (paper appendix A tunes a rate per model family) ----------
 # the member a family's sweep trains; the family's other members take its rate (`moebench sweep lr
 # --ablation`, `moebench run --lr-source sweep`) unless they have a sweep of their own
@@ -116,5 +125,6 @@ SWEEP_VARIANTS = {
     "Mamba": "Mamba_25M", "MoE-Mamba": "MoE-Mamba_25M", "Mamba-MLP": "Mamba-MLP_25M",
     "Transformer": "Transformer_25M", "Transformer-MoE": "Transformer-MoE_25M",
     "Parallel MoE-Mamba": "ParMoE-Mamba_25M-e32", "Inner MoE": "InnerMoE_25M-conv+gate+out-all",
+    "Mamba-2": "Mamba2_25M", "MoE-Mamba-2": "MoE-Mamba2_25M",
 }
 assert all(VARIANTS[v].family == f for f, v in SWEEP_VARIANTS.items())

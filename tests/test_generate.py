@@ -16,7 +16,8 @@ from moebench.models.lm import build_model
 from moebench.ops import moe_decode
 from moebench.registry import get
 
-FAMILIES = ["Mamba_25M", "MoE-Mamba_25M", "ParMoE-Mamba_25M-e8", "InnerMoE_25M-conv+gate+out-all",
+FAMILIES = ["Mamba_25M", "MoE-Mamba_25M", "ParMoE-Mamba_25M-e8", "InnerMoE_25M-conv+gate+out-all", "Mamba2_25M",
+            "MoE-Mamba2_25M",
             "Transformer_25M", "Transformer-MoE_25M"]
 
 

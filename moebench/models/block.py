@@ -14,6 +14,7 @@ from moebench.impl import Impl
 from moebench.models.attention import Attention
 from moebench.models.ffn import FFN
 from moebench.models.mamba import Mamba
+from moebench.models.mamba2 import Mamba2
 from moebench.models.moe import MoE
 from moebench.ops import mamba_decode, moe_decode
 from moebench.ops.moe_decode import MAX_DECODE_T
@@ -26,6 +27,8 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 def make_mixer(cfg: ModelConfig, layer: int, impl: Impl) -> nn.Module:
     if cfg.mixer == "attention":
         return Attention(cfg.d_model, cfg.n_head, cfg.rope_base)
+    if cfg.mixer == "mamba2":
+        return Mamba2.from_config(cfg, layer, impl)
     return Mamba.from_config(cfg, layer, impl)
 
 

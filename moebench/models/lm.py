@@ -168,6 +168,11 @@ def flops_per_token(cfg: ModelConfig, n_active: int, ctx: int = 1024) -> float:
     flops = 6.0 * (n_active + cfg.vocab_size * cfg.d_model)
     if cfg.mixer == "attention":
         flops += 6.0 * cfg.n_layer * cfg.d_model * ctx
+    elif cfg.mixer == "mamba2":
+        # SSD per token and layer, forward: the causal products inside a chunk (C·B per group, then
+        # the heads' x over Q/2 positions on average) and the chunk states in and out (2 x 2PN a head)
+        Q = min(cfg.chunk_size, ctx)
+        flops += 3.0 * cfg.n_layer * (Q * (cfg.ngroups * cfg.d_state + cfg.d_inner) + 4 * cfg.d_inner * cfg.d_state)
     else:
         flops += 3.0 * 9 * cfg.n_layer * cfg.d_inner * cfg.d_state
     return flops
