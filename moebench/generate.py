@@ -262,12 +262,24 @@ class Decoder:
 # ---- sampling -----------------------------------------------------------------------------------
 
 
+def penalize_repeats(logits_BV: torch.Tensor, seen_BV: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019), as Hugging Face applies it: the logit of every
+    token already in the row's sequence is divided by `penalty` where positive, multiplied where
+    negative, so a penalty above 1 always makes a repeat less likely."""
+    scaled_BV = torch.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty)
+    return torch.where(seen_BV, scaled_BV, logits_BV)
+
+
 def sample(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, greedy: bool = False, generator: torch.Generator | None = None,
-           vocab_size: int | None = None) -> torch.Tensor:
+           vocab_size: int | None = None, seen_BV: torch.Tensor | None = None,
+           repetition_penalty: float = 1.0) -> torch.Tensor:
     """Next token per row. top_k keeps the k largest logits; top_p keeps the smallest set of tokens
-    whose probability reaches p (nucleus sampling, Holtzman et al.); vocab_size hides the padded ids."""
+    whose probability reaches p (nucleus sampling, Holtzman et al.); vocab_size hides the padded ids;
+    repetition_penalty > 1 discourages the tokens seen_BV marks (penalize_repeats), before any of them."""
     logits_BV = logits_BV.float()
+    if seen_BV is not None and repetition_penalty != 1.0:
+        logits_BV = penalize_repeats(logits_BV, seen_BV, repetition_penalty)
     if vocab_size is not None and vocab_size < logits_BV.shape[-1]:
         logits_BV = logits_BV.clone()
         logits_BV[:, vocab_size:] = float("-inf")
@@ -290,7 +302,8 @@ def sample(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int | None 
 @torch.no_grad()
 def generate(model, prompt_BL: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
-             seed: int | None = None, cuda_graph: bool = False, *, vocab_size: int | None = None) -> torch.Tensor:
+             seed: int | None = None, cuda_graph: bool = False, *, vocab_size: int | None = None,
+             repetition_penalty: float = 1.0) -> torch.Tensor:
     """-> (B, L + max_new_tokens): the prompt followed by the sampled tokens.
 
     Runs in the model's dtype (or under the caller's autocast); eval mode and dropless MoE for the
@@ -306,11 +319,19 @@ def generate(model, prompt_BL: torch.Tensor, max_new_tokens: int, temperature: f
     prompt_BL = prompt_BL.to(device)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     out_BN = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+    seen_BV = None
+    if repetition_penalty != 1.0:
+        if repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        seen_BV = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
+        seen_BV.scatter_(1, prompt_BL, True)
     with decoding(model):
         dec = Decoder(model, B, L + max_new_tokens, cuda_graph=cuda_graph)
         logits_BV = dec.prefill(prompt_BL)
         for i in range(max_new_tokens):
-            tok_B = sample(logits_BV, temperature, top_k, top_p, greedy, gen, vocab_size)
+            tok_B = sample(logits_BV, temperature, top_k, top_p, greedy, gen, vocab_size, seen_BV, repetition_penalty)
+            if seen_BV is not None:
+                seen_BV.scatter_(1, tok_B[:, None], True)
             out_BN[:, i] = tok_B
             if i + 1 < max_new_tokens:
                 logits_BV = dec.step(tok_B)

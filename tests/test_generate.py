@@ -11,7 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from moebench import checkpoint
-from moebench.generate import Decoder, decoding, generate, prefill, sample
+from moebench.errors import UserError
+from moebench.generate import Decoder, decoding, generate, penalize_repeats, prefill, sample
 from moebench.models.lm import build_model
 from moebench.ops import moe_decode
 from moebench.registry import get
@@ -231,3 +232,65 @@ def test_cuda_graph_decode_equals_eager(name):
         assert (a.float() - b.float()).abs().max() <= 3e-2 * scale, f"{name} step {i}: graph and eager differ"
     out = generate(model, idx_BL[:, :8], 6, greedy=True, cuda_graph=True)
     assert out.shape == (4, 14)
+
+
+# ---- repetition penalty and length --------------------------------------------------------------
+
+def test_penalty_scales_seen_logits_by_sign():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    seen = torch.tensor([[True, True, False, False]])
+    assert penalize_repeats(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0, 0.5]]
+    assert sample(logits, greedy=True).item() == 0
+    assert sample(logits, greedy=True, seen_BV=seen, repetition_penalty=4.0).item() == 2
+
+
+@pytest.mark.parametrize("name", ["MoE-Mamba_25M", "Mamba2_25M"])
+def test_greedy_with_penalty_is_the_penalised_argmax_of_the_full_forward(name):
+    """Each step's token is the argmax of the full forward's last logits after penalising every token
+    of the prompt and of what was generated so far."""
+    model = tiny_model(name)
+    with torch.no_grad():      # token 42 wins every step (logit ~20, the others ~1): plain greedy repeats it
+        model.norm_f.bias.zero_()
+        model.norm_f.bias[0] = 5.0
+        model.head.weight[42] = 0.0
+        model.head.weight[42, 0] = 4.0
+    prompt = torch.randint(0, 50257, (2, 6), generator=torch.Generator().manual_seed(0))
+    prompt[:, 2] = 42
+    plain = generate(model, prompt, 8, greedy=True)
+    assert (plain[:, 6:] == 42).all()
+    out = generate(model, prompt, 8, greedy=True, repetition_penalty=1000.0)
+    seq = prompt.clone()
+    with torch.no_grad():
+        for _ in range(8):
+            logits = model(seq).logits[:, -1].float()
+            seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, seq, True)
+            seq = torch.cat([seq, penalize_repeats(logits, seen, 1000.0).argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+    assert (out[:, 6:] != 42).all()
+    assert all(len(set(row)) == len(row) for row in out[:, 6:].tolist())    # each repeat's logit falls to ~0
+
+
+def test_cli_max_length_caps_and_refuses_no_room(tiny_checkpoint):
+    from moebench.cli import app
+    from moebench.data.tokenizer import get_tokenizer
+    runner = CliRunner()
+    base = ["generate", str(tiny_checkpoint), "--prompt", "The cat sat", "--greedy", "--device", "cpu"]
+    r = runner.invoke(app, base + ["--max-new-tokens", "20", "--max-length", "5", "--repetition-penalty", "1.3"])
+    assert r.exit_code == 0, r.output
+    assert len(get_tokenizer().encode(r.stdout.rstrip("\n"))) <= 5 + 1       # a re-encoding may merge or split one
+    r = runner.invoke(app, base + ["--max-length", "2"])       # cli.main turns a UserError into one line, exit 2
+    assert isinstance(r.exception, UserError) and "leaves no room" in str(r.exception)
+    r = runner.invoke(app, base + ["--repetition-penalty", "0"])
+    assert isinstance(r.exception, UserError) and "repetition-penalty" in str(r.exception)
+
+
+def test_cli_generates_from_a_mamba2_checkpoint(tmp_path):
+    from moebench.cli import app
+    cfg = get("Mamba2_25M@tiny")
+    torch.manual_seed(0)
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save(path, {"model": build_model(cfg, impl="ref").state_dict(), "model_config": cfg.to_dict(), "step": 0})
+    r = CliRunner().invoke(app, ["generate", str(path), "--prompt", "Hello", "--max-new-tokens", "5", "--top-k", "20",
+                                 "--seed", "0", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("Hello") and len(r.stdout) > len("Hello")

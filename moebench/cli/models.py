@@ -142,6 +142,10 @@ def generate_cmd(
     checkpoint: Annotated[str, typer.Argument(help="a checkpoint written by `moebench train` (runs/<id>/ckpt.pt)")],
     prompt: Annotated[str, typer.Option(help="text to continue")] = "",
     max_new_tokens: Annotated[int, typer.Option(help="tokens to sample")] = 64,
+    max_length: Annotated[Optional[int], typer.Option(help="prompt + sampled tokens at most (caps "
+                                                            "--max-new-tokens)")] = None,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages tokens already in the text "
+                                                            "(CTRL's penalty; 1 = off)")] = 1.0,
     temperature: Annotated[float, typer.Option()] = 1.0,
     top_k: Annotated[Optional[int], typer.Option(help="keep the k most likely tokens")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="nucleus sampling: keep tokens up to this mass")] = None,
@@ -159,12 +163,19 @@ def generate_cmd(
         raise UserError("--cuda-graph needs a CUDA device")
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
+    if repetition_penalty <= 0:
+        raise UserError("--repetition-penalty must be > 0 (1 = off)")
     if top_p is not None and not 0 < top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
     ids = tok.encode(prompt) if prompt else []
     ids = ids or [tok.eot]                                 # an empty prompt starts a new document
+    if max_length is not None:
+        if max_length <= len(ids):
+            raise UserError(f"--max-length {max_length} leaves no room after the prompt's {len(ids)} tokens")
+        max_new_tokens = min(max_new_tokens, max_length - len(ids))
     prompt_BL = torch.tensor([ids], dtype=torch.long, device=dev)
     out_BN = generate(model, prompt_BL, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      greedy=greedy, seed=seed, cuda_graph=cuda_graph, vocab_size=tok.vocab_size)
+                      greedy=greedy, seed=seed, cuda_graph=cuda_graph, vocab_size=tok.vocab_size,
+                      repetition_penalty=repetition_penalty)
     new = out_BN[0, len(ids):].tolist()
     print(prompt + tok.decode(new))
