@@ -21,6 +21,7 @@ from moebench import paper
 from moebench.ablations import get_spec
 from moebench.metrics import speedup_curve
 from moebench.report.ablation import analyse, pick_preset
+from moebench.report.cards import card_claims
 from moebench.report.compare import VariantResult, ranking_scores
 from moebench.report.stats import Paired, fmt_paired, kendall_tau, paired_difference
 from moebench.results import load_records
@@ -86,6 +87,16 @@ def about(a: str, b: str) -> Callable[[Res], tuple[str, str, str]]:
     def test(res):
         p = _pair(res, a, b)
         return f"Δ {a} − {b}: {fmt_paired(p)}", f"95% t-interval within ±{EPS} nats", _within(p)
+    return test
+
+
+def not_worse(a: str, b: str) -> Callable[[Res], tuple[str, str, str]]:
+    """A keeps B's quality: the interval's upper end below +EPS (contradicted: its lower end above)."""
+    def test(res):
+        p = _pair(res, a, b)
+        verdict = (NOT_RUN if p is None else NOT_AT_BUDGET if p.lo is None
+                   else REPRODUCED if p.hi < EPS else CONTRADICTED if p.lo > EPS else NOT_AT_BUDGET)
+        return f"Δ {a} − {b}: {fmt_paired(p)}", f"95% t-interval below +{EPS} nats", verdict
     return test
 
 
@@ -189,6 +200,8 @@ CLAIMS = [
           pooled_about([(f"ParMoE-Mamba_25M-e{e}", "Mamba_25M") for e in (8, 16, 32)], "parallel e8…e32 − Mamba")),
     Claim("D-speedup-grows", "architectures", "the speedup grows as training goes on (appendix D, figure 8)",
           "1.6–1.9 at 25M, rising at 100M", speedup_grows("MoE-Mamba_25M", "Mamba_25M")),
+    Claim("R1-quality", "architectures", "Mamba-R1 card: MoE with Mamba maintains a Transformer-MoE's quality",
+          "no number", not_worse("MoE-Mamba_25M", "Transformer-MoE_25M")),
     Claim("G-test-train", "architectures", "test log-perplexity ≈ training log-perplexity (appendix G)",
           "close at 100M", test_close_to_train),
 ]
@@ -221,6 +234,18 @@ def build_claims(results: str | Path = "results/runs.jsonl", out: str | Path = "
         counts[verdict] = counts.get(verdict, 0) + 1
         lines.append(f"| {c.text} | {c.ablation} ({chosen or '—'}) | {c.paper} | {ours} | {test} | **{verdict}** |")
     lines += ["", "Verdicts: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".", ""]
+    bench = results.parent / "bench.jsonl"
+    cards = card_claims(load_records(bench)) if bench.is_file() else []
+    lines += ["## Model cards", "",
+              f"The Mamba and Mamba-R1 cards' claims, from the benchmark rows of `{bench}` only (`moebench bench "
+              f"generate`, `bench memory`): each pair on one GPU model, each variant at its fastest measured "
+              f"implementation. A claim with no rows is not listed.", ""]
+    if cards:
+        lines += ["| claim | ours | test | verdict |", "|---|---|---|---|"]
+        lines += [f"| {c.claim} | {c.ours} | {c.test} | **{c.verdict}** |" for c in cards]
+    else:
+        lines.append("No benchmark rows yet.")
+    lines.append("")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "claims.md"
