@@ -17,7 +17,9 @@ if not HAS_SSD_KERNELS:
     pytest.skip(f"mamba-ssm's Mamba-2 kernels unavailable: {SSD_IMPORT_ERROR}", allow_module_level=True)
 
 CUDA = torch.device("cuda")
-TOL = {"fp32": 1e-3, "bf16": 2e-2}     # the Triton SSD kernels use TF32-free fp32 dots with a different order
+# the Triton SSD kernels take their fp32 dot products in TF32 (tl.dot's default): ~1.5e-3 relative on an
+# H100 at every length, where the reference is true fp32
+TOL = {"fp32": 5e-3, "bf16": 2e-2}
 
 
 @pytest.fixture(autouse=True)
