@@ -85,7 +85,7 @@ def sweep_families(variants: list[str], preset: str, grid: list[float] | None = 
     unknown = [f for f in families if f not in SWEEP_VARIANTS]
     if unknown:
         raise UserError(f"no sweep variant for the famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} "
-                        f"(registry.SWEEP_VARIANTS): sweep the variants themselves")
+                        f"registered: sweep the variants themselves (moebench sweep lr VARIANT...)")
     return sweep_lr([SWEEP_VARIANTS[f] for f in families], preset, grid, **kw)
 
 

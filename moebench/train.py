@@ -1,6 +1,6 @@
 """Train one variant for a fixed token budget with the paper's recipe. No CLI, no plots.
 
-Each run lives in <out>/runs/<run_id>/ (checkpoint, curve.csv, config.json); a finished or failed
+Each run lives in <out>/runs/<run_id>/ (ckpt.pt and checkpoint.json, curve.csv); a finished or failed
 run appends one self-describing row to <out>/runs.jsonl. Launched by torchrun, it trains data-parallel
 (moebench/distributed.py); in one process it is unchanged.
 """
@@ -29,7 +29,7 @@ from moebench.errors import UserError
 from moebench.metrics import EMA
 from moebench.models.lm import build_model, default_loss_chunk, flops_per_token
 from moebench.optim import clip_grad_norm, lr_at, make_optimizer
-from moebench.results import SCHEMA, append_record, run_lock
+from moebench.results import CKPT_INFO, SCHEMA, append_record, run_lock
 
 
 class TrainingFailed(Exception):
@@ -194,6 +194,12 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
             "curve": curve, "wall_s": wall, "train_s": train_s, "rng": checkpoint.rng_state(),
             "model_config": cfg.to_dict(), "train_config": tcfg.to_dict(), "world": dist.world})
         _write_curve(run_dir / "curve.csv", curve)
+        # what the checkpoint holds, readable without torch: a report shows a run that has one and
+        # no row as interrupted rather than not run
+        _write_json(run_dir / CKPT_INFO, {
+            "run_id": run_id, "variant": cfg.name, "variant_hash": cfg.config_hash(), "seed": tcfg.seed,
+            "step": step, "steps": steps, "tokens": step * tcfg.batch * tcfg.ctx, "train": tcfg.to_dict(),
+            "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(extra or {})})
 
     def record(status: str, step: int, wall: float, train_s: float, reason: str = "") -> dict:
         tokens = step * tcfg.batch * tcfg.ctx
@@ -372,6 +378,12 @@ class _Interval:
             i += a[0].numel()
             a[1] = flat[i:i + a[1].numel()].reshape(a[1].shape)
             i += a[1].numel()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.replace(path)
 
 
 def _write_curve(path: Path, curve: list[dict]) -> None:

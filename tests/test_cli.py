@@ -3,6 +3,7 @@ point (`main()`: a UserError is one line on stderr and exit code 2) that never o
 checkpoints."""
 import json
 import platform
+import re
 import shutil
 
 import pytest
@@ -22,6 +23,7 @@ runner = CliRunner()
 def assert_one_line_error(code, stdout, stderr, *needles):
     lines = stderr.strip("\n").splitlines()
     assert code == 2, f"exit {code}; stderr: {stderr!r}"
+    assert stderr.startswith("error: "), f"the error must be the first thing on stderr: {stderr!r}"
     assert len(lines) == 1, f"expected exactly one line on stderr, got {len(lines)}: {lines}"
     assert lines[0].startswith("error: "), lines[0]
     for needle in needles:
@@ -109,7 +111,10 @@ def test_unknown_variant_suggests_close_matches(run_moebench, sub_env, results, 
 def test_missing_data_dir(results, tmp_path, digest, cli_main):
     before = digest(results)
     code, out, err = cli_main(train_args(tmp_path / "no-such-data", results))
-    assert_one_line_error(code, out, err, "no prepared data", "no-such-data")
+    # the command to type, not a Python function
+    assert_one_line_error(code, out, err, "no prepared data", "no-such-data",
+                          f"moebench data prepare --input YOUR_TEXT_FOLDER --out {tmp_path / 'no-such-data'}")
+    assert "moebench.data" not in err
     assert digest(results) == before
 
 
@@ -148,3 +153,43 @@ def test_resume_from_a_corrupt_checkpoint(keep, finished_run, results, text_data
     code, out, err = cli_main(train_args(text_data, results, extra=["--resume"]))
     assert_one_line_error(code, out, err, "corrupt or truncated", str(ckpt))
     assert digest(results) == before
+
+
+def test_a_checkpoint_error_keeps_its_reason_whole(tmp_path):
+    """torch's refusal of a pickled object is 160 characters of advice before the reason; the error
+    names the object and never cuts a word."""
+    import fractions
+
+    import torch
+
+    from moebench import checkpoint
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {}, "step": fractions.Fraction(1, 3)}, path)
+    with pytest.raises(UserError) as e:
+        checkpoint.load(path)
+    msg = str(e.value)
+    assert "Unsupported global: GLOBAL fractions.Fraction was not an allowed global by default" in msg, msg
+    assert "\x1b[" not in msg and "\n" not in msg and str(path) in msg
+
+
+def test_list_at_80_columns_keeps_every_name_whole(run_moebench, sub_env):
+    # a terminal of 80 columns (TTY_COMPATIBLE: Rich takes the pipe for one)
+    r = run_moebench(["list", "--tiny"], {**sub_env, "COLUMNS": "80", "TTY_COMPATIBLE": "1"})
+    assert r.returncode == 0, r.stderr
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout).splitlines()        # no styles
+    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+    for name in VARIANTS:
+        assert any(line.split()[:1] == [f"{name}@tiny"] for line in lines), name
+    assert "…" not in r.stdout and "FLOPs/tok" in r.stdout and "left out" in r.stderr
+    wide = run_moebench(["list"], {**sub_env, "COLUMNS": "200", "TTY_COMPATIBLE": "1"})
+    assert "paper" in wide.stdout and "FLOPs/tok" in wide.stdout and "left out" not in wide.stderr
+
+
+def test_list_csv_has_one_row_per_variant():
+    import csv
+    import io
+    r = runner.invoke(app, ["list", "--format", "csv"])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert [row["name"] for row in rows] == list(VARIANTS)
+    assert int(rows[0]["total_params"]) > 20e6 and "active_params" in rows[0]

@@ -21,7 +21,7 @@ from moebench import checkpoint
 from moebench.data import TokenData, val_batches
 from moebench.errors import UserError
 from moebench.registry import get
-from moebench.results import SCHEMA, load_frame, load_records
+from moebench.results import CKPT_INFO, SCHEMA, load_frame, load_records
 from moebench.train import TrainingFailed, compiled_on, run_id_for, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -259,6 +259,10 @@ def test_sigterm_mid_step_saves_and_resume_matches_uninterrupted(finished_run, t
     ckpt = run_dir(out, cfg, tcfg) / "ckpt.pt"
     assert checkpoint.load(ckpt)["step"] == 12
     assert not (out / "runs.jsonl").exists(), "an interrupted run appends no row"
+    # what a report reads to show the run as interrupted (report/ablation.interrupted_runs)
+    info = json.loads((ckpt.parent / CKPT_INFO).read_text())
+    assert (info["step"], info["steps"], info["seed"]) == (12, 30, tcfg.seed)
+    assert info["variant_hash"] == cfg.config_hash() and info["train"] == json.loads(json.dumps(tcfg.to_dict()))
 
     row = train(cfg, tcfg, out=out, device="cpu", resume=True)
     assert row["status"] == "done" and row["metrics"]["steps"] == ref_row["metrics"]["steps"]

@@ -2,11 +2,15 @@
 its data, and sampling from a checkpoint. Its `app` is merged into the main one; each command parses and calls the library."""
 from __future__ import annotations
 
+import csv
 import json
+import sys
 from typing import Annotated, Optional
 
 import torch
 import typer
+from rich import box
+from rich.console import Console
 from rich.table import Table
 
 from moebench import env
@@ -32,27 +36,55 @@ app.add_typer(data_app, name="data")
 def list_cmd(
     ablation: Annotated[Optional[str], typer.Option(help="only the variants of this ablation")] = None,
     tiny: Annotated[bool, typer.Option("--tiny", help="show the CPU twins")] = False,
-    fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
+    fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
 ):
     """Variants with total / active non-embedding parameters and training FLOPs per token."""
+    if fmt not in LIST_FORMATS:
+        raise UserError(f"unknown format '{fmt}': use {', '.join(LIST_FORMATS)}")
     names = list(VARIANTS)
     if ablation:
         names = list(get_ablation(ablation).variants)
     rows = [describe(get(n + ("@tiny" if tiny else ""))) for n in names]
     if fmt == "json":
         print(json.dumps(rows, indent=1))
-        return
-    if fmt != "table":
-        raise UserError(f"unknown format '{fmt}': use table or json")
-    table = Table(title="moebench variants (non-embedding parameters; FLOPs/token = training, ctx 1024)")
-    for col in ("variant", "mixer", "ffn", "layers", "d", "experts", "params", "active", "FLOPs/tok", "paper"):
-        table.add_column(col, justify="right" if col in ("layers", "d", "experts", "params", "active", "FLOPs/tok") else "left")
-    for r in rows:
-        ffn = r["ffn"] + (" (par)" if r["layout"] == "parallel" else "")
-        table.add_row(r["name"], r["mixer"], ffn, str(r["n_layer"]), str(r["d_model"]),
-                      str(r["n_expert"] or "-"), human(r["total_params"]), human(r["active_params"]),
-                      human(r["flops_per_token"]), r["paper_ref"])
-    out.print(table)
+    elif fmt == "csv":
+        w = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    else:
+        table = variants_table(rows, out.width)
+        out.print(table)
+        if len(table.columns) < len(LIST_COLUMNS):
+            err.print(f"{out.width} columns: mixer, ffn, layers, d and paper left out (a wider terminal, or "
+                      f"--format csv, shows them)", highlight=False, soft_wrap=True)
+
+
+LIST_FORMATS = ("table", "csv", "json")
+LIST_COLUMNS = ("variant", "mixer", "ffn", "layers", "d", "experts", "params", "active", "FLOPs/tok", "paper")
+NARROW_COLUMNS = ("variant", "experts", "params", "active", "FLOPs/tok")   # what the title promises
+
+
+def variants_table(rows: list[dict], width: int) -> Table:
+    """Every column where `width` holds them, else the counts only; names are never cut (a cut
+    name, "Mamb…", names nothing)."""
+    for cols in (LIST_COLUMNS, NARROW_COLUMNS):
+        wide = cols == LIST_COLUMNS
+        table = Table(title="moebench variants (non-embedding parameters; FLOPs/token = training, ctx 1024)",
+                      box=box.HEAVY_HEAD if wide else box.SIMPLE_HEAD, show_edge=wide, pad_edge=wide)
+        for col in cols:
+            numeric = col in ("layers", "d", "experts", "params", "active", "FLOPs/tok")
+            table.add_column(col, justify="right" if numeric else "left", no_wrap=col == "variant",
+                             min_width=max(len(r["name"]) for r in rows) if col == "variant" else None)
+        for r in rows:
+            ffn = r["ffn"] + (" (par)" if r["layout"] == "parallel" else "")
+            cells = {"variant": r["name"], "mixer": r["mixer"], "ffn": ffn, "layers": str(r["n_layer"]),
+                     "d": str(r["d_model"]), "experts": str(r["n_expert"] or "-"), "params": human(r["total_params"]),
+                     "active": human(r["active_params"]), "FLOPs/tok": human(r["flops_per_token"]),
+                     "paper": r["paper_ref"]}
+            table.add_row(*(cells[c] for c in cols))
+        if Console(width=10_000).measure(table).maximum <= width:     # its natural width, unclamped
+            break
+    return table
 
 
 @app.command("env")
@@ -122,7 +154,8 @@ def run_with_progress(cfg, tcfg, **kwargs) -> dict:
                 err.print(f"[yellow]{e or 'interrupted'}[/yellow]; continue with --resume", highlight=False)
             raise typer.Exit(130)
     finally:
-        bar.stop()                        # does nothing when it never started
+        if bar.live.is_started:           # stopping one never started prints a blank line off a terminal
+            bar.stop()
 
 
 @data_app.command("prepare")
