@@ -4,9 +4,11 @@ often to log and evaluate, and the defaults of `moebench sweep lr`. experiments/
 presets with `presets()`."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 from moebench.config import Preset
+from moebench.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -98,3 +100,25 @@ def presets(*, paper_tokens: int, with_100m: bool = False) -> dict[str, Preset]:
                                    micro_batch=16, eval_batches=16,
                                    note="100M variants, 30K steps x 1024 x 1024 (micro-batch 16)")
     return out
+
+
+def parse_grid(text: str) -> list[float]:
+    """`sweep lr --grid`: comma-separated peak rates, sorted, each in (0, 1)."""
+    try:
+        grid = sorted({float(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"bad --grid '{text}': use comma-separated rates, e.g. 2.5e-4,5e-4,1e-3") from None
+    if not grid or any(not 0 < g < 1 for g in grid):
+        raise UserError(f"--grid needs rates in (0, 1), got '{text}'")
+    return grid
+
+
+def preset_shape(preset: str) -> Preset:
+    """batch / ctx / scale of a preset (the same in every ablation; only budgets differ)."""
+    table = presets(paper_tokens=1, with_100m=True)
+    if preset not in table:
+        shown = [p for p in table if not rule_of(p).hidden]
+        close = difflib.get_close_matches(preset, shown, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise UserError(f"unknown preset '{preset}'{hint} (presets: {', '.join(shown)})")
+    return table[preset]

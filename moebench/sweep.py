@@ -21,28 +21,10 @@ from moebench.ablations import SWEEPS_FILE, Hooks, Outcome, PlannedRun, data_ide
 from moebench.config import TrainConfig
 from moebench.data import default_data_dir, effective_corpus, prepare
 from moebench.errors import UserError
-from moebench.presets import ema_alpha_for, eval_every, presets, rule_of
+from moebench.presets import ema_alpha_for, eval_every, preset_shape, rule_of
 from moebench.registry import SWEEP_VARIANTS, get
 from moebench.results import SCHEMA, append_record, load_records
 from moebench.train import TrainingFailed, run_id_for, train
-
-
-def parse_grid(text: str) -> list[float]:
-    try:
-        grid = sorted({float(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise UserError(f"bad --grid '{text}': use comma-separated rates, e.g. 2.5e-4,5e-4,1e-3") from None
-    if not grid or any(not 0 < g < 1 for g in grid):
-        raise UserError(f"--grid needs rates in (0, 1), got '{text}'")
-    return grid
-
-
-def sweep_preset(preset: str):
-    """batch / ctx / scale of a preset (the same in every ablation; only budgets differ)."""
-    table = presets(paper_tokens=1, with_100m=True)
-    if preset not in table:
-        raise UserError(f"unknown preset '{preset}' (presets: {', '.join(p for p in table if not rule_of(p).hidden)})")
-    return table[preset]
 
 
 MAX_EXTENSIONS = 3       # points added beyond a grid edge per sweep, at most
@@ -53,7 +35,7 @@ def sweep_run(name: str, preset: str, lr: float, data_dir: Path, data_id: str, *
     """The short run of variant `name` at rate `lr`: the preset's shapes and evaluation, its sweep
     budget (`tokens` when given). At a preset whose sweep budget is its run budget, this is the
     ablation's seed-`seed` run at that rate, but for its lr_source (ablations.make_plan reuses it)."""
-    p = sweep_preset(preset)
+    p = preset_shape(preset)
     rule = rule_of(preset)
     budget = tokens or rule.sweep_tokens
     steps = budget // (p.batch * p.ctx)
@@ -100,7 +82,7 @@ def sweep_lr(variants: list[str], preset: str, grid: list[float] | None = None, 
         raise UserError("name at least one variant (or --ablation NAME)")
     out = Path(out)
     dev = env.resolve_device(device)
-    sweep_preset(preset)                                 # a bad preset fails before the data is prepared
+    preset_shape(preset)                                 # a bad preset fails before the data is prepared
     data_dir, corpus, data_id = sweep_data(preset, data_dir)
     envd = env.collect(dev)
     rows = []

@@ -1,5 +1,7 @@
 """`moebench list | env | train | data prepare | generate`: the models, the machine, one training run,
-its data, and sampling from a checkpoint. Its `app` is merged into the main one; each command parses and calls the library."""
+its data, and sampling from a checkpoint. Its `app` is merged into the main one; each command parses and calls the library.
+What loads torch is imported inside the commands, after their arguments check out: a bad name or
+option is refused at once rather than after the seconds torch takes to load."""
 from __future__ import annotations
 
 import csv
@@ -7,25 +9,17 @@ import json
 import sys
 from typing import Annotated, Optional
 
-import torch
 import typer
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from moebench import env
-from moebench.ablations import get_ablation
 from moebench.cli.common import err, out, progress_bar
 from moebench.config import TrainConfig
-from moebench.data import prepare
-from moebench.distributed import from_env
 from moebench.errors import UserError
 from moebench.fmt import human, parse_tokens
-from moebench.generate import generate, load_for_generation
-from moebench.impl import parse as parse_impl
-from moebench.models.lm import describe
 from moebench.registry import VARIANTS, get
-from moebench.train import TrainingFailed, train
+from moebench.specs import get_ablation
 
 app = typer.Typer()
 data_app = typer.Typer(no_args_is_help=True, help="Prepare training text as GPT-2 tokens.")
@@ -44,7 +38,9 @@ def list_cmd(
     names = list(VARIANTS)
     if ablation:
         names = list(get_ablation(ablation).variants)
-    rows = [describe(get(n + ("@tiny" if tiny else ""))) for n in names]
+    cfgs = [get(n + ("@tiny" if tiny else "")) for n in names]
+    from moebench.models.lm import describe
+    rows = [describe(cfg) for cfg in cfgs]
     if fmt == "json":
         print(json.dumps(rows, indent=1))
     elif fmt == "csv":
@@ -90,6 +86,7 @@ def variants_table(rows: list[dict], width: int) -> Table:
 @app.command("env")
 def env_cmd():
     """Print exactly what goes into the "env" of every result row."""
+    from moebench import env
     print(json.dumps(env.collect(), indent=1))
 
 
@@ -118,11 +115,14 @@ def train_cmd(
     On several GPUs: torchrun --standalone --nproc_per_node 8 -m moebench train VARIANT ...
     (data-parallel; rank 0 writes the row, the curve and the checkpoints)."""
     cfg = get(variant)
+    budget = parse_tokens(tokens)
+    from moebench.impl import parse as parse_impl
     parse_impl(impl)                      # a bad request fails here, in one line
-    tcfg = TrainConfig(tokens=parse_tokens(tokens), batch=batch, micro_batch=micro_batch, ctx=ctx,
+    tcfg = TrainConfig(tokens=budget, batch=batch, micro_batch=micro_batch, ctx=ctx,
                        lr=lr, lr_source="user" if lr is not None else "default", seed=seed, impl=impl,
                        data_dir=data or "", ema_alpha=ema_alpha, compile=compile)
     row = run_with_progress(cfg, tcfg, out=out_dir, resume=resume, device=device)
+    from moebench.distributed import from_env
     if not from_env().is_main:   # under torchrun, rank 0 alone reports
         return
     m = row["metrics"]
@@ -132,6 +132,8 @@ def train_cmd(
 
 
 def run_with_progress(cfg, tcfg, **kwargs) -> dict:
+    from moebench.distributed import from_env
+    from moebench.train import TrainingFailed, train
     main = from_env().is_main   # under torchrun, rank 0 alone shows progress and messages
     bar = progress_bar(disable=not main)
     task = bar.add_task(cfg.name, total=tcfg.tokens, stats="")
@@ -166,7 +168,9 @@ def data_prepare_cmd(
     max_tokens: Annotated[Optional[str], typer.Option(help="stop after this many tokens, e.g. 2M")] = None,
 ):
     """Tokenize text into uint16 shards + manifest (idempotent: a second call does nothing)."""
-    m = prepare(input, out_dir, corpus=corpus, max_tokens=parse_tokens(max_tokens) if max_tokens else None)
+    limit = parse_tokens(max_tokens) if max_tokens else None
+    from moebench.data import prepare
+    m = prepare(input, out_dir, corpus=corpus, max_tokens=limit)
     out.print(f"data ready in {m['dir']}")
 
 
@@ -187,13 +191,16 @@ def generate_cmd(
 
     Example: moebench generate results/runs/<run_id>/ckpt.pt --prompt "Once upon a time" --top-k 50 --seed 0
     """
-    model, tok, dev = load_for_generation(checkpoint, device)
-    if cuda_graph and dev.type != "cuda":
-        raise UserError("--cuda-graph needs a CUDA device")
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     if top_p is not None and not 0 < top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
+    import torch
+
+    from moebench.generate import generate, load_for_generation
+    model, tok, dev = load_for_generation(checkpoint, device)
+    if cuda_graph and dev.type != "cuda":
+        raise UserError("--cuda-graph needs a CUDA device")
     ids = tok.encode(prompt) if prompt else []
     ids = ids or [tok.eot]                                 # an empty prompt starts a new document
     prompt_BL = torch.tensor([ids], dtype=torch.long, device=dev)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moebench import paper
-from moebench.ablations import Spec, get_spec, load_sweeps
+from moebench.ablations import load_sweeps
 from moebench.errors import UserError
 from moebench.fmt import human
 from moebench.presets import EMA_RULE, rule_of
@@ -24,6 +24,7 @@ from moebench.report.compare import (VariantResult, compute_paired, compute_spee
 from moebench.report.figures import ablation_figures
 from moebench.report.stats import fmt_ms, fmt_paired, mean_std
 from moebench.results import CKPT_INFO, load_records
+from moebench.specs import Spec, get_spec
 
 PROVENANCE_KEYS = {  # what a report states and warns about when its rows differ
     "device": lambda r: (r.get("env") or {}).get("device_name"),
