@@ -66,6 +66,13 @@ def ema_alpha_for(preset: str, steps: int) -> float:
     return min(0.5, max(0.001, 50 / max(1, steps)))
 
 
+def fitting_preset(tiny: bool, device_type: str) -> str:
+    """The preset whose batch, context and budget `moebench train` takes where they are not given:
+    cpu-tiny for a @tiny twin or on a CPU (a few minutes there), gpu-small for a paper-size model on
+    CUDA (20M tokens, minutes on an H100). The paper's 50M-token default at 64 x 1024 meant hours on a CPU."""
+    return "cpu-tiny" if tiny or device_type != "cuda" else "gpu-small"
+
+
 def eval_every(rule: PresetRule, steps: int, tokens_per_step: int) -> int:
     return max(1, steps // rule.n_evals) * tokens_per_step
 

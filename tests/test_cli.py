@@ -13,6 +13,7 @@ from moebench.cli import app
 from moebench.fmt import parse_tokens
 from moebench.config import TrainConfig
 from moebench.errors import UserError
+from moebench.presets import CPU_TINY_BATCH, CPU_TINY_CTX, CPU_TINY_TOKENS, ema_alpha_for
 from moebench.registry import VARIANTS, get
 from moebench.train import run_id_for
 
@@ -144,7 +145,7 @@ def test_resume_from_a_corrupt_checkpoint(keep, finished_run, results, text_data
     row, src, cfg, *_ = finished_run
     # the checkpoint of the run the command below names, cut short from a real one
     tcfg = TrainConfig(tokens=30 * 4 * 32, batch=4, ctx=32, lr=3e-3, lr_source="user", data_dir=text_data,
-                       ema_alpha=0.001)
+                       ema_alpha=ema_alpha_for("cpu-tiny", 30))
     ckpt = results / "runs" / run_id_for(cfg, tcfg) / "ckpt.pt"
     ckpt.parent.mkdir(parents=True)
     data = (src / "runs" / row["run_id"] / "ckpt.pt").read_bytes()
@@ -193,3 +194,62 @@ def test_list_csv_has_one_row_per_variant():
     rows = list(csv.DictReader(io.StringIO(r.stdout)))
     assert [row["name"] for row in rows] == list(VARIANTS)
     assert int(rows[0]["total_params"]) > 20e6 and "active_params" in rows[0]
+
+
+# --- train's defaults fit the variant and the device -----------------------------------------------
+@pytest.fixture
+def trained(monkeypatch):
+    """Replaces training: the TrainConfig and device `moebench train` would train with, and a row."""
+    import moebench.train
+    seen = {}
+
+    def fake_train(cfg, tcfg, **kwargs):
+        seen.update(cfg=cfg, tcfg=tcfg, **kwargs)
+        return {"metrics": {"tokens": tcfg.tokens, "final_smoothed_loss": 5.0, "val_loss": 5.0, "val_ppl": 148.4,
+                            "tokens_per_s": 1.0}}
+    monkeypatch.setattr(moebench.train, "train", fake_train)
+    return seen
+
+
+def pretend_cuda(monkeypatch):
+    import torch
+
+    import moebench.env
+    real = moebench.env.resolve_device
+    monkeypatch.setattr(moebench.env, "resolve_device",
+                        lambda device, *a: torch.device("cuda") if device in ("auto", "cuda") else real(device, *a))
+
+
+@pytest.mark.parametrize("variant, cuda, preset", [("Mamba_25M@tiny", False, "cpu-tiny"),
+                                                   ("Mamba_25M@tiny", True, "cpu-tiny"),
+                                                   ("Mamba_25M", False, "cpu-tiny"),
+                                                   ("Mamba_25M", True, "gpu-small")])
+def test_train_defaults_come_from_the_preset_that_fits(variant, cuda, preset, trained, monkeypatch, cli_main,
+                                                       tmp_path):
+    if cuda:
+        pretend_cuda(monkeypatch)
+    code, stdout, stderr = cli_main(["train", variant, "--out", str(tmp_path)])
+    assert code == 0, stderr
+    tcfg = trained["tcfg"]
+    want = {"cpu-tiny": (CPU_TINY_TOKENS, CPU_TINY_BATCH, CPU_TINY_CTX), "gpu-small": (20_000_000, 32, 1024)}[preset]
+    assert (tcfg.tokens, tcfg.batch, tcfg.ctx) == want
+    steps = tcfg.tokens // (tcfg.batch * tcfg.ctx)
+    assert steps == {"cpu-tiny": 160, "gpu-small": 610}[preset]
+    assert tcfg.ema_alpha == pytest.approx(50 / steps)          # run's rule, not the paper's 0.001
+    assert f"{tcfg.tokens:,} tokens = {steps:,} steps of {tcfg.batch} x {tcfg.ctx}" in stderr
+    assert f"(tokens, batch, ctx from preset {preset})" in stderr and "alpha" in stderr
+
+
+def test_train_keeps_what_is_given_and_smooths_by_the_run_rule(trained, cli_main, tmp_path):
+    code, _, stderr = cli_main(["train", "Mamba_25M@tiny", "--tokens", "20k", "--ctx", "64", "--out", str(tmp_path)])
+    assert code == 0, stderr
+    tcfg = trained["tcfg"]
+    assert (tcfg.tokens, tcfg.batch, tcfg.ctx) == (20_000, CPU_TINY_BATCH, 64)
+    assert tcfg.ema_alpha == 0.5                                # 39 steps: 50 / 39 clamped to 0.5
+    assert "(batch from preset cpu-tiny)" in stderr
+    code, _, stderr = cli_main(["train", "Mamba_25M@tiny", "--tokens", "20k", "--batch", "4", "--ctx", "64",
+                                "--ema-alpha", "0.01", "--out", str(tmp_path)])
+    assert code == 0 and trained["tcfg"].ema_alpha == 0.01 and "preset" not in stderr
+    code, _, stderr = cli_main(["train", "Mamba_25M@tiny", "--tokens", "20k", "--batch", "4", "--ctx", "64",
+                                "--out", str(tmp_path)])
+    assert code == 0 and trained["tcfg"].ema_alpha == 0.5 and "preset" not in stderr

@@ -18,7 +18,8 @@ from moebench.cli.common import err, out, progress_bar
 from moebench.config import TrainConfig
 from moebench.errors import UserError
 from moebench.fmt import human, parse_tokens
-from moebench.registry import VARIANTS, get
+from moebench.presets import ema_alpha_for, fitting_preset, preset_shape
+from moebench.registry import TINY_SUFFIX, VARIANTS, get
 from moebench.specs import get_ablation
 
 app = typer.Typer()
@@ -93,18 +94,22 @@ def env_cmd():
 @app.command("train")
 def train_cmd(
     variant: Annotated[str, typer.Argument(help="registry name, e.g. MoE-Mamba_25M or Mamba_25M@tiny")],
-    tokens: Annotated[str, typer.Option(help="token budget: 20000, 50M, 1B")] = "50M",
-    batch: Annotated[int, typer.Option(help="global batch (sequences), over all ranks under torchrun")] = 64,
+    tokens: Annotated[Optional[str], typer.Option(help="token budget: 20000, 50M, 1B (default: the fitting preset's: "
+                                                      "cpu-tiny's 164K for a @tiny variant or on a CPU, gpu-small's "
+                                                      "20M for a paper-size variant on CUDA)")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="global batch (sequences), over all ranks under torchrun "
+                                                      "(default: the fitting preset's, 8 or 32)")] = None,
     micro_batch: Annotated[Optional[int], typer.Option(
         help="sequences per forward on each rank; accumulation = batch / (micro_batch x ranks)")] = None,
-    ctx: Annotated[int, typer.Option(help="context length")] = 1024,
+    ctx: Annotated[Optional[int], typer.Option(help="context length (default: the fitting preset's, 128 or 1024)")] = None,
     lr: Annotated[Optional[float], typer.Option(help="peak learning rate (default: the paper's for the family)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)")] = "auto",
     impl: Annotated[str, typer.Option(help="auto | fast | ref (the Mamba mixer) or key=value,... of "
                                              "mixer, moe, routing, decode, adamw (e.g. moe=loop)")] = "auto",
     data: Annotated[Optional[str], typer.Option(help="prepared data dir (default: data/prose)")] = None,
-    ema_alpha: Annotated[float, typer.Option(help="smoothing of the training loss per step")] = 0.001,
+    ema_alpha: Annotated[Optional[float], typer.Option(help="smoothing of the training loss per step (default: as "
+                                                            "`run`, clamp(50 / steps, 0.001, 0.5))")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step "
                                                     "(default: on CUDA, not on a CPU)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run from its checkpoint")] = False,
@@ -112,18 +117,35 @@ def train_cmd(
 ):
     """Train one variant for a token budget; appends one row to OUT/runs.jsonl.
 
+    Unset --tokens/--batch/--ctx come from the preset that fits: cpu-tiny (@tiny or a CPU), gpu-small (CUDA).
+
     On several GPUs: torchrun --standalone --nproc_per_node 8 -m moebench train VARIANT ...
     (data-parallel; rank 0 writes the row, the curve and the checkpoints)."""
     cfg = get(variant)
-    budget = parse_tokens(tokens)
+    budget = parse_tokens(tokens) if tokens is not None else None
+    for name, value in (("--batch", batch), ("--ctx", ctx)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    from moebench.distributed import from_env
+    from moebench.env import resolve_device
     from moebench.impl import parse as parse_impl
     parse_impl(impl)                      # a bad request fails here, in one line
+    fits = fitting_preset(cfg.name.endswith(TINY_SUFFIX), resolve_device(device).type)
+    p = preset_shape(fits)
+    chosen = [what for what, given in (("tokens", tokens), ("batch", batch), ("ctx", ctx)) if given is None]
+    budget, batch, ctx = budget or p.tokens, batch or p.batch, ctx or p.ctx
+    steps = budget // (batch * ctx)
+    alpha = ema_alpha if ema_alpha is not None else ema_alpha_for(fits, steps)
     tcfg = TrainConfig(tokens=budget, batch=batch, micro_batch=micro_batch, ctx=ctx,
                        lr=lr, lr_source="user" if lr is not None else "default", seed=seed, impl=impl,
-                       data_dir=data or "", ema_alpha=ema_alpha, compile=compile)
+                       data_dir=data or "", ema_alpha=alpha, compile=compile)
+    main = from_env().is_main             # under torchrun, rank 0 alone speaks
+    if main and chosen:                   # said before training: what the user did not choose
+        err.print(f"{cfg.name}: {budget:,} tokens = {steps:,} steps of {batch} x {ctx} ({', '.join(chosen)} from "
+                  f"preset {fits}), loss smoothing alpha {alpha:.3g}" + (" (50 / steps, as `run`)" if ema_alpha is None else ""),
+                  highlight=False, soft_wrap=True)
     row = run_with_progress(cfg, tcfg, out=out_dir, resume=resume, device=device)
-    from moebench.distributed import from_env
-    if not from_env().is_main:   # under torchrun, rank 0 alone reports
+    if not main:
         return
     m = row["metrics"]
     out.print(f"{cfg.name}: {m['tokens']:,} tokens, smoothed loss {m['final_smoothed_loss']:.4f}, "
