@@ -225,7 +225,7 @@ class Hooks:
 
 
 def execute(plan: Plan, *, device: str = "auto", resume: bool = False, hooks: Hooks | None = None,
-            ckpt_every_steps: int = 0) -> list[Outcome]:
+            ckpt_every_steps: int = 0, ckpt_minutes: float | None = None) -> list[Outcome]:
     """Run every planned run that is not done. A failing run (an exception, or a NaN loss:
     TrainingFailed) is recorded and the next one starts; Ctrl-C stops the whole ablation."""
     env.resolve_device(device)                      # a bad device fails once, before any run
@@ -255,7 +255,8 @@ def execute(plan: Plan, *, device: str = "auto", resume: bool = False, hooks: Ho
         progress = (lambda p, run=run: hooks.on_progress(run, p)) if hooks.on_progress else None
         try:
             row = train(run.cfg, run.tcfg, plan.out, resume=run.status == "resume", device=device,
-                        run_tag=run.run_tag, extra=extra, on_progress=progress, ckpt_every_steps=ckpt_every_steps)
+                        run_tag=run.run_tag, extra=extra, on_progress=progress, ckpt_every_steps=ckpt_every_steps,
+                        ckpt_minutes=ckpt_minutes)
             if not math.isfinite(row["metrics"].get("final_smoothed_loss") or math.nan):
                 raise TrainingFailed(f"{run.cfg.name}: final smoothed loss is not finite")
             outcome = Outcome(run, "done", row)

@@ -73,7 +73,8 @@ def sweep_families(variants: list[str], preset: str, grid: list[float] | None = 
 
 def sweep_lr(variants: list[str], preset: str, grid: list[float] | None = None, *, tokens: int | None = None,
              out: str | Path = "results", data_dir: str | Path | None = None, device: str = "auto",
-             seed: int = 0, hooks: Hooks | None = None, compile: bool | None = None) -> list[dict]:
+             seed: int = 0, hooks: Hooks | None = None, compile: bool | None = None, ckpt_every_steps: int = 0,
+             ckpt_minutes: float | None = None) -> list[dict]:
     """Sweep each variant: train every rate of the grid not trained yet (default: the preset's,
     2.5e-4..2e-3 for the paper's shapes, 1e-3..8e-3 for the CPU twins), then, while the best rate
     (lowest final smoothed training loss) lies on an edge, one more rate beyond it (x2 or /2, at most
@@ -94,7 +95,8 @@ def sweep_lr(variants: list[str], preset: str, grid: list[float] | None = None, 
             for lr in lrs:
                 if lr not in points:
                     run = sweep_run(name, preset, lr, data_dir, data_id, tokens=tokens, seed=seed, compile=compile)
-                    points[lr] = _train_point(run, out / "sweeps", preset, data_id, corpus, device, hooks or Hooks())
+                    points[lr] = _train_point(run, out / "sweeps", preset, data_id, corpus, device, hooks or Hooks(),
+                                              ckpt_every_steps=ckpt_every_steps, ckpt_minutes=ckpt_minutes)
             best = _best(points.values())
             edge = best is not None and len(lrs) > 1 and best["lr"] in (lrs[0], lrs[-1])
             if not edge or extensions == MAX_EXTENSIONS:
@@ -119,7 +121,7 @@ def sweep_lr(variants: list[str], preset: str, grid: list[float] | None = None, 
 
 
 def _train_point(run: PlannedRun, sweep_out: Path, preset: str, data_id: str, corpus: str, device: str,
-                 hooks: Hooks) -> dict:
+                 hooks: Hooks, **ckpt_every) -> dict:
     """One rate: the run's row from sweeps/runs.jsonl when it was trained before, else train it."""
     done = {r["run_key"]: r for r in load_records(sweep_out / "runs.jsonl")
             if r.get("status") == "done" and r.get("run_key")}
@@ -133,7 +135,7 @@ def _train_point(run: PlannedRun, sweep_out: Path, preset: str, data_id: str, co
         progress = (lambda p: hooks.on_progress(run, p)) if hooks.on_progress else None
         try:
             row = train(run.cfg, run.tcfg, sweep_out, resume=resume, device=device, run_tag=run.run_tag,
-                        extra=extra, on_progress=progress)
+                        extra=extra, on_progress=progress, **ckpt_every)
         except KeyboardInterrupt:
             raise
         except TrainingFailed as e:

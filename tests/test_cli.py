@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moebench.cli import app
-from moebench.fmt import parse_tokens
+from moebench.fmt import parse_ckpt_every, parse_tokens
 from moebench.config import TrainConfig
 from moebench.errors import UserError
 from moebench.presets import CPU_TINY_BATCH, CPU_TINY_CTX, CPU_TINY_TOKENS, ema_alpha_for
@@ -83,6 +83,12 @@ def test_parse_tokens(text, tokens):
 def test_parse_tokens_rejects_with_a_user_error(text):
     with pytest.raises(UserError):
         parse_tokens(text)
+
+
+@pytest.mark.parametrize("text, every", [("200", (200, float("inf"))), ("2m", (0, 2.0)), ("30s", (0, 0.5)),
+                                         ("1h", (0, 60.0)), (" 10min ", (0, 10.0))])
+def test_parse_ckpt_every(text, every):
+    assert parse_ckpt_every(text) == every
 
 
 # --- bad inputs: one line on stderr, exit 2, nothing written --------------------------------------

@@ -199,6 +199,8 @@ def test_the_cli_and_the_registry_import_without_torch():
 @pytest.mark.parametrize("argv, message", [
     (["train", "NoSuchVariant"], "unknown variant 'NoSuchVariant'"),
     (["train", "Mamba_25M@tiny", "--tokens", "lots"], "bad token count 'lots'"),
+    (["train", "Mamba_25M@tiny", "--ckpt-every", "2x"], "bad --ckpt-every '2x'"),
+    (["sweep", "lr", "Mamba_25M", "--ckpt-every", "0"], "--ckpt-every must be positive"),
     (["run", "architectures", "--preset", "cpu-tin"], "no preset 'cpu-tin'; did you mean cpu-tiny?"),
     (["run", "no-such-ablation"], "unknown ablation 'no-such-ablation'"),
     (["run", "experts", "--only", "Mamba_25"], "'Mamba_25' is not a variant of ablation 'experts'"),

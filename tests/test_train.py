@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,6 +232,70 @@ def test_sigkill_then_resume_gives_the_uninterrupted_curve(finished_run, tmp_pat
         assert row["metrics"][key] == pytest.approx(ref_row["metrics"][key], abs=1e-6), key
     rows = load_records(out / "runs.jsonl")
     assert len(rows) == 1 and rows[0]["status"] == "done"
+
+
+def test_cli_ckpt_every_sigkill_then_resume_gives_the_uninterrupted_curve(text_data, tmp_path, sub_env, curve_reader,
+                                                                        cli_main):
+    """`moebench train --ckpt-every 10` in its own process, killed once its first checkpoint is on disk;
+    `--resume` (with another cadence: not part of the run's identity) finishes with the curve of an
+    uninterrupted run."""
+    args = ["train", "Mamba_25M@tiny", "--tokens", str(40 * 2 * 16), "--batch", "2", "--ctx", "16", "--lr", "3e-3",
+            "--device", "cpu", "--data", text_data]
+    out = tmp_path / "killed"
+    log = tmp_path / "killed.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen([sys.executable, "-m", "moebench", *args, "--out", str(out), "--ckpt-every", "10"],
+                             cwd=Path(train_module.__file__).parents[1], env=sub_env, stdout=f,
+                             stderr=subprocess.STDOUT)
+    try:
+        t0 = time.monotonic()
+        while not list(out.glob("runs/*/ckpt.pt")):
+            assert p.poll() is None, f"the run ended before its first checkpoint: {log.read_text()[-2000:]}"
+            assert time.monotonic() - t0 < 120, "no checkpoint after 120 s"
+            time.sleep(0.02)
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert not (out / "runs.jsonl").exists(), "the run finished before it was killed: nothing was tested"
+    (ckpt,) = out.glob("runs/*/ckpt.pt")
+    saved = checkpoint.load(ckpt)["step"]
+    assert saved in (10, 20, 30), saved
+
+    code, _, stderr = cli_main([*args, "--out", str(out), "--resume", "--ckpt-every", "5m"])
+    assert code == 0, stderr
+    code, _, stderr = cli_main([*args, "--out", str(tmp_path / "whole")])
+    assert code == 0, stderr
+    (resumed,), (whole,) = load_records(out / "runs.jsonl"), load_records(tmp_path / "whole" / "runs.jsonl")
+    assert resumed["run_id"] == whole["run_id"] and resumed["status"] == "done"
+    assert_same_curve(curve_reader(resumed["curve"]), curve_reader(whole["curve"]),
+                      f"moebench train killed after its step-{saved} checkpoint, resumed, vs uninterrupted")
+    for key in ("tokens", "steps", "final_smoothed_loss", "final_train_loss", "val_loss"):
+        assert resumed["metrics"][key] == pytest.approx(whole["metrics"][key], abs=1e-6), key
+
+
+def test_ckpt_minutes_saves_at_the_next_curve_point(tiny_tcfg, tmp_path):
+    """A checkpoint due by the clock (here at once: 0 minutes) is written at the next curve point
+    (every 5 steps); the default, tcfg.ckpt_minutes (10), writes none in a run of seconds."""
+    cfg, tcfg = get("Mamba_25M@tiny"), tiny_tcfg(steps=12)
+    seen = {}
+    for minutes in (0, None):
+        ckpt = run_dir(tmp_path / str(minutes), cfg, tcfg) / "ckpt.pt"
+
+        def on_progress(p, ckpt=ckpt, minutes=minutes):
+            seen[(minutes, p.step)] = checkpoint.load(ckpt)["step"] if ckpt.exists() else None
+        train(cfg, tcfg, out=tmp_path / str(minutes), device="cpu", on_progress=on_progress, ckpt_minutes=minutes)
+    assert (seen[(0, 10)], seen[(None, 10)]) == (5, None), seen
+
+
+@pytest.mark.parametrize("every, message", [("0", "must be positive"), ("2x", "bad --ckpt-every '2x'"),
+                                            ("1.5", "bad --ckpt-every '1.5'")])
+def test_a_bad_ckpt_every_is_one_line(every, message, cli_main, tmp_path):
+    for command in (["train", "Mamba_25M@tiny"], ["run", "architectures"], ["sweep", "lr", "Mamba_25M"]):
+        code, stdout, stderr = cli_main([*command, "--ckpt-every", every, "--out", str(tmp_path)])
+        assert code == 2 and stderr.startswith("error: ") and message in stderr, (command, stderr)
+        assert len(stderr.strip().splitlines()) == 1 and stdout == "", (command, stderr)
+    assert not any(tmp_path.iterdir())
 
 
 # --- SIGTERM mid-step (in process): checkpoint, KeyboardInterrupt, resume ----------------------------

@@ -9,9 +9,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from moebench.cli.common import err, out, progress_bar, split_list
+from moebench.cli.common import CKPT_EVERY, CkptEveryOpt, err, out, progress_bar, split_list
 from moebench.errors import UserError
-from moebench.fmt import duration, human, parse_tokens
+from moebench.fmt import duration, human, parse_ckpt_every, parse_tokens
 from moebench.presets import DEFAULT_PRESET, PRESET_RULES, PUBLIC_PRESETS, parse_grid, preset_shape, rule_of
 from moebench.registry import get
 from moebench.specs import get_spec, load_specs, resolve_variants
@@ -67,6 +67,7 @@ def run_cmd(
     tokens: Annotated[Optional[str], typer.Option(help="override the preset's tokens per run: 200k, 20M")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step "
                                                     "(default: on CUDA, not on a CPU)")] = None,
+    ckpt_every: CkptEveryOpt = CKPT_EVERY,
 ):
     """Run an ablation's variants at a preset: prepares the data if missing, skips runs already done.
 
@@ -76,6 +77,7 @@ def run_cmd(
     spec.preset(preset)
     resolve_variants(spec, preset, split_list(only))
     budget = parse_tokens(tokens) if tokens else None
+    every = parse_ckpt_every(ckpt_every)
     from moebench.ablations import make_plan
     plan = make_plan(ablation, preset, only=split_list(only), seeds=seeds, lr_source=lr_source, out=out_dir,
                      data_dir=data, tokens=budget, allow_repeat=allow_repeat, compile=compile)
@@ -89,7 +91,7 @@ def run_cmd(
     err.print(f"{ablation} at {preset}: {len(plan.runs)} runs, {done} already done, {len(todo)} to run; "
               f"data {plan.data_dir} ({plan.data_id}); results in {plan.out}", highlight=False, soft_wrap=True)
     try:
-        outcomes = _execute_with_progress(plan, todo, device, resume)
+        outcomes = _execute_with_progress(plan, todo, device, resume, every)
     except KeyboardInterrupt as e:
         err.print(f"[yellow]{e or 'interrupted'}[/yellow]; continue with: moebench run {ablation} --preset {preset} "
                   f"--resume", highlight=False, soft_wrap=True)
@@ -112,7 +114,7 @@ def run_cmd(
         raise typer.Exit(1)
 
 
-def _execute_with_progress(plan, todo: list, device: str, resume: bool) -> list:
+def _execute_with_progress(plan, todo: list, device: str, resume: bool, every: tuple[int, float]) -> list:
     from moebench.ablations import Hooks, execute
     total = sum(r.tcfg.tokens for r in todo) or 1
     finished = {"tokens": 0}
@@ -139,7 +141,8 @@ def _execute_with_progress(plan, todo: list, device: str, resume: bool) -> list:
                 bar.update(current["task"], stats=o.status if o.status != "done" else
                            f"smoothed {o.row['metrics']['final_smoothed_loss']:.3f}")
                 current.pop("task")
-        return execute(plan, device=device, resume=resume, hooks=Hooks(on_start, on_progress, on_end))
+        return execute(plan, device=device, resume=resume, hooks=Hooks(on_start, on_progress, on_end),
+                       ckpt_every_steps=every[0], ckpt_minutes=every[1])
 
 
 def print_plan(plan, device: str) -> None:
@@ -226,6 +229,7 @@ def sweep_lr_cmd(
     data: Annotated[Optional[str], typer.Option(help="a prepared data folder instead of the preset's corpus")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step "
                                                     "(default: on CUDA, not on a CPU)")] = None,
+    ckpt_every: CkptEveryOpt = CKPT_EVERY,
 ):
     """Short runs at each rate of a log grid (extended past an edge while the best rate sits on it);
     records the best rate by the final smoothed training loss per variant in OUT/lr_sweeps.jsonl.
@@ -241,6 +245,7 @@ def sweep_lr_cmd(
     preset_shape(preset)
     lrs = parse_grid(grid) if grid else list(rule_of(preset).sweep_grid)
     budget = parse_tokens(tokens) if tokens else None
+    every_steps, every_minutes = parse_ckpt_every(ckpt_every)
     from moebench.ablations import Hooks
     from moebench.sweep import sweep_families, sweep_lr
     with progress_bar() as bar:
@@ -253,7 +258,7 @@ def sweep_lr_cmd(
             bar.update(current["task"], completed=p.tokens, stats=f"loss {p.loss:.3f} smoothed {p.smoothed:.3f}")
 
         try:
-            kw = dict(tokens=budget, out=out_dir, data_dir=data, device=device, compile=compile,
+            kw = dict(tokens=budget, ckpt_every_steps=every_steps, ckpt_minutes=every_minutes, out=out_dir, data_dir=data, device=device, compile=compile,
                       hooks=Hooks(on_start, on_progress, None))
             rows = (sweep_families(family_of, preset, lrs, **kw) if family_of else []) + \
                 (sweep_lr(names, preset, lrs, **kw) if names else [])

@@ -3,6 +3,9 @@ and errors on stderr, so that `moebench ... > file` keeps only the answer), the 
 the parsing of comma-separated option values."""
 from __future__ import annotations
 
+from typing import Annotated
+
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -10,6 +13,13 @@ out = Console()
 if not out.is_terminal:           # piped or in a log: wide tables instead of wrapped names
     out = Console(width=max(out.width, 180))
 err = Console(stderr=True)
+
+
+# every training command: bounds the work a kill, a crash or a lost machine costs to about this much
+CkptEveryOpt = Annotated[str, typer.Option(
+    "--ckpt-every", help="checkpoint every N steps (200) or every so long (30s, 2m, 1h): what a kill or a crash "
+                         "can cost; saved at the next curve point, and spaced out where saving takes over ~5% of the time")]
+CKPT_EVERY = "2m"
 
 
 def progress_bar(disable: bool = False) -> Progress:

@@ -14,10 +14,10 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from moebench.cli.common import err, out, progress_bar
+from moebench.cli.common import CKPT_EVERY, CkptEveryOpt, err, out, progress_bar
 from moebench.config import TrainConfig
 from moebench.errors import UserError
-from moebench.fmt import human, parse_tokens
+from moebench.fmt import human, parse_ckpt_every, parse_tokens
 from moebench.presets import ema_alpha_for, fitting_preset, preset_shape
 from moebench.registry import TINY_SUFFIX, VARIANTS, get
 from moebench.specs import get_ablation
@@ -113,6 +113,7 @@ def train_cmd(
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step "
                                                     "(default: on CUDA, not on a CPU)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run from its checkpoint")] = False,
+    ckpt_every: CkptEveryOpt = CKPT_EVERY,
     out_dir: Annotated[str, typer.Option("--out", help="results folder (runs.jsonl and runs/)")] = "results",
 ):
     """Train one variant for a token budget; appends one row to OUT/runs.jsonl.
@@ -123,6 +124,7 @@ def train_cmd(
     (data-parallel; rank 0 writes the row, the curve and the checkpoints)."""
     cfg = get(variant)
     budget = parse_tokens(tokens) if tokens is not None else None
+    every_steps, every_minutes = parse_ckpt_every(ckpt_every)
     for name, value in (("--batch", batch), ("--ctx", ctx)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
@@ -144,7 +146,8 @@ def train_cmd(
         err.print(f"{cfg.name}: {budget:,} tokens = {steps:,} steps of {batch} x {ctx} ({', '.join(chosen)} from "
                   f"preset {fits}), loss smoothing alpha {alpha:.3g}" + (" (50 / steps, as `run`)" if ema_alpha is None else ""),
                   highlight=False, soft_wrap=True)
-    row = run_with_progress(cfg, tcfg, out=out_dir, resume=resume, device=device)
+    row = run_with_progress(cfg, tcfg, out=out_dir, resume=resume, device=device, ckpt_every_steps=every_steps,
+                            ckpt_minutes=every_minutes)
     if not main:
         return
     m = row["metrics"]
