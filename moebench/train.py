@@ -32,6 +32,9 @@ from moebench.optim import clip_grad_norm, lr_at, make_optimizer
 from moebench.results import CKPT_INFO, SCHEMA, append_record, run_lock
 
 
+CURVE_EVERY_S = 5.0    # curve.csv is rewritten at a curve point at most this often
+
+
 class TrainingFailed(Exception):
     """The loss went NaN/inf: the run is recorded as failed; the last good checkpoint is kept."""
 
@@ -258,6 +261,7 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
     train_s = train_time_before
     last_ckpt = time.perf_counter()
     save_s, due = 0.0, False
+    curve_written = -math.inf             # the first point is written at once
     acc = _Interval(dist)
     step = start_step
     try:
@@ -305,6 +309,11 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
                 if dev.type == "cuda":
                     row["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
                 curve.append(row)
+                # curve.csv follows the run (the checkpoint rewrites it too), every few seconds so that
+                # a long curve is not rewritten at every point
+                if dist.is_main and time.perf_counter() - curve_written >= CURVE_EVERY_S:
+                    _write_curve(run_dir / "curve.csv", curve)
+                    curve_written = time.perf_counter()
                 if on_progress and dist.is_main:
                     on_progress(Progress(step, steps, row["tokens"], steps * tcfg.batch * tcfg.ctx,
                                          row["loss"], row["smoothed"], row["tok_s"], row.get("val_loss")))

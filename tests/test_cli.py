@@ -259,3 +259,65 @@ def test_train_keeps_what_is_given_and_smooths_by_the_run_rule(trained, cli_main
     code, _, stderr = cli_main(["train", "Mamba_25M@tiny", "--tokens", "20k", "--batch", "4", "--ctx", "64",
                                 "--out", str(tmp_path)])
     assert code == 0 and trained["tcfg"].ema_alpha == 0.5 and "preset" not in stderr
+
+
+# --- progress off a terminal: plain lines ----------------------------------------------------------
+def fake_progress(step, steps=100, tok_s=1000.0):
+    from types import SimpleNamespace
+    return SimpleNamespace(step=step, steps=steps, tokens=step * 100, total_tokens=steps * 100, loss=5.0,
+                           smoothed=5.5, tok_s=tok_s, val_loss=None)
+
+
+def test_progress_is_a_plain_line_every_few_seconds_off_a_terminal(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import moebench.cli.progress as progress
+    clock = {"t": 0.0}
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock["t"])
+    buf = io.StringIO()
+    shown = progress.TrainingProgress(console=Console(file=buf, width=200))
+    shown.start("Mamba_25M@tiny", 10_000)
+    for step, t in ((10, 0.0), (20, 5.0), (30, 10.5), (40, 12.0), (100, 13.0)):   # the last step always shows
+        clock["t"] = t
+        shown.update(fake_progress(step))
+    shown.end("done, smoothed loss 5.500")
+    shown.close()
+    lines = buf.getvalue().splitlines()
+    assert lines == ["Mamba_25M@tiny: step 10/100 (10%), loss 5.000, smoothed 5.500, 1,000 tok/s, ETA 9s",
+                     "Mamba_25M@tiny: step 30/100 (30%), loss 5.000, smoothed 5.500, 1,000 tok/s, ETA 7s",
+                     "Mamba_25M@tiny: step 100/100 (100%), loss 5.000, smoothed 5.500, 1,000 tok/s, ETA 0s",
+                     "Mamba_25M@tiny: done, smoothed loss 5.500"], lines
+
+
+def test_progress_on_a_terminal_is_a_bar_without_plain_lines():
+    import io
+
+    from rich.console import Console
+
+    from moebench.cli.progress import TrainingProgress
+    buf = io.StringIO()
+    with TrainingProgress("architectures (1 runs)", 10_000,
+                          console=Console(file=buf, width=200, force_terminal=True)) as shown:
+        shown.start("Mamba_25M@tiny", 10_000)
+        for step in (10, 100):
+            shown.update(fake_progress(step))
+        shown.end("done", 10_000)
+    text = buf.getvalue()
+    assert "Mamba_25M@tiny" in text and "architectures (1 runs)" in text and "━" in text
+    assert "ETA" not in text and "step 10/100" not in text
+
+
+def test_run_and_sweep_print_progress_lines_when_piped(text_data, tmp_path, cli_main):
+    """cli_main's stderr is not a terminal, as under `2>&1 | cat`: every training says where it is."""
+    base = ["--data", text_data, "--out", str(tmp_path), "--device", "cpu"]
+    code, _, stderr = cli_main(["run", "architectures", "--preset", "test", "--only", "Mamba_25M", *base])
+    assert code == 0, stderr
+    assert re.search(r"^Mamba_25M s0 \(1 of 1\): step 3/3 \(100%\), loss [\d.]+, smoothed [\d.]+, val [\d.]+, "
+                     r"[\d,]+ tok/s, ETA 0s$", stderr, re.M), stderr
+    assert re.search(r"^Mamba_25M s0 \(1 of 1\): done, smoothed loss [\d.]+$", stderr, re.M), stderr
+    code, _, stderr = cli_main(["sweep", "lr", "Mamba_25M", "--preset", "test", "--grid", "0.001", *base])
+    assert code == 0, stderr
+    assert re.search(r"^Mamba_25M lr 0\.001: step 3/3 \(100%\), loss [\d.]+, .* tok/s, ETA 0s$", stderr, re.M), stderr
+    assert re.search(r"^Mamba_25M lr 0\.001: done, smoothed loss [\d.]+$", stderr, re.M), stderr

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -261,9 +262,13 @@ def test_cli_ckpt_every_sigkill_then_resume_gives_the_uninterrupted_curve(text_d
     (ckpt,) = out.glob("runs/*/ckpt.pt")
     saved = checkpoint.load(ckpt)["step"]
     assert saved in (10, 20, 30), saved
+    # its output went to a file, not a terminal: plain progress lines, not a bar drawn in place
+    assert re.search(r"^Mamba_25M@tiny: step \d+/40 \(\d+%\), loss [\d.]+, smoothed [\d.]+, val [\d.]+, [\d,]+ tok/s, "
+                     r"ETA \S+$", log.read_text(), re.M), log.read_text()[-2000:]
 
     code, _, stderr = cli_main([*args, "--out", str(out), "--resume", "--ckpt-every", "5m"])
     assert code == 0, stderr
+    assert "Mamba_25M@tiny: step 40/40 (100%)" in stderr, stderr
     code, _, stderr = cli_main([*args, "--out", str(tmp_path / "whole")])
     assert code == 0, stderr
     (resumed,), (whole,) = load_records(out / "runs.jsonl"), load_records(tmp_path / "whole" / "runs.jsonl")
@@ -286,6 +291,24 @@ def test_ckpt_minutes_saves_at_the_next_curve_point(tiny_tcfg, tmp_path):
             seen[(minutes, p.step)] = checkpoint.load(ckpt)["step"] if ckpt.exists() else None
         train(cfg, tcfg, out=tmp_path / str(minutes), device="cpu", on_progress=on_progress, ckpt_minutes=minutes)
     assert (seen[(0, 10)], seen[(None, 10)]) == (5, None), seen
+
+
+def test_curve_csv_follows_the_run_before_any_checkpoint(tiny_tcfg, tmp_path, monkeypatch, curve_reader):
+    """curve.csv is there from the first curve point on, long before the first checkpoint (10
+    minutes): a user can watch it. With the interval at 0 it holds every point so far."""
+    monkeypatch.setattr(train_module, "CURVE_EVERY_S", 0.0)
+    cfg, tcfg = get("Mamba_25M@tiny"), tiny_tcfg(steps=10)
+    folder = run_dir(tmp_path, cfg, tcfg)
+    seen = {}
+
+    def on_progress(p):
+        seen[p.step] = ([int(r["step"]) for r in curve_reader(folder / "curve.csv")],
+                        (folder / "ckpt.pt").exists())
+    train(cfg, tcfg, out=tmp_path, device="cpu", on_progress=on_progress)
+    points = sorted(seen)
+    assert len(points) >= 2 and points[-1] == 10, points
+    for step in points:
+        assert seen[step] == ([p for p in points if p <= step], False), (step, seen[step])
 
 
 @pytest.mark.parametrize("every, message", [("0", "must be positive"), ("2x", "bad --ckpt-every '2x'"),

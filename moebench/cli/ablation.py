@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from moebench.cli.common import CKPT_EVERY, CkptEveryOpt, err, out, progress_bar, split_list
+from moebench.cli.common import CKPT_EVERY, CkptEveryOpt, err, out, split_list
+from moebench.cli.progress import TrainingProgress
 from moebench.errors import UserError
 from moebench.fmt import duration, human, parse_ckpt_every, parse_tokens
 from moebench.presets import DEFAULT_PRESET, PRESET_RULES, PUBLIC_PRESETS, parse_grid, preset_shape, rule_of
@@ -116,32 +117,19 @@ def run_cmd(
 
 def _execute_with_progress(plan, todo: list, device: str, resume: bool, every: tuple[int, float]) -> list:
     from moebench.ablations import Hooks, execute
-    total = sum(r.tcfg.tokens for r in todo) or 1
-    finished = {"tokens": 0}
-    with progress_bar() as bar:
-        overall = bar.add_task(f"{plan.ablation} ({len(todo)} runs)", total=total, stats="")
-        current = {}
+    with TrainingProgress(f"{plan.ablation} ({len(todo)} runs)", sum(r.tcfg.tokens for r in todo)) as shown:
+        started = []
 
         def on_start(run):
-            current["task"] = bar.add_task(f"  {run.variant} s{run.tcfg.seed}", total=run.tcfg.tokens, stats="")
-
-        def on_progress(run, p):
-            val = f" val {p.val_loss:.3f}" if p.val_loss is not None else ""
-            bar.update(current["task"], completed=p.tokens, total=p.total_tokens,
-                       stats=f"loss {p.loss:.3f} smoothed {p.smoothed:.3f}{val} {p.tok_s:,.0f} tok/s")
-            bar.update(overall, completed=finished["tokens"] + p.tokens)
+            started.append(run)
+            shown.start(f"{run.variant} s{run.tcfg.seed} ({len(started)} of {len(todo)})", run.tcfg.tokens)
 
         def on_end(o):
             if o.status == "reused":              # not in the total: nothing trained
                 return
-            finished["tokens"] += o.run.tcfg.tokens
-            bar.update(overall, completed=finished["tokens"],
-                       stats=f"last: {o.run.variant} {o.status}")
-            if "task" in current:
-                bar.update(current["task"], stats=o.status if o.status != "done" else
-                           f"smoothed {o.row['metrics']['final_smoothed_loss']:.3f}")
-                current.pop("task")
-        return execute(plan, device=device, resume=resume, hooks=Hooks(on_start, on_progress, on_end),
+            shown.end(o.status if o.status != "done" else f"done, smoothed loss "
+                      f"{o.row['metrics']['final_smoothed_loss']:.3f}", o.run.tcfg.tokens)
+        return execute(plan, device=device, resume=resume, hooks=Hooks(on_start, lambda run, p: shown.update(p), on_end),
                        ckpt_every_steps=every[0], ckpt_minutes=every[1])
 
 
@@ -248,18 +236,18 @@ def sweep_lr_cmd(
     every_steps, every_minutes = parse_ckpt_every(ckpt_every)
     from moebench.ablations import Hooks
     from moebench.sweep import sweep_families, sweep_lr
-    with progress_bar() as bar:
-        current = {}
-
+    with TrainingProgress() as shown:
         def on_start(run):
-            current["task"] = bar.add_task(f"{run.variant} lr {run.tcfg.lr:g}", total=run.tcfg.tokens, stats="")
+            shown.start(f"{run.variant} lr {run.tcfg.lr:g}", run.tcfg.tokens)
 
-        def on_progress(run, p):
-            bar.update(current["task"], completed=p.tokens, stats=f"loss {p.loss:.3f} smoothed {p.smoothed:.3f}")
+        def on_end(o):
+            shown.end(f"done, smoothed loss {o.row['metrics']['final_smoothed_loss']:.3f}" if o.row else
+                      f"failed: {o.error}")
 
         try:
-            kw = dict(tokens=budget, ckpt_every_steps=every_steps, ckpt_minutes=every_minutes, out=out_dir, data_dir=data, device=device, compile=compile,
-                      hooks=Hooks(on_start, on_progress, None))
+            kw = dict(tokens=budget, ckpt_every_steps=every_steps, ckpt_minutes=every_minutes, out=out_dir,
+                      data_dir=data, device=device, compile=compile,
+                      hooks=Hooks(on_start, lambda run, p: shown.update(p), on_end))
             rows = (sweep_families(family_of, preset, lrs, **kw) if family_of else []) + \
                 (sweep_lr(names, preset, lrs, **kw) if names else [])
         except KeyboardInterrupt:

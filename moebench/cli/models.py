@@ -14,7 +14,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from moebench.cli.common import CKPT_EVERY, CkptEveryOpt, err, out, progress_bar
+from moebench.cli.common import CKPT_EVERY, CkptEveryOpt, err, out
+from moebench.cli.progress import TrainingProgress
 from moebench.config import TrainConfig
 from moebench.errors import UserError
 from moebench.fmt import human, parse_ckpt_every, parse_tokens
@@ -160,29 +161,20 @@ def run_with_progress(cfg, tcfg, **kwargs) -> dict:
     from moebench.distributed import from_env
     from moebench.train import TrainingFailed, train
     main = from_env().is_main   # under torchrun, rank 0 alone shows progress and messages
-    bar = progress_bar(disable=not main)
-    task = bar.add_task(cfg.name, total=tcfg.tokens, stats="")
-    try:
-        def on_progress(p):
-            if not bar.live.is_started:   # shown from the first curve point: an error before it stays one line
-                bar.start()
-            val = f" val {p.val_loss:.3f}" if p.val_loss is not None else ""
-            bar.update(task, completed=p.tokens, total=p.total_tokens,
-                       stats=f"{p.tokens / 1e6:.2f}M tok  loss {p.loss:.3f}  smoothed {p.smoothed:.3f}"
-                             f"{val}  {p.tok_s:,.0f} tok/s")
+    with TrainingProgress(disable=not main) as shown:
+        shown.start(cfg.name, tcfg.tokens)
         try:
-            return train(cfg, tcfg, on_progress=on_progress, **kwargs)
+            return train(cfg, tcfg, on_progress=shown.update, **kwargs)
         except TrainingFailed as e:
+            shown.close()
             if main:
                 err.print(f"[red]failed:[/red] {e}", highlight=False)
             raise typer.Exit(1)
         except KeyboardInterrupt as e:
+            shown.close()
             if main:
                 err.print(f"[yellow]{e or 'interrupted'}[/yellow]; continue with --resume", highlight=False)
             raise typer.Exit(130)
-    finally:
-        if bar.live.is_started:           # stopping one never started prints a blank line off a terminal
-            bar.stop()
 
 
 @data_app.command("prepare")
