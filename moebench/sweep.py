@@ -55,6 +55,9 @@ def sweep_data(preset: str, data_dir: str | Path | None) -> tuple[Path, str, str
     """(data folder, corpus name or "" for --data, data id), the preset's corpus prepared if missing."""
     if data_dir is not None:
         folder, corpus = Path(data_dir).expanduser().absolute(), ""
+        if not (folder / "manifest.json").is_file():      # refused once, not at every rate
+            raise UserError(f"--data {folder}: no prepared data there (no manifest.json); prepare it first: "
+                            f"moebench data prepare --input YOUR_TEXT_FOLDER --out {folder}")
     else:
         corpus, folder = effective_corpus(rule_of(preset).corpus), default_data_dir(rule_of(preset).corpus)
         prepare(corpus=rule_of(preset).corpus, out=folder)

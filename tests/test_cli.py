@@ -115,6 +115,15 @@ def test_unknown_variant_suggests_close_matches(run_moebench, sub_env, results, 
     assert digest(results) == before
 
 
+def test_missing_data_dir_with_train_defaults_or_a_sweep(tmp_path, cli_main):
+    # the same error, alone, when train picks the budget itself (said once training is under way)
+    # and from a sweep (once, not at every rate)
+    for argv in (["train", "Mamba_25M@tiny"], ["sweep", "lr", "Mamba_25M"]):
+        code, out, err = cli_main([*argv, "--data", str(tmp_path / "no-such-data"), "--device", "cpu",
+                                   "--out", str(tmp_path / "results")])
+        assert_one_line_error(code, out, err, "no prepared data", "moebench data prepare --input YOUR_TEXT_FOLDER")
+
+
 def test_missing_data_dir(results, tmp_path, digest, cli_main):
     before = digest(results)
     code, out, err = cli_main(train_args(tmp_path / "no-such-data", results))
@@ -209,8 +218,10 @@ def trained(monkeypatch):
     import moebench.train
     seen = {}
 
-    def fake_train(cfg, tcfg, **kwargs):
+    def fake_train(cfg, tcfg, on_progress=None, **kwargs):
         seen.update(cfg=cfg, tcfg=tcfg, **kwargs)
+        steps = tcfg.tokens // (tcfg.batch * tcfg.ctx)
+        on_progress(fake_progress(steps, steps))
         return {"metrics": {"tokens": tcfg.tokens, "final_smoothed_loss": 5.0, "val_loss": 5.0, "val_ppl": 148.4,
                             "tokens_per_s": 1.0}}
     monkeypatch.setattr(moebench.train, "train", fake_train)

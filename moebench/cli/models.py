@@ -142,14 +142,13 @@ def train_cmd(
     tcfg = TrainConfig(tokens=budget, batch=batch, micro_batch=micro_batch, ctx=ctx,
                        lr=lr, lr_source="user" if lr is not None else "default", seed=seed, impl=impl,
                        data_dir=data or "", ema_alpha=alpha, compile=compile)
-    main = from_env().is_main             # under torchrun, rank 0 alone speaks
-    if main and chosen:                   # said before training: what the user did not choose
-        err.print(f"{cfg.name}: {budget:,} tokens = {steps:,} steps of {batch} x {ctx} ({', '.join(chosen)} from "
-                  f"preset {fits}), loss smoothing alpha {alpha:.3g}" + (" (50 / steps, as `run`)" if ema_alpha is None else ""),
-                  highlight=False, soft_wrap=True)
-    row = run_with_progress(cfg, tcfg, out=out_dir, resume=resume, device=device, ckpt_every_steps=every_steps,
-                            ckpt_minutes=every_minutes)
-    if not main:
+    # what the user did not choose, said once training is under way
+    note = (f"{cfg.name}: {budget:,} tokens = {steps:,} steps of {batch} x {ctx} ({', '.join(chosen)} from preset "
+            f"{fits}), loss smoothing alpha {alpha:.3g}" + (" (50 / steps, as `run`)" if ema_alpha is None else "")
+            if chosen else "")
+    row = run_with_progress(cfg, tcfg, note=note, out=out_dir, resume=resume, device=device,
+                            ckpt_every_steps=every_steps, ckpt_minutes=every_minutes)
+    if not from_env().is_main:            # under torchrun, rank 0 alone reports
         return
     m = row["metrics"]
     out.print(f"{cfg.name}: {m['tokens']:,} tokens, smoothed loss {m['final_smoothed_loss']:.4f}, "
@@ -157,12 +156,12 @@ def train_cmd(
               f"{(m['tokens_per_s'] or 0):,.0f} tok/s; row appended to {out_dir}/runs.jsonl")
 
 
-def run_with_progress(cfg, tcfg, **kwargs) -> dict:
+def run_with_progress(cfg, tcfg, note: str = "", **kwargs) -> dict:
     from moebench.distributed import from_env
     from moebench.train import TrainingFailed, train
     main = from_env().is_main   # under torchrun, rank 0 alone shows progress and messages
     with TrainingProgress(disable=not main) as shown:
-        shown.start(cfg.name, tcfg.tokens)
+        shown.start(cfg.name, tcfg.tokens, note)
         try:
             return train(cfg, tcfg, on_progress=shown.update, **kwargs)
         except TrainingFailed as e:

@@ -29,17 +29,22 @@ class TrainingProgress:
         self.overall = self.bar.add_task(overall, total=overall_tokens or 1, stats="") if self.bar and overall else None
         self.finished_tokens = 0
         self.task = None
-        self.label = ""
+        self.label = self.note = ""
         self.printed = -float("inf")
 
-    def start(self, label: str, total_tokens: int) -> None:
-        self.label, self.printed = label, -float("inf")
+    def start(self, label: str, total_tokens: int, note: str = "") -> None:
+        """`note` is said at the first curve point, once the run is under way: an error before it
+        (bad data, nothing to resume) stays the only line."""
+        self.label, self.printed, self.note = label, -float("inf"), note
         if self.bar:
             self.task = self.bar.add_task(label, total=total_tokens, stats="")
 
     def update(self, p) -> None:
         if self.disable:
             return
+        if self.note:
+            self.console.print(self.note, highlight=False, soft_wrap=True)
+            self.note = ""
         val = f" val {p.val_loss:.3f}" if p.val_loss is not None else ""
         if self.bar:
             if not self.bar.live.is_started:
