@@ -328,6 +328,14 @@ def test_run_and_sweep_print_progress_lines_when_piped(text_data, tmp_path, cli_
     assert re.search(r"^Mamba_25M s0 \(1 of 1\): step 3/3 \(100%\), loss [\d.]+, smoothed [\d.]+, val [\d.]+, "
                      r"[\d,]+ tok/s, ETA 0s$", stderr, re.M), stderr
     assert re.search(r"^Mamba_25M s0 \(1 of 1\): done, smoothed loss [\d.]+$", stderr, re.M), stderr
+    # a run passed over (it has a checkpoint, and no --resume) is named by its own label
+    from moebench.ablations import make_plan
+    plan = make_plan("architectures", "test", only=["Transformer_25M"], out=tmp_path, data_dir=text_data)
+    (tmp_path / "runs" / plan.runs[0].run_id).mkdir(parents=True)
+    (tmp_path / "runs" / plan.runs[0].run_id / "ckpt.pt").write_bytes(b"")
+    code, _, stderr = cli_main(["run", "architectures", "--preset", "test", "--only", "Mamba_25M,Transformer_25M",
+                                *base])
+    assert code == 1 and re.search(r"^Transformer_25M s0 \(1 of 1\): interrupted$", stderr, re.M), stderr
     code, _, stderr = cli_main(["sweep", "lr", "Mamba_25M", "--preset", "test", "--grid", "0.001", *base])
     assert code == 0, stderr
     assert re.search(r"^Mamba_25M lr 0\.001: step 3/3 \(100%\), loss [\d.]+, .* tok/s, ETA 0s$", stderr, re.M), stderr

@@ -142,7 +142,16 @@ def test_a_run_with_a_checkpoint_and_no_row_shows_as_interrupted(tmp_path):
     md = build_report("parallel", results, tmp_path / "reports").markdown.read_text()
     assert "| ParMoE-Mamba_25M-e2 | — | — | interrupted at step 200/610 (seed 0) |" in md
     assert "| ParMoE-Mamba_25M-e4 | — | — | not run |" in md
-    # another preset's checkpoint, or a sweep's, says nothing about this report's runs
+    # a run that failed (NaN) keeps its last good checkpoint: it is reported as failed, not interrupted
+    failed = {"kind": "train", "status": "failed", "reason": "non-finite loss nan at step 201", "preset": "gpu-small",
+              "run_id": run.name, "variant": "ParMoE-Mamba_25M-e2", "seed": 0, "ablation_variant": "ParMoE-Mamba_25M-e2",
+              "variant_hash": get("ParMoE-Mamba_25M-e2").config_hash(), "train": {"lr_source": "default"}}
+    with open(results / "runs.jsonl", "a") as f:
+        f.write(json.dumps(failed) + "\n")
+    md = build_report("parallel", results, tmp_path / "reports").markdown.read_text()
+    assert "interrupted" not in md and "ParMoE-Mamba_25M-e2 seed 0: non-finite loss nan at step 201" in md
+    (results / "runs.jsonl").write_text((FIXTURE / "runs.jsonl").read_text())
+    # another preset's checkpoint says nothing about this report's runs
     (run / "checkpoint.json").write_text(json.dumps({**json.loads((run / "checkpoint.json").read_text()),
                                                      "preset": "cpu-tiny"}))
     md = build_report("parallel", results, tmp_path / "reports").markdown.read_text()

@@ -118,17 +118,18 @@ def run_cmd(
 def _execute_with_progress(plan, todo: list, device: str, resume: bool, every: tuple[int, float]) -> list:
     from moebench.ablations import Hooks, execute
     with TrainingProgress(f"{plan.ablation} ({len(todo)} runs)", sum(r.tcfg.tokens for r in todo)) as shown:
-        started = []
+        def label(run):
+            n = next((i + 1 for i, r in enumerate(todo) if r is run), None)
+            return f"{run.variant} s{run.tcfg.seed}" + (f" ({n} of {len(todo)})" if n else "")
 
         def on_start(run):
-            started.append(run)
-            shown.start(f"{run.variant} s{run.tcfg.seed} ({len(started)} of {len(todo)})", run.tcfg.tokens)
+            shown.start(label(run), run.tcfg.tokens)
 
         def on_end(o):
             if o.status == "reused":              # not in the total: nothing trained
                 return
             shown.end(o.status if o.status != "done" else f"done, smoothed loss "
-                      f"{o.row['metrics']['final_smoothed_loss']:.3f}", o.run.tcfg.tokens)
+                      f"{o.row['metrics']['final_smoothed_loss']:.3f}", o.run.tcfg.tokens, label(o.run))
         return execute(plan, device=device, resume=resume, hooks=Hooks(on_start, lambda run, p: shown.update(p), on_end),
                        ckpt_every_steps=every[0], ckpt_minutes=every[1])
 

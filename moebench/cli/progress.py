@@ -63,20 +63,21 @@ class TrainingProgress:
                            f"{p.loss:.3f}, smoothed {p.smoothed:.3f}{val.replace(' val', ', val')}, "
                            f"{p.tok_s:,.0f} tok/s, ETA {duration(eta)}", highlight=False, soft_wrap=True)
 
-    def end(self, text: str = "", tokens: int = 0) -> None:
-        """The training stopped: `text` says how (shown after the bar, or as a plain line); its
-        `tokens` count toward the overall bar."""
+    def end(self, text: str = "", tokens: int = 0, label: str = "") -> None:
+        """A training stopped, or was passed over: `text` says how (after its bar, or as a plain line);
+        its `tokens` count toward the overall bar. `label` names one that never started."""
         self.finished_tokens += tokens
         if self.disable:
             return
+        label = label or self.label
         if self.bar:
             if self.task is not None and text:
                 self.bar.update(self.task, stats=text)
             if self.overall is not None:
-                self.bar.update(self.overall, completed=self.finished_tokens, stats=f"last: {self.label} {text}")
+                self.bar.update(self.overall, completed=self.finished_tokens, stats=f"last: {label} {text}")
         elif text:
-            self.console.print(f"{self.label}: {text}", highlight=False, soft_wrap=True)
-        self.task = None
+            self.console.print(f"{label}: {text}", highlight=False, soft_wrap=True)
+        self.task, self.label = None, ""
 
     def close(self) -> None:
         if self.bar and self.bar.live.is_started:   # stopping one never started prints a blank line

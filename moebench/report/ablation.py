@@ -130,7 +130,10 @@ def collect(spec: Spec, preset: str, rows: list[dict], results_dir: Path,
             warnings.append(f"no curve.csv for {v} seed {seed} (run {r.get('run_id')}): no speedup or curve plot")
     failed = [f for f in failed if not any((f.get("ablation_variant") or f.get("variant")) == v and f.get("seed") == s
                                            for (v, s) in latest)]
+    failed_ids = {f.get("run_id") for f in failed}    # a failed run keeps its last good checkpoint too
     for info in interrupted_runs(results_dir, preset, lr_source):
+        if info.get("run_id") in failed_ids:
+            continue
         for v in by_hash.get(info.get("variant_hash"), []):
             if (v, info.get("seed", 0)) not in latest:
                 out[v].interrupted.append(info)
@@ -146,7 +149,7 @@ def interrupted_runs(results_dir: Path, preset: str, lr_source: str | None = Non
             info = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if not isinstance(info, dict) or info.get("preset") != preset or info.get("sweep"):
+        if not isinstance(info, dict) or info.get("preset") != preset:
             continue
         if lr_source and (info.get("train") or {}).get("lr_source") != lr_source:
             continue
