@@ -197,8 +197,10 @@ def test_list_at_80_columns_keeps_every_name_whole(run_moebench, sub_env):
     for name in VARIANTS:
         assert any(line.split()[:1] == [f"{name}@tiny"] for line in lines), name
     assert "…" not in r.stdout and "FLOPs/tok" in r.stdout and "left out" in r.stderr
-    wide = run_moebench(["list"], {**sub_env, "COLUMNS": "200", "TTY_COMPATIBLE": "1"})
-    assert "paper" in wide.stdout and "FLOPs/tok" in wide.stdout and "left out" not in wide.stderr
+    from moebench.cli.models import LIST_COLUMNS, variants_table
+    from moebench.models.lm import describe
+    wide = variants_table([describe(get(name)) for name in VARIANTS], 200)
+    assert tuple(c.header for c in wide.columns) == LIST_COLUMNS
 
 
 def test_list_csv_has_one_row_per_variant():
