@@ -45,12 +45,13 @@ class TrainingProgress:
         if self.note:
             self.console.print(self.note, highlight=False, soft_wrap=True)
             self.note = ""
-        val = f" val {p.val_loss:.3f}" if p.val_loss is not None else ""
+        val = f"val {p.val_loss:.3f}" if p.val_loss is not None else ""
         if self.bar:
             if not self.bar.live.is_started:
                 self.bar.start()
             self.bar.update(self.task, completed=p.tokens, total=p.total_tokens,
-                            stats=f"loss {p.loss:.3f} smoothed {p.smoothed:.3f}{val} {p.tok_s:,.0f} tok/s")
+                            stats=f"loss {p.loss:.3f} smoothed {p.smoothed:.3f} {val + ' ' if val else ''}"
+                                  f"{p.tok_s:,.0f} tok/s")
             if self.overall is not None:
                 self.bar.update(self.overall, completed=self.finished_tokens + p.tokens)
             return
@@ -60,7 +61,7 @@ class TrainingProgress:
         self.printed = now
         eta = (p.total_tokens - p.tokens) / p.tok_s if p.tok_s else None
         self.console.print(f"{self.label}: step {p.step:,}/{p.steps:,} ({p.tokens / p.total_tokens:.0%}), loss "
-                           f"{p.loss:.3f}, smoothed {p.smoothed:.3f}{val.replace(' val', ', val')}, "
+                           f"{p.loss:.3f}, smoothed {p.smoothed:.3f}, {val + ', ' if val else ''}"
                            f"{p.tok_s:,.0f} tok/s, ETA {duration(eta)}", highlight=False, soft_wrap=True)
 
     def end(self, text: str = "", tokens: int = 0, label: str = "") -> None:
