@@ -1,5 +1,5 @@
 """Ablations: the paper's tables as runnable studies. Each spec in experiments/*.py names its
-variants, its baseline and a token budget per preset; this module loads the specs, turns one into a
+variants, its baseline and a token budget per preset; moebench.specs loads them, this module turns one into a
 plan (which runs, with which train config), prepares the data and runs what is missing. What a
 preset decides lives in moebench.presets, the --dry-run time estimates in moebench.estimate.
 
@@ -9,104 +9,26 @@ between ablations (table 4's Mamba_25M is table 3's) and between machines' resul
 """
 from __future__ import annotations
 
-import difflib
-import importlib.util
 import json
 import math
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 from moebench import env
-from moebench.config import Ablation, ModelConfig, Preset, TrainConfig, default_lr, stable_hash
+from moebench.config import ModelConfig, TrainConfig, default_lr, stable_hash
 from moebench.data import default_data_dir, effective_corpus, prepare
 from moebench.errors import RunBusy, UserError
 from moebench.presets import DEFAULT_PRESET, EMA_RULE, ema_alpha_for, eval_every, rule_of
 from moebench.registry import SWEEP_VARIANTS, get
 from moebench.results import SCHEMA, append_record, load_records
+# the specs' loading lives in moebench.specs (no torch); its names stay importable from here
+from moebench.specs import REPO_ROOT, Spec, get_ablation, get_spec, load_specs, resolve_variants  # noqa: F401
 from moebench.train import TrainingFailed, run_id_for, train
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SWEEPS_FILE = "lr_sweeps.jsonl"
-
-
-# --- loading the specs -----------------------------------------------------------------------
-@dataclass(frozen=True)
-class Spec:
-    ablation: Ablation
-    path: Path
-    preset_variants: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    preset_baseline: dict[str, str] = field(default_factory=dict)
-    x_axis: str = ""                                  # "", "n_expert", "ratio" or "placement"
-
-    @property
-    def name(self) -> str:
-        return self.ablation.name
-
-    def variants(self, preset: str) -> tuple[str, ...]:
-        return self.preset_variants.get(preset, self.ablation.variants)
-
-    def baseline(self, preset: str) -> str:
-        return self.preset_baseline.get(preset, self.ablation.baseline)
-
-    def preset(self, name: str) -> Preset:
-        if name not in self.ablation.presets:
-            shown = [p for p in self.ablation.presets if not rule_of(p).hidden]
-            close = difflib.get_close_matches(name, shown, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise UserError(f"ablation '{self.name}' has no preset '{name}'{hint} (presets: {', '.join(shown)})")
-        return self.ablation.presets[name]
-
-
-def experiment_dirs() -> list[Path]:
-    """experiments/ next to the package (a source checkout), the copy an installed wheel carries
-    (moebench/_experiments), then ./experiments."""
-    dirs = [REPO_ROOT / "experiments", Path(__file__).parent / "_experiments", Path.cwd() / "experiments"]
-    return list(dict.fromkeys(d.resolve() for d in dirs if d.is_dir()))
-
-
-_SPECS: dict[str, Spec] | None = None
-
-
-def load_specs() -> dict[str, Spec]:
-    global _SPECS
-    if _SPECS is not None:
-        return _SPECS
-    specs: dict[str, Spec] = {}
-    for folder in experiment_dirs():
-        for path in sorted(folder.glob("*.py")):
-            if path.name.startswith("_"):
-                continue
-            module_name = f"moebench_experiments.{path.stem}"
-            spec = importlib.util.spec_from_file_location(module_name, path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            abl = getattr(module, "ABLATION", None)
-            if not isinstance(abl, Ablation):
-                raise UserError(f"{path} defines no ABLATION = Ablation(...)")
-            if abl.name in specs:
-                continue                                   # the checkout's copy wins over ./experiments
-            specs[abl.name] = Spec(abl, path, dict(getattr(module, "PRESET_VARIANTS", {})),
-                                   dict(getattr(module, "PRESET_BASELINE", {})), getattr(module, "X_AXIS", ""))
-    _SPECS = specs
-    return specs
-
-
-def get_spec(name: str) -> Spec:
-    specs = load_specs()
-    if name not in specs:
-        close = difflib.get_close_matches(name, specs, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        known = ", ".join(specs) or f"none found in {REPO_ROOT / 'experiments'} or ./experiments"
-        raise UserError(f"unknown ablation '{name}'{hint} (ablations: {known})")
-    return specs[name]
-
-
-def get_ablation(name: str) -> Ablation:
-    """The ablation named `name`; a bad name suggests close matches."""
-    return get_spec(name).ablation
 
 
 # --- planning --------------------------------------------------------------------------------
@@ -142,21 +64,6 @@ class Plan:
         if not self.n_train_tokens or not self.runs:
             return None
         return max(r.tcfg.tokens for r in self.runs) / self.n_train_tokens
-
-
-def resolve_variants(spec: Spec, preset: str, only: list[str] | None) -> list[str]:
-    names = list(spec.variants(preset))
-    if not only:
-        return names
-    picked = []
-    for want in only:
-        base = want.removesuffix("@tiny")
-        if base not in names:
-            close = difflib.get_close_matches(base, names, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise UserError(f"'{want}' is not a variant of ablation '{spec.name}' at preset {preset}{hint}")
-        picked.append(base)
-    return [n for n in names if n in picked]
 
 
 def data_identity(data_dir: Path, fallback: str) -> tuple[str, int | None]:
@@ -318,7 +225,7 @@ class Hooks:
 
 
 def execute(plan: Plan, *, device: str = "auto", resume: bool = False, hooks: Hooks | None = None,
-            ckpt_every_steps: int = 0) -> list[Outcome]:
+            ckpt_every_steps: int = 0, ckpt_minutes: float | None = None) -> list[Outcome]:
     """Run every planned run that is not done. A failing run (an exception, or a NaN loss:
     TrainingFailed) is recorded and the next one starts; Ctrl-C stops the whole ablation."""
     env.resolve_device(device)                      # a bad device fails once, before any run
@@ -348,7 +255,8 @@ def execute(plan: Plan, *, device: str = "auto", resume: bool = False, hooks: Ho
         progress = (lambda p, run=run: hooks.on_progress(run, p)) if hooks.on_progress else None
         try:
             row = train(run.cfg, run.tcfg, plan.out, resume=run.status == "resume", device=device,
-                        run_tag=run.run_tag, extra=extra, on_progress=progress, ckpt_every_steps=ckpt_every_steps)
+                        run_tag=run.run_tag, extra=extra, on_progress=progress, ckpt_every_steps=ckpt_every_steps,
+                        ckpt_minutes=ckpt_minutes)
             if not math.isfinite(row["metrics"].get("final_smoothed_loss") or math.nan):
                 raise TrainingFailed(f"{run.cfg.name}: final smoothed loss is not finite")
             outcome = Outcome(run, "done", row)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import zipfile
 from pathlib import Path
 
@@ -29,8 +30,16 @@ def load(path: str | Path, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({first[:120]})") from None
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+        lines = [line for line in lines if line] or [type(e).__name__]
+        # weights_only refuses a pickled object in a long message of advice; the line that names
+        # the object is the reason (its own advice starts at "Please use")
+        refused = next((line for line in lines if line.startswith("WeightsUnpickler error:")), None)
+        if refused:
+            what = refused.removeprefix("WeightsUnpickler error:").split(" Please use")[0].strip()
+            raise UserError(f"checkpoint {path} holds objects other than tensors and plain data ({what}): "
+                            f"not a checkpoint written by moebench") from None
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({lines[0]})") from None
 
 
 def rng_state() -> dict:

@@ -51,3 +51,18 @@ def duration(seconds: float | None) -> str:
     if seconds < 2 * 86400:
         return f"{seconds / 3600:.1f}h"
     return f"{seconds / 86400:.1f}d"
+
+
+def parse_ckpt_every(text: str) -> tuple[int, float]:
+    """`--ckpt-every`: '200' -> every 200 steps; '30s', '2m', '1.5h' -> every so many minutes.
+    Returns (steps, minutes): the other one is 0 steps (never by steps) or inf minutes."""
+    t = text.strip().lower()
+    unit = {"s": 1 / 60, "m": 1, "min": 1, "h": 60}
+    suffix = next((u for u in sorted(unit, key=len, reverse=True) if t.endswith(u)), "")
+    try:
+        value = float(t[:len(t) - len(suffix)]) if suffix else int(t)
+    except ValueError:
+        raise UserError(f"bad --ckpt-every '{text}': use steps (200) or a duration (30s, 2m, 1h)") from None
+    if not 0 < value < float("inf"):
+        raise UserError(f"--ckpt-every must be positive and finite, got '{text}'")
+    return (0, value * unit[suffix]) if suffix else (int(value), float("inf"))

@@ -354,7 +354,9 @@ def load_for_generation(path: str, device: str = "auto"):
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit {cfg.name} ({str(e).splitlines()[0][:160]})") from None
+        # torch's first line only names the model; the second says which keys or shapes differ
+        why = "; ".join(line.strip() for line in str(e).splitlines()[:2] if line.strip())
+        raise UserError(f"{path}: weights do not fit {cfg.name} ({why})") from None
     model.eval()
     if dev.type == "cuda":    # bf16 weights: no per-step autocast copies of every expert; graph friendly
         model = cast_for_inference(model, torch.bfloat16)

@@ -4,9 +4,11 @@ often to log and evaluate, and the defaults of `moebench sweep lr`. experiments/
 presets with `presets()`."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 from moebench.config import Preset
+from moebench.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,13 @@ def ema_alpha_for(preset: str, steps: int) -> float:
     return min(0.5, max(0.001, 50 / max(1, steps)))
 
 
+def fitting_preset(tiny: bool, device_type: str) -> str:
+    """The preset whose batch, context and budget `moebench train` takes where they are not given:
+    cpu-tiny for a @tiny twin or on a CPU (a few minutes there), gpu-small for a paper-size model on
+    CUDA (20M tokens, minutes on an H100). The paper's 50M-token default at 64 x 1024 meant hours on a CPU."""
+    return "cpu-tiny" if tiny or device_type != "cuda" else "gpu-small"
+
+
 def eval_every(rule: PresetRule, steps: int, tokens_per_step: int) -> int:
     return max(1, steps // rule.n_evals) * tokens_per_step
 
@@ -98,3 +107,25 @@ def presets(*, paper_tokens: int, with_100m: bool = False) -> dict[str, Preset]:
                                    micro_batch=16, eval_batches=16,
                                    note="100M variants, 30K steps x 1024 x 1024 (micro-batch 16)")
     return out
+
+
+def parse_grid(text: str) -> list[float]:
+    """`sweep lr --grid`: comma-separated peak rates, sorted, each in (0, 1)."""
+    try:
+        grid = sorted({float(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"bad --grid '{text}': use comma-separated rates, e.g. 2.5e-4,5e-4,1e-3") from None
+    if not grid or any(not 0 < g < 1 for g in grid):
+        raise UserError(f"--grid needs rates in (0, 1), got '{text}'")
+    return grid
+
+
+def preset_shape(preset: str) -> Preset:
+    """batch / ctx / scale of a preset (the same in every ablation; only budgets differ)."""
+    table = presets(paper_tokens=1, with_100m=True)
+    if preset not in table:
+        shown = [p for p in table if not rule_of(p).hidden]
+        close = difflib.get_close_matches(preset, shown, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise UserError(f"unknown preset '{preset}'{hint} (presets: {', '.join(shown)})")
+    return table[preset]

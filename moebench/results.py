@@ -36,6 +36,7 @@ import pandas as pd
 from moebench.errors import RunBusy, UserError
 
 SCHEMA = 2
+CKPT_INFO = "checkpoint.json"    # beside a run's ckpt.pt: its step and the run's identity, readable without torch
 BENCH_KINDS = ("bench-train", "bench-moe", "bench-memory", "bench-generate", "bench-multi-gpu")
 BENCH_FILE = "bench.jsonl"
 FILES = {"train": "runs.jsonl", "lr_sweep": "lr_sweeps.jsonl", **{k: BENCH_FILE for k in BENCH_KINDS}}

@@ -21,28 +21,10 @@ from moebench.ablations import SWEEPS_FILE, Hooks, Outcome, PlannedRun, data_ide
 from moebench.config import TrainConfig
 from moebench.data import default_data_dir, effective_corpus, prepare
 from moebench.errors import UserError
-from moebench.presets import ema_alpha_for, eval_every, presets, rule_of
+from moebench.presets import ema_alpha_for, eval_every, preset_shape, rule_of
 from moebench.registry import SWEEP_VARIANTS, get
 from moebench.results import SCHEMA, append_record, load_records
 from moebench.train import TrainingFailed, run_id_for, train
-
-
-def parse_grid(text: str) -> list[float]:
-    try:
-        grid = sorted({float(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise UserError(f"bad --grid '{text}': use comma-separated rates, e.g. 2.5e-4,5e-4,1e-3") from None
-    if not grid or any(not 0 < g < 1 for g in grid):
-        raise UserError(f"--grid needs rates in (0, 1), got '{text}'")
-    return grid
-
-
-def sweep_preset(preset: str):
-    """batch / ctx / scale of a preset (the same in every ablation; only budgets differ)."""
-    table = presets(paper_tokens=1, with_100m=True)
-    if preset not in table:
-        raise UserError(f"unknown preset '{preset}' (presets: {', '.join(p for p in table if not rule_of(p).hidden)})")
-    return table[preset]
 
 
 MAX_EXTENSIONS = 3       # points added beyond a grid edge per sweep, at most
@@ -53,7 +35,7 @@ def sweep_run(name: str, preset: str, lr: float, data_dir: Path, data_id: str, *
     """The short run of variant `name` at rate `lr`: the preset's shapes and evaluation, its sweep
     budget (`tokens` when given). At a preset whose sweep budget is its run budget, this is the
     ablation's seed-`seed` run at that rate, but for its lr_source (ablations.make_plan reuses it)."""
-    p = sweep_preset(preset)
+    p = preset_shape(preset)
     rule = rule_of(preset)
     budget = tokens or rule.sweep_tokens
     steps = budget // (p.batch * p.ctx)
@@ -73,6 +55,9 @@ def sweep_data(preset: str, data_dir: str | Path | None) -> tuple[Path, str, str
     """(data folder, corpus name or "" for --data, data id), the preset's corpus prepared if missing."""
     if data_dir is not None:
         folder, corpus = Path(data_dir).expanduser().absolute(), ""
+        if not (folder / "manifest.json").is_file():      # refused once, not at every rate
+            raise UserError(f"--data {folder}: no prepared data there (no manifest.json); prepare it first: "
+                            f"moebench data prepare --input YOUR_TEXT_FOLDER --out {folder}")
     else:
         corpus, folder = effective_corpus(rule_of(preset).corpus), default_data_dir(rule_of(preset).corpus)
         prepare(corpus=rule_of(preset).corpus, out=folder)
@@ -85,13 +70,14 @@ def sweep_families(variants: list[str], preset: str, grid: list[float] | None = 
     unknown = [f for f in families if f not in SWEEP_VARIANTS]
     if unknown:
         raise UserError(f"no sweep variant for the famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} "
-                        f"(registry.SWEEP_VARIANTS): sweep the variants themselves")
+                        f"registered: sweep the variants themselves (moebench sweep lr VARIANT...)")
     return sweep_lr([SWEEP_VARIANTS[f] for f in families], preset, grid, **kw)
 
 
 def sweep_lr(variants: list[str], preset: str, grid: list[float] | None = None, *, tokens: int | None = None,
              out: str | Path = "results", data_dir: str | Path | None = None, device: str = "auto",
-             seed: int = 0, hooks: Hooks | None = None, compile: bool | None = None) -> list[dict]:
+             seed: int = 0, hooks: Hooks | None = None, compile: bool | None = None, ckpt_every_steps: int = 0,
+             ckpt_minutes: float | None = None) -> list[dict]:
     """Sweep each variant: train every rate of the grid not trained yet (default: the preset's,
     2.5e-4..2e-3 for the paper's shapes, 1e-3..8e-3 for the CPU twins), then, while the best rate
     (lowest final smoothed training loss) lies on an edge, one more rate beyond it (x2 or /2, at most
@@ -100,7 +86,7 @@ def sweep_lr(variants: list[str], preset: str, grid: list[float] | None = None, 
         raise UserError("name at least one variant (or --ablation NAME)")
     out = Path(out)
     dev = env.resolve_device(device)
-    sweep_preset(preset)                                 # a bad preset fails before the data is prepared
+    preset_shape(preset)                                 # a bad preset fails before the data is prepared
     data_dir, corpus, data_id = sweep_data(preset, data_dir)
     envd = env.collect(dev)
     rows = []
@@ -112,7 +98,8 @@ def sweep_lr(variants: list[str], preset: str, grid: list[float] | None = None, 
             for lr in lrs:
                 if lr not in points:
                     run = sweep_run(name, preset, lr, data_dir, data_id, tokens=tokens, seed=seed, compile=compile)
-                    points[lr] = _train_point(run, out / "sweeps", preset, data_id, corpus, device, hooks or Hooks())
+                    points[lr] = _train_point(run, out / "sweeps", preset, data_id, corpus, device, hooks or Hooks(),
+                                              ckpt_every_steps=ckpt_every_steps, ckpt_minutes=ckpt_minutes)
             best = _best(points.values())
             edge = best is not None and len(lrs) > 1 and best["lr"] in (lrs[0], lrs[-1])
             if not edge or extensions == MAX_EXTENSIONS:
@@ -137,7 +124,7 @@ def sweep_lr(variants: list[str], preset: str, grid: list[float] | None = None, 
 
 
 def _train_point(run: PlannedRun, sweep_out: Path, preset: str, data_id: str, corpus: str, device: str,
-                 hooks: Hooks) -> dict:
+                 hooks: Hooks, **ckpt_every) -> dict:
     """One rate: the run's row from sweeps/runs.jsonl when it was trained before, else train it."""
     done = {r["run_key"]: r for r in load_records(sweep_out / "runs.jsonl")
             if r.get("status") == "done" and r.get("run_key")}
@@ -151,7 +138,7 @@ def _train_point(run: PlannedRun, sweep_out: Path, preset: str, data_id: str, co
         progress = (lambda p: hooks.on_progress(run, p)) if hooks.on_progress else None
         try:
             row = train(run.cfg, run.tcfg, sweep_out, resume=resume, device=device, run_tag=run.run_tag,
-                        extra=extra, on_progress=progress)
+                        extra=extra, on_progress=progress, **ckpt_every)
         except KeyboardInterrupt:
             raise
         except TrainingFailed as e:

@@ -1,6 +1,6 @@
 """Train one variant for a fixed token budget with the paper's recipe. No CLI, no plots.
 
-Each run lives in <out>/runs/<run_id>/ (checkpoint, curve.csv, config.json); a finished or failed
+Each run lives in <out>/runs/<run_id>/ (ckpt.pt and checkpoint.json, curve.csv); a finished or failed
 run appends one self-describing row to <out>/runs.jsonl. Launched by torchrun, it trains data-parallel
 (moebench/distributed.py); in one process it is unchanged.
 """
@@ -29,7 +29,10 @@ from moebench.errors import UserError
 from moebench.metrics import EMA
 from moebench.models.lm import build_model, default_loss_chunk, flops_per_token
 from moebench.optim import clip_grad_norm, lr_at, make_optimizer
-from moebench.results import SCHEMA, append_record, run_lock
+from moebench.results import CKPT_INFO, SCHEMA, append_record, run_lock
+
+
+CURVE_EVERY_S = 5.0    # curve.csv is rewritten at a curve point at most this often
 
 
 class TrainingFailed(Exception):
@@ -106,17 +109,24 @@ def compiled_on(tcfg: TrainConfig, dev: torch.device) -> bool:
 
 def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = "results", *, resume: bool = False,
           device: str = "auto", run_tag: str = "", extra: dict | None = None,
-          on_progress: Callable[[Progress], None] | None = None, ckpt_every_steps: int = 0) -> dict:
+          on_progress: Callable[[Progress], None] | None = None, ckpt_every_steps: int = 0,
+          ckpt_minutes: float | None = None) -> dict:
     """Train and return the result row (also appended to <out>/runs.jsonl).
+
+    A checkpoint is due every `ckpt_every_steps` steps (0: never by steps) and every `ckpt_minutes`
+    (None: tcfg.ckpt_minutes), and is written at the next curve point. Neither is part of the run's
+    identity, so a run resumes whatever the cadence it is given.
 
     Once the arguments and the data check out, rank 0 takes the run's lock (results.run_lock) and
     holds it to the end: a second process for the same run fails at once with RunBusy (under
     torchrun, torchrun then stops the other ranks)."""
     with ExitStack() as held:
-        return _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_every_steps, held)
+        return _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_every_steps,
+                      tcfg.ckpt_minutes if ckpt_minutes is None else ckpt_minutes, held)
 
 
-def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_every_steps, held: ExitStack) -> dict:
+def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_every_steps, ckpt_minutes,
+           held: ExitStack) -> dict:
     out = Path(out)
     dist = distributed.from_env()   # rank 0 of 1 unless launched by torchrun: see moebench/distributed.py
     dev = resolve_device(device, dist.local_rank if dist.world > 1 else None)
@@ -194,6 +204,12 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
             "curve": curve, "wall_s": wall, "train_s": train_s, "rng": checkpoint.rng_state(),
             "model_config": cfg.to_dict(), "train_config": tcfg.to_dict(), "world": dist.world})
         _write_curve(run_dir / "curve.csv", curve)
+        # what the checkpoint holds, readable without torch: a report shows a run that has one and
+        # no row as interrupted rather than not run
+        _write_json(run_dir / CKPT_INFO, {
+            "run_id": run_id, "variant": cfg.name, "variant_hash": cfg.config_hash(), "seed": tcfg.seed,
+            "step": step, "steps": steps, "tokens": step * tcfg.batch * tcfg.ctx, "train": tcfg.to_dict(),
+            "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(extra or {})})
 
     def record(status: str, step: int, wall: float, train_s: float, reason: str = "") -> dict:
         tokens = step * tcfg.batch * tcfg.ctx
@@ -244,6 +260,8 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
     t0 = time.perf_counter()
     train_s = train_time_before
     last_ckpt = time.perf_counter()
+    save_s, due = 0.0, False
+    curve_written = -math.inf             # the first point is written at once
     acc = _Interval(dist)
     step = start_step
     try:
@@ -291,15 +309,24 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
                 if dev.type == "cuda":
                     row["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
                 curve.append(row)
+                # curve.csv follows the run (the checkpoint rewrites it too), every few seconds so that
+                # a long curve is not rewritten at every point
+                if dist.is_main and time.perf_counter() - curve_written >= CURVE_EVERY_S:
+                    _write_curve(run_dir / "curve.csv", curve)
+                    curve_written = time.perf_counter()
                 if on_progress and dist.is_main:
                     on_progress(Progress(step, steps, row["tokens"], steps * tcfg.batch * tcfg.ctx,
                                          row["loss"], row["smoothed"], row["tok_s"], row.get("val_loss")))
-            # checkpoints fall on curve points, so no half-accumulated interval is lost on resume
-            due = (ckpt_every_steps and step % ckpt_every_steps == 0) or \
-                (time.perf_counter() - last_ckpt) / 60 >= tcfg.ckpt_minutes
+            # checkpoints fall on curve points, so no half-accumulated interval is lost on resume: one
+            # that falls due between two points waits for the next. The clock leaves 20 save times
+            # between saves, so a model slow to save spends at most ~5% of the run on it
+            due = due or (ckpt_every_steps and step % ckpt_every_steps == 0) or \
+                time.perf_counter() - last_ckpt >= max(60 * ckpt_minutes, 20 * save_s)
             if due and step < steps and step % tcfg.log_every == 0:
-                save_ckpt(step, wall_before + time.perf_counter() - t0, train_s)
+                t_save = time.perf_counter()
+                save_ckpt(step, wall_before + t_save - t0, train_s)
                 last_ckpt = time.perf_counter()
+                save_s, due = last_ckpt - t_save, False
             if dist.any(stop["sig"] is not None, dev):   # all ranks stop together, whichever got the signal
                 if not logged:
                     curve.append(acc.flush(step, step * tcfg.batch * tcfg.ctx, ema.get(), cur_lr))
@@ -372,6 +399,12 @@ class _Interval:
             i += a[0].numel()
             a[1] = flat[i:i + a[1].numel()].reshape(a[1].shape)
             i += a[1].numel()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.replace(path)
 
 
 def _write_curve(path: Path, curve: list[dict]) -> None:

@@ -98,6 +98,16 @@ def test_prepare_txt_folder_and_manifest(tmp_path, txt_folder):
     assert m["sources"]["*.txt"]["tokens"] == {"train": len(train), "val": len(val)}
 
 
+def test_prepare_says_how_far_it_is_off_a_terminal(tmp_path, txt_folder, monkeypatch, capsys):
+    """Piped or logged (capsys is not a terminal), tokenizing prints plain lines, not a bar that
+    shows nothing until the end (here one per batch: the interval is 0)."""
+    monkeypatch.setattr(prepare_module, "PLAIN_EVERY_S", 0.0)
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS_PER_WORKER", 2000)
+    prepare(txt_folder[0], tmp_path / "out", val_frac=0.1, workers=1)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tokenizing: ")]
+    assert len(lines) >= 3 and lines[-1].endswith(" tokens") and "% of the input read" in lines[0], lines
+
+
 def test_prepare_jsonl_gz_and_json_gz(tmp_path):
     docs = make_docs(30, seed=1)
     folder = tmp_path / "c4"

@@ -302,7 +302,8 @@ def test_rank0_alone_writes_rank_independent_state(runs):
     st = ckpt_of(runs / "w2")
     assert st["world"] == 2 and not any(k.startswith("module.") for k in st["model"])
     assert st["sampler"]["step"] == STEPS * 2 and st["sampler"]["batch"] == 2   # global micro batches
-    assert sorted(p.name for p in (runs / "w2").glob("runs/*/*")) == ["ckpt.pt", "curve.csv", "result.json", "train.lock"]
+    assert sorted(p.name for p in (runs / "w2").glob("runs/*/*")) == ["checkpoint.json", "ckpt.pt", "curve.csv",
+                                                                      "result.json", "train.lock"]
 
 
 def test_signal_on_one_rank_stops_both(runs):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "moebench"
 
@@ -169,3 +171,48 @@ def test_every_module_imports_first():
     assert r.returncode == 0 and "FAILED:" in r.stdout, r.stderr[-3000:]
     failed = r.stdout.split("FAILED:")[1].strip()
     assert not failed, f"these modules fail when imported first: {failed}\n{r.stderr[-3000:]}"
+
+
+# --- a bad name or option is refused before torch loads ------------------------------------------
+# torch takes seconds to import (10-35 s on a cold disk): the CLI checks names and options first
+LIGHT_MODULES = ("moebench", "moebench.registry", "moebench.presets", "moebench.specs", "moebench.config",
+                 "moebench.fmt", "moebench.cli")
+
+REFUSE_DRIVER = r"""
+import sys
+sys.argv = ["moebench", *sys.argv[1:]]
+from moebench.cli import main
+try:
+    main()
+except SystemExit as e:
+    print(f"exit={e.code} torch={'torch' in sys.modules}")
+"""
+
+
+def test_the_cli_and_the_registry_import_without_torch():
+    code = f"import sys, importlib; [importlib.import_module(m) for m in {LIGHT_MODULES!r}]; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and r.stdout.strip() == "False", (r.stdout, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "NoSuchVariant"], "unknown variant 'NoSuchVariant'"),
+    (["train", "Mamba_25M@tiny", "--tokens", "lots"], "bad token count 'lots'"),
+    (["train", "Mamba_25M@tiny", "--ckpt-every", "2x"], "bad --ckpt-every '2x'"),
+    (["sweep", "lr", "Mamba_25M", "--ckpt-every", "0"], "--ckpt-every must be positive"),
+    (["run", "architectures", "--preset", "cpu-tin"], "no preset 'cpu-tin'; did you mean cpu-tiny?"),
+    (["run", "no-such-ablation"], "unknown ablation 'no-such-ablation'"),
+    (["run", "experts", "--only", "Mamba_25"], "'Mamba_25' is not a variant of ablation 'experts'"),
+    (["sweep", "lr", "Mamba_25M", "--preset", "gpu-smal"], "unknown preset 'gpu-smal'; did you mean gpu-small?"),
+    (["sweep", "lr", "NoSuchVariant"], "unknown variant 'NoSuchVariant'"),
+    (["list", "--format", "yaml"], "unknown format 'yaml'"),
+    (["bench", "train", "NoSuchVariant"], "unknown variant 'NoSuchVariant'"),
+], ids=lambda x: "-".join(x) if isinstance(x, list) else None)
+def test_a_bad_argument_is_refused_before_torch_loads(argv, message, tmp_path):
+    r = subprocess.run([sys.executable, "-c", REFUSE_DRIVER, *argv, *(["--out", str(tmp_path)] if argv[0] in
+                       ("train", "run") else [])], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+    assert r.stdout.strip().splitlines()[-1:] == ["exit=2 torch=False"], (r.stdout, r.stderr[-2000:])
+    assert r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+    assert not any(tmp_path.iterdir()), "a refused command wrote nothing"

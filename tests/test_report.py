@@ -1,5 +1,6 @@
 """`moebench report` from a fixture results folder (tests/fixtures/experts_gpu-small, written by
 tests/fixtures/make_fixture.py), Kendall's tau, and the paper's numbers as data."""
+import json
 import shutil
 from pathlib import Path
 
@@ -125,6 +126,36 @@ def test_runs_are_shared_between_ablations_by_config_hash(tmp_path):
     md = build_report("ratios", FIXTURE / "runs.jsonl", tmp_path).markdown.read_text()
     assert "| MoE-Mamba_25M-ratio3to3 | 416M |" in md and "rank 3" in md
     assert "542M total parameters" in md and "about 416M" in md
+
+
+def test_a_run_with_a_checkpoint_and_no_row_shows_as_interrupted(tmp_path):
+    """train() writes checkpoint.json beside each checkpoint (tests/test_train.py checks its fields);
+    a variant whose run has one and no finished row was interrupted, not "not run"."""
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results)
+    run = results / "runs" / "ParMoE-Mamba_25M-e2_s0_0123abcd"
+    run.mkdir(parents=True)
+    (run / "checkpoint.json").write_text(json.dumps({
+        "run_id": run.name, "variant": "ParMoE-Mamba_25M-e2", "seed": 0, "step": 200, "steps": 610,
+        "variant_hash": get("ParMoE-Mamba_25M-e2").config_hash(), "train": {"lr_source": "default"},
+        "ablation": "parallel", "preset": "gpu-small", "ablation_variant": "ParMoE-Mamba_25M-e2"}))
+    md = build_report("parallel", results, tmp_path / "reports").markdown.read_text()
+    assert "| ParMoE-Mamba_25M-e2 | — | — | interrupted at step 200/610 (seed 0) |" in md
+    assert "| ParMoE-Mamba_25M-e4 | — | — | not run |" in md
+    # a run that failed (NaN) keeps its last good checkpoint: it is reported as failed, not interrupted
+    failed = {"kind": "train", "status": "failed", "reason": "non-finite loss nan at step 201", "preset": "gpu-small",
+              "run_id": run.name, "variant": "ParMoE-Mamba_25M-e2", "seed": 0, "ablation_variant": "ParMoE-Mamba_25M-e2",
+              "variant_hash": get("ParMoE-Mamba_25M-e2").config_hash(), "train": {"lr_source": "default"}}
+    with open(results / "runs.jsonl", "a") as f:
+        f.write(json.dumps(failed) + "\n")
+    md = build_report("parallel", results, tmp_path / "reports").markdown.read_text()
+    assert "interrupted" not in md and "ParMoE-Mamba_25M-e2 seed 0: non-finite loss nan at step 201" in md
+    (results / "runs.jsonl").write_text((FIXTURE / "runs.jsonl").read_text())
+    # another preset's checkpoint says nothing about this report's runs
+    (run / "checkpoint.json").write_text(json.dumps({**json.loads((run / "checkpoint.json").read_text()),
+                                                     "preset": "cpu-tiny"}))
+    md = build_report("parallel", results, tmp_path / "reports").markdown.read_text()
+    assert "| ParMoE-Mamba_25M-e2 | — | — | not run |" in md
 
 
 def test_report_without_results_says_so(tmp_path, cli_main):

@@ -6,12 +6,14 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ from moebench import checkpoint
 from moebench.data import TokenData, val_batches
 from moebench.errors import UserError
 from moebench.registry import get
-from moebench.results import SCHEMA, load_frame, load_records
+from moebench.results import CKPT_INFO, SCHEMA, load_frame, load_records
 from moebench.train import TrainingFailed, compiled_on, run_id_for, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -233,6 +235,92 @@ def test_sigkill_then_resume_gives_the_uninterrupted_curve(finished_run, tmp_pat
     assert len(rows) == 1 and rows[0]["status"] == "done"
 
 
+def test_cli_ckpt_every_sigkill_then_resume_gives_the_uninterrupted_curve(text_data, tmp_path, sub_env, curve_reader,
+                                                                        cli_main):
+    """`moebench train --ckpt-every 10` in its own process, killed once its first checkpoint is on disk;
+    `--resume` (with another cadence: not part of the run's identity) finishes with the curve of an
+    uninterrupted run."""
+    args = ["train", "Mamba_25M@tiny", "--tokens", str(40 * 2 * 16), "--batch", "2", "--ctx", "16", "--lr", "3e-3",
+            "--device", "cpu", "--data", text_data]
+    out = tmp_path / "killed"
+    log = tmp_path / "killed.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen([sys.executable, "-m", "moebench", *args, "--out", str(out), "--ckpt-every", "10"],
+                             cwd=Path(train_module.__file__).parents[1], env=sub_env, stdout=f,
+                             stderr=subprocess.STDOUT)
+    try:
+        t0 = time.monotonic()
+        while not list(out.glob("runs/*/ckpt.pt")):
+            assert p.poll() is None, f"the run ended before its first checkpoint: {log.read_text()[-2000:]}"
+            assert time.monotonic() - t0 < 120, "no checkpoint after 120 s"
+            time.sleep(0.02)
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert not (out / "runs.jsonl").exists(), "the run finished before it was killed: nothing was tested"
+    (ckpt,) = out.glob("runs/*/ckpt.pt")
+    saved = checkpoint.load(ckpt)["step"]
+    assert saved in (10, 20, 30), saved
+    # its output went to a file, not a terminal: plain progress lines, not a bar drawn in place
+    assert re.search(r"^Mamba_25M@tiny: step \d+/40 \(\d+%\), loss [\d.]+, smoothed [\d.]+, val [\d.]+, [\d,]+ tok/s, "
+                     r"ETA \S+$", log.read_text(), re.M), log.read_text()[-2000:]
+
+    code, _, stderr = cli_main([*args, "--out", str(out), "--resume", "--ckpt-every", "5m"])
+    assert code == 0, stderr
+    assert "Mamba_25M@tiny: step 40/40 (100%)" in stderr, stderr
+    code, _, stderr = cli_main([*args, "--out", str(tmp_path / "whole")])
+    assert code == 0, stderr
+    (resumed,), (whole,) = load_records(out / "runs.jsonl"), load_records(tmp_path / "whole" / "runs.jsonl")
+    assert resumed["run_id"] == whole["run_id"] and resumed["status"] == "done"
+    assert_same_curve(curve_reader(resumed["curve"]), curve_reader(whole["curve"]),
+                      f"moebench train killed after its step-{saved} checkpoint, resumed, vs uninterrupted")
+    for key in ("tokens", "steps", "final_smoothed_loss", "final_train_loss", "val_loss"):
+        assert resumed["metrics"][key] == pytest.approx(whole["metrics"][key], abs=1e-6), key
+
+
+def test_ckpt_minutes_saves_at_the_next_curve_point(tiny_tcfg, tmp_path):
+    """A checkpoint due by the clock (here at once: 0 minutes) is written at the next curve point
+    (every 5 steps); the default, tcfg.ckpt_minutes (10), writes none in a run of seconds."""
+    cfg, tcfg = get("Mamba_25M@tiny"), tiny_tcfg(steps=12)
+    seen = {}
+    for minutes in (0, None):
+        ckpt = run_dir(tmp_path / str(minutes), cfg, tcfg) / "ckpt.pt"
+
+        def on_progress(p, ckpt=ckpt, minutes=minutes):
+            seen[(minutes, p.step)] = checkpoint.load(ckpt)["step"] if ckpt.exists() else None
+        train(cfg, tcfg, out=tmp_path / str(minutes), device="cpu", on_progress=on_progress, ckpt_minutes=minutes)
+    assert (seen[(0, 10)], seen[(None, 10)]) == (5, None), seen
+
+
+def test_curve_csv_follows_the_run_before_any_checkpoint(tiny_tcfg, tmp_path, monkeypatch, curve_reader):
+    """curve.csv is there from the first curve point on, long before the first checkpoint (10
+    minutes): a user can watch it. With the interval at 0 it holds every point so far."""
+    monkeypatch.setattr(train_module, "CURVE_EVERY_S", 0.0)
+    cfg, tcfg = get("Mamba_25M@tiny"), tiny_tcfg(steps=10)
+    folder = run_dir(tmp_path, cfg, tcfg)
+    seen = {}
+
+    def on_progress(p):
+        seen[p.step] = ([int(r["step"]) for r in curve_reader(folder / "curve.csv")],
+                        (folder / "ckpt.pt").exists())
+    train(cfg, tcfg, out=tmp_path, device="cpu", on_progress=on_progress)
+    points = sorted(seen)
+    assert len(points) >= 2 and points[-1] == 10, points
+    for step in points:
+        assert seen[step] == ([p for p in points if p <= step], False), (step, seen[step])
+
+
+@pytest.mark.parametrize("every, message", [("0", "must be positive"), ("2x", "bad --ckpt-every '2x'"),
+                                            ("1.5", "bad --ckpt-every '1.5'")])
+def test_a_bad_ckpt_every_is_one_line(every, message, cli_main, tmp_path):
+    for command in (["train", "Mamba_25M@tiny"], ["run", "architectures"], ["sweep", "lr", "Mamba_25M"]):
+        code, stdout, stderr = cli_main([*command, "--ckpt-every", every, "--out", str(tmp_path)])
+        assert code == 2 and stderr.startswith("error: ") and message in stderr, (command, stderr)
+        assert len(stderr.strip().splitlines()) == 1 and stdout == "", (command, stderr)
+    assert not any(tmp_path.iterdir())
+
+
 # --- SIGTERM mid-step (in process): checkpoint, KeyboardInterrupt, resume ----------------------------
 def test_sigterm_mid_step_saves_and_resume_matches_uninterrupted(finished_run, tmp_path, capture_model,
                                                                 curve_reader):
@@ -259,6 +347,10 @@ def test_sigterm_mid_step_saves_and_resume_matches_uninterrupted(finished_run, t
     ckpt = run_dir(out, cfg, tcfg) / "ckpt.pt"
     assert checkpoint.load(ckpt)["step"] == 12
     assert not (out / "runs.jsonl").exists(), "an interrupted run appends no row"
+    # what a report reads to show the run as interrupted (report/ablation.interrupted_runs)
+    info = json.loads((ckpt.parent / CKPT_INFO).read_text())
+    assert (info["step"], info["steps"], info["seed"]) == (12, 30, tcfg.seed)
+    assert info["variant_hash"] == cfg.config_hash() and info["train"] == json.loads(json.dumps(tcfg.to_dict()))
 
     row = train(cfg, tcfg, out=out, device="cpu", resume=True)
     assert row["status"] == "done" and row["metrics"]["steps"] == ref_row["metrics"]["steps"]

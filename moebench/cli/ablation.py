@@ -1,5 +1,7 @@
 """`moebench ablations | run | report | sweep lr`: the paper's tables as runnable studies.
-Its `app` is merged into the main one; each command parses and calls the library."""
+Its `app` is merged into the main one; each command parses and calls the library. What loads torch
+(training, planning, reports) is imported inside the commands, after names and options check out,
+so that a typo is refused at once."""
 from __future__ import annotations
 
 from typing import Annotated, Optional
@@ -7,17 +9,13 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from moebench.ablations import Hooks, Plan, ensure_data, execute, get_spec, load_specs, make_plan
-from moebench.cli.common import err, out, progress_bar, split_list
+from moebench.cli.common import CKPT_EVERY, CkptEveryOpt, err, out, split_list
+from moebench.cli.progress import TrainingProgress
 from moebench.errors import UserError
-from moebench.estimate import estimate_plan
-from moebench.fmt import duration, human, parse_tokens
-from moebench.presets import DEFAULT_PRESET, PRESET_RULES, PUBLIC_PRESETS, rule_of
-from moebench.report.ablation import build_report
-from moebench.report.bench import render_bench_report
-from moebench.report.claims import build_claims
-from moebench.report.trend import DEFAULT_PAIR, build_trend
-from moebench.sweep import parse_grid, sweep_families, sweep_lr
+from moebench.fmt import duration, human, parse_ckpt_every, parse_tokens
+from moebench.presets import DEFAULT_PRESET, PRESET_RULES, PUBLIC_PRESETS, parse_grid, preset_shape, rule_of
+from moebench.registry import get
+from moebench.specs import get_spec, load_specs, resolve_variants
 
 
 def _grid_help() -> str:
@@ -70,24 +68,31 @@ def run_cmd(
     tokens: Annotated[Optional[str], typer.Option(help="override the preset's tokens per run: 200k, 20M")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step "
                                                     "(default: on CUDA, not on a CPU)")] = None,
+    ckpt_every: CkptEveryOpt = CKPT_EVERY,
 ):
     """Run an ablation's variants at a preset: prepares the data if missing, skips runs already done.
 
     Examples: moebench run architectures --dry-run; moebench run experts --preset gpu-small --seeds 2
     """
+    spec = get_spec(ablation)
+    spec.preset(preset)
+    resolve_variants(spec, preset, split_list(only))
+    budget = parse_tokens(tokens) if tokens else None
+    every = parse_ckpt_every(ckpt_every)
+    from moebench.ablations import make_plan
     plan = make_plan(ablation, preset, only=split_list(only), seeds=seeds, lr_source=lr_source, out=out_dir,
-                     data_dir=data, tokens=parse_tokens(tokens) if tokens else None, allow_repeat=allow_repeat,
-                     compile=compile)
+                     data_dir=data, tokens=budget, allow_repeat=allow_repeat, compile=compile)
     if dry_run:
         print_plan(plan, device)
         return
+    from moebench.ablations import ensure_data
     ensure_data(plan)
     todo = [r for r in plan.runs if r.status in ("todo", "resume")]
     done = len(plan.runs) - len(todo)
     err.print(f"{ablation} at {preset}: {len(plan.runs)} runs, {done} already done, {len(todo)} to run; "
               f"data {plan.data_dir} ({plan.data_id}); results in {plan.out}", highlight=False, soft_wrap=True)
     try:
-        outcomes = _execute_with_progress(plan, todo, device, resume)
+        outcomes = _execute_with_progress(plan, todo, device, resume, every)
     except KeyboardInterrupt as e:
         err.print(f"[yellow]{e or 'interrupted'}[/yellow]; continue with: moebench run {ablation} --preset {preset} "
                   f"--resume", highlight=False, soft_wrap=True)
@@ -110,36 +115,27 @@ def run_cmd(
         raise typer.Exit(1)
 
 
-def _execute_with_progress(plan: Plan, todo: list, device: str, resume: bool) -> list:
-    total = sum(r.tcfg.tokens for r in todo) or 1
-    finished = {"tokens": 0}
-    with progress_bar() as bar:
-        overall = bar.add_task(f"{plan.ablation} ({len(todo)} runs)", total=total, stats="")
-        current = {}
+def _execute_with_progress(plan, todo: list, device: str, resume: bool, every: tuple[int, float]) -> list:
+    from moebench.ablations import Hooks, execute
+    with TrainingProgress(f"{plan.ablation} ({len(todo)} runs)", sum(r.tcfg.tokens for r in todo)) as shown:
+        def label(run):
+            n = next((i + 1 for i, r in enumerate(todo) if r is run), None)
+            return f"{run.variant} s{run.tcfg.seed}" + (f" ({n} of {len(todo)})" if n else "")
 
         def on_start(run):
-            current["task"] = bar.add_task(f"  {run.variant} s{run.tcfg.seed}", total=run.tcfg.tokens, stats="")
-
-        def on_progress(run, p):
-            val = f" val {p.val_loss:.3f}" if p.val_loss is not None else ""
-            bar.update(current["task"], completed=p.tokens, total=p.total_tokens,
-                       stats=f"loss {p.loss:.3f} smoothed {p.smoothed:.3f}{val} {p.tok_s:,.0f} tok/s")
-            bar.update(overall, completed=finished["tokens"] + p.tokens)
+            shown.start(label(run), run.tcfg.tokens)
 
         def on_end(o):
             if o.status == "reused":              # not in the total: nothing trained
                 return
-            finished["tokens"] += o.run.tcfg.tokens
-            bar.update(overall, completed=finished["tokens"],
-                       stats=f"last: {o.run.variant} {o.status}")
-            if "task" in current:
-                bar.update(current["task"], stats=o.status if o.status != "done" else
-                           f"smoothed {o.row['metrics']['final_smoothed_loss']:.3f}")
-                current.pop("task")
-        return execute(plan, device=device, resume=resume, hooks=Hooks(on_start, on_progress, on_end))
+            shown.end(o.status if o.status != "done" else f"done, smoothed loss "
+                      f"{o.row['metrics']['final_smoothed_loss']:.3f}", o.run.tcfg.tokens, label(o.run))
+        return execute(plan, device=device, resume=resume, hooks=Hooks(on_start, lambda run, p: shown.update(p), on_end),
+                       ckpt_every_steps=every[0], ckpt_minutes=every[1])
 
 
-def print_plan(plan: Plan, device: str) -> None:
+def print_plan(plan, device: str) -> None:
+    from moebench.estimate import estimate_plan
     est = estimate_plan(plan, device)
     table = Table(title=f"moebench run {plan.ablation} --preset {plan.preset} (dry run; baseline {plan.baseline})")
     for col in ("variant", "seed", "status", "tokens", "steps", "batch x ctx", "params", "active",
@@ -176,7 +172,7 @@ def report_cmd(
     results: Annotated[str, typer.Option(help="the results file (or its folder)")] = "results/runs.jsonl",
     preset: Annotated[Optional[str], typer.Option(help="which preset's rows (default: the one with most rows)")] = None,
     lr_source: Annotated[Optional[str], typer.Option(help="only rows trained at default | sweep rates (default: the latest row)")] = None,
-    pair: Annotated[str, typer.Option(help="report trend: VARIANT,BASELINE")] = ",".join(DEFAULT_PAIR),
+    pair: Annotated[Optional[str], typer.Option(help="report trend: VARIANT,BASELINE (default: MoE-Mamba_25M,Mamba_25M)")] = None,
 ):
     """Write reports/ABLATION.md and PNGs from the results file only; `report bench` the benchmarks,
     `report trend` a pair's gap against the training budget (every budget it ran at), `report claims`
@@ -185,18 +181,23 @@ def report_cmd(
     Example: moebench report experts --preset gpu-small --lr-source sweep
     """
     if ablation == "claims":
+        from moebench.report.claims import build_claims
         out.print(str(build_claims(results, out_dir, preset)), highlight=False)
         return
     if ablation == "trend":
-        names = split_list(pair) or []
-        if len(names) != 2:
+        from moebench.report.trend import DEFAULT_PAIR, build_trend
+        names = split_list(pair) if pair is not None else list(DEFAULT_PAIR)
+        if not names or len(names) != 2:
             raise UserError(f"--pair takes two variants, VARIANT,BASELINE; got '{pair}'")
         out.print(str(build_trend(results, out_dir, (names[0], names[1]))), highlight=False)
         return
     if ablation == "bench":       # the benchmark rows (RESULTS/bench.jsonl), not an ablation
+        from moebench.report.bench import render_bench_report
         folder = "results" if results == "results/runs.jsonl" else results
         out.print(str(render_bench_report(folder, out_dir)), highlight=False)
         return
+    get_spec(ablation)
+    from moebench.report.ablation import build_report
     rep = build_report(ablation, results=results, out=out_dir, preset=preset, lr_source=lr_source)
     for w in rep.warnings:
         err.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
@@ -217,6 +218,7 @@ def sweep_lr_cmd(
     data: Annotated[Optional[str], typer.Option(help="a prepared data folder instead of the preset's corpus")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step "
                                                     "(default: on CUDA, not on a CPU)")] = None,
+    ckpt_every: CkptEveryOpt = CKPT_EVERY,
 ):
     """Short runs at each rate of a log grid (extended past an edge while the best rate sits on it);
     records the best rate by the final smoothed training loss per variant in OUT/lr_sweeps.jsonl.
@@ -227,19 +229,26 @@ def sweep_lr_cmd(
     family_of = list(get_spec(ablation).variants(preset)) if ablation else []
     if not names and not family_of:
         raise UserError("name variants to sweep, or --ablation NAME (one sweep per family of its variants)")
+    for name in names:
+        get(name)
+    preset_shape(preset)
     lrs = parse_grid(grid) if grid else list(rule_of(preset).sweep_grid)
-    with progress_bar() as bar:
-        current = {}
-
+    budget = parse_tokens(tokens) if tokens else None
+    every_steps, every_minutes = parse_ckpt_every(ckpt_every)
+    from moebench.ablations import Hooks
+    from moebench.sweep import sweep_families, sweep_lr
+    with TrainingProgress() as shown:
         def on_start(run):
-            current["task"] = bar.add_task(f"{run.variant} lr {run.tcfg.lr:g}", total=run.tcfg.tokens, stats="")
+            shown.start(f"{run.variant} lr {run.tcfg.lr:g}", run.tcfg.tokens)
 
-        def on_progress(run, p):
-            bar.update(current["task"], completed=p.tokens, stats=f"loss {p.loss:.3f} smoothed {p.smoothed:.3f}")
+        def on_end(o):
+            shown.end(f"done, smoothed loss {o.row['metrics']['final_smoothed_loss']:.3f}" if o.row else
+                      f"failed: {o.error}")
 
         try:
-            kw = dict(tokens=parse_tokens(tokens) if tokens else None, out=out_dir, data_dir=data, device=device, compile=compile,
-                      hooks=Hooks(on_start, on_progress, None))
+            kw = dict(tokens=budget, ckpt_every_steps=every_steps, ckpt_minutes=every_minutes, out=out_dir,
+                      data_dir=data, device=device, compile=compile,
+                      hooks=Hooks(on_start, lambda run, p: shown.update(p), on_end))
             rows = (sweep_families(family_of, preset, lrs, **kw) if family_of else []) + \
                 (sweep_lr(names, preset, lrs, **kw) if names else [])
         except KeyboardInterrupt:

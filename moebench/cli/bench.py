@@ -1,26 +1,20 @@
 """`moebench bench train|moe|memory|generate`: each command parses its options and calls one benchmark
 of moebench.bench, which appends one row per measured point to RESULTS/bench.jsonl; a progress line
-per point goes to stderr and the session's table to stdout."""
+per point goes to stderr and the session's table to stdout. The benchmarks (and torch) are imported
+inside the commands, once the options check out."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from moebench.bench.generate import bench_generate
-from moebench.bench.memory import bench_memory
-from moebench.bench.moe_layer import bench_moe
-from moebench.bench.train_step import bench_train
 from moebench.cli.common import err, out
 from moebench.errors import UserError
 from moebench.registry import get
-from moebench.report.bench import by_session, group_tables, session_label, table, table_notes
-from moebench.report.figures import figure_stem, plot_bench_memory
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Throughput, memory and decoding benchmarks; one row per measured point in "
@@ -85,6 +79,7 @@ def _show(rows: list[dict], fmt: str, results: str) -> None:
     if fmt == "json":
         print(json.dumps(rows, indent=1, default=str))
         return
+    from moebench.report.bench import by_session, group_tables, session_label, table, table_notes
     sessions = by_session(rows)
     for t in group_tables(rows):
         title, cols, body = table(t, sessions)
@@ -99,6 +94,7 @@ def _show(rows: list[dict], fmt: str, results: str) -> None:
 
 
 def _cuda_required(device: str):
+    import torch
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' requested but CUDA is not available here")
 
@@ -125,8 +121,9 @@ def train_cmd(
     Examples: moebench bench train MoE-Mamba_25M-e32 Mamba_25M;  moebench bench train Mamba_25M@tiny --device cpu --dtype fp32
     """
     _check(fmt, dtype, impl, moe_impl)
-    _cuda_required(device)
     cfgs = _variants(variants)
+    _cuda_required(device)
+    from moebench.bench.train_step import bench_train
     rows = bench_train(cfgs, batch=batch, ctx=ctx, dtype=dtype, compile=compile, steps=steps, warmup=warmup,
                        device=device, impl=impl, moe_impl=moe_impl, loss_chunk=loss_chunk, baselines=baselines,
                        results=results, on_point=_on_point)
@@ -154,9 +151,10 @@ def moe_cmd(
     Example: moebench bench moe --tokens 32768 --experts 32
     """
     _check(fmt, dtype)
-    _cuda_required(device)
     if not 1 <= top_k <= experts:
         raise UserError(f"need 1 <= top-k <= experts, got {top_k} and {experts}")
+    _cuda_required(device)
+    from moebench.bench.moe_layer import bench_moe
     rows = bench_moe(tokens=tokens, d=d, hidden=hidden, experts=experts, top_k=top_k,
                      capacity_factor=capacity_factor or None, dtype=dtype, steps=steps, warmup=warmup,
                      device=device, loop=loop, results=results, on_point=_on_point)
@@ -184,11 +182,14 @@ def memory_cmd(
     Example: moebench bench memory --lengths 1024,4096,16384,65536
     """
     _check(fmt, dtype, impl, moe_impl)
-    _cuda_required(device)
     cfgs, lens = _variants(variants), _ints(lengths, "lengths")
+    _cuda_required(device)
+    from moebench.bench.memory import bench_memory
     rows = bench_memory(cfgs, lengths=lens, batch=batch, dtype=dtype, device=device, impl=impl,
                         moe_impl=moe_impl, repeats=repeats, results=results, on_point=_on_point)
     if plots:
+        from moebench.report.bench import group_tables
+        from moebench.report.figures import figure_stem, plot_bench_memory
         Path(plots).mkdir(parents=True, exist_ok=True)
         for t in group_tables(rows):
             p = plot_bench_memory(t.rows, Path(plots) / f"{figure_stem(t.kind, t.key, t.device, [t.key])}.png")
@@ -217,10 +218,14 @@ def generate_bench_cmd(
     Example: moebench bench generate --prompt-len 8192 --batch 64 --cuda-graph
     """
     _check(fmt, dtype, impl, moe_impl)
-    _cuda_required(device)
-    if cuda_graph and (device == "cpu" or not torch.cuda.is_available()):
-        raise UserError("--cuda-graph needs a CUDA device")
     cfgs, lens = _variants(variants), _ints(prompt_len, "prompt lengths")
+    if cuda_graph and device == "cpu":
+        raise UserError("--cuda-graph needs a CUDA device")
+    _cuda_required(device)
+    import torch
+    if cuda_graph and not torch.cuda.is_available():
+        raise UserError("--cuda-graph needs a CUDA device")
+    from moebench.bench.generate import bench_generate
     rows = bench_generate(cfgs, prompt_lens=lens, gen_len=gen_len, batch=batch, cuda_graph=cuda_graph,
                           dtype=dtype, device=device, impl=impl, moe_impl=moe_impl, results=results,
                           on_point=_on_point)

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from moebench.cli.common import out
-from moebench.results import import_rows, migrate_legacy
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Bring rows into results/: old benchmark records, rows from another machine.")
@@ -25,6 +24,7 @@ def migrate_cmd(
 
     Example: moebench results migrate results/bench && git rm results/bench/*.json
     """
+    from moebench.results import migrate_legacy     # pandas: loaded by the commands that use it
     n = migrate_legacy(folder, results)
     out.print(f"{n['points']} points of {n['files']} records: {n['current']} appended to {Path(results) / 'bench.jsonl'}, "
               f"{n['archived']} to {Path(results) / 'archive' / 'bench.jsonl'}, {n['skipped']} there already; "
@@ -41,6 +41,7 @@ def import_cmd(
 
     Example: moebench results import /tmp/gpu-out/bench.jsonl && moebench report bench
     """
+    from moebench.results import import_rows
     n = import_rows(files, results)
     added = ", ".join(f"{v} to {Path(results) / k}" for k, v in n.items() if k != "skipped") or "nothing"
     out.print(f"appended {added}; {n['skipped']} rows there already", highlight=False, soft_wrap=True)

@@ -45,6 +45,17 @@ class Split:
         return np.concatenate(parts)
 
 
+def prepare_command(folder: Path) -> str:
+    """The command that (re)builds `folder`, with its corpus or input when its manifest names them."""
+    try:
+        m = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        m = {}
+    m = m if isinstance(m, dict) else {}
+    source = f"--corpus {m['corpus']}" if m.get("corpus") else f"--input {m.get('input') or 'YOUR_TEXT_FOLDER'}"
+    return f"moebench data prepare {source} --out {folder}"
+
+
 class TokenData:
     """A folder written by prepare(): `train` and `val` splits, the `manifest`, `n_train_tokens`.
     Every shard's size is checked against the manifest; `verify=True` also checks its sha256."""
@@ -53,14 +64,15 @@ class TokenData:
         self.dir = Path(folder).expanduser().absolute()
         path = self.dir / "manifest.json"
         if not path.is_file():
-            raise UserError(f"no prepared data in {self.dir} (no manifest.json): prepare it first (moebench.data.prepare)")
+            raise UserError(f"no prepared data in {self.dir} (no manifest.json): prepare it first: {prepare_command(self.dir)}")
         try:
             self.manifest = json.loads(path.read_text())
             fmt, splits = self.manifest["format"], self.manifest["splits"]
         except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path} is corrupt ({e}): prepare the data again") from None
+            raise UserError(f"{path} is corrupt ({e}): prepare the data again: {prepare_command(self.dir)}") from None
         if fmt != FORMAT:
-            raise UserError(f"{self.dir} was prepared in format {fmt}; this moebench reads format {FORMAT}: prepare it again")
+            raise UserError(f"{self.dir} was prepared in format {fmt}; this moebench reads format {FORMAT}: prepare it "
+                            f"again: {prepare_command(self.dir)}")
         self.train = self._open(splits["train"]["shards"], verify)
         self.val = self._open(splits["val"]["shards"], verify)
         self.n_train_tokens, self.n_val_tokens = len(self.train), len(self.val)
@@ -74,11 +86,12 @@ class TokenData:
             size = path.stat().st_size if path.is_file() else None
             if size != shard["bytes"]:
                 raise UserError(f"{path}: {'missing' if size is None else f'{size} bytes'}, the manifest says "
-                                f"{shard['bytes']}: the data is incomplete or corrupt, prepare it again")
+                                f"{shard['bytes']}: the data is incomplete or corrupt, prepare it again: {prepare_command(self.dir)}")
             if verify:
                 with open(path, "rb") as f:
                     if hashlib.file_digest(f, "sha256").hexdigest() != shard["sha256"]:
-                        raise UserError(f"{path}: sha256 differs from the manifest's: prepare the data again")
+                        raise UserError(f"{path}: sha256 differs from the manifest's: prepare the data again: "
+                                        f"{prepare_command(self.dir)}")
             arrays.append(np.memmap(path, dtype="<u2", mode="r") if shard["bytes"] else np.zeros(0, np.uint16))
         return Split(arrays)
 

@@ -40,6 +40,7 @@ SHARD_TOKENS = 1 << 27       # 256 MiB per shard
 PIECE_CHARS = 1 << 19        # long documents are encoded in pieces of about this size, on all cores
 BATCH_CHARS_PER_WORKER = 1 << 20
 MAX_CHARS_PER_TOKEN = 8      # with max_tokens, read at most this many characters per wanted token
+PLAIN_EVERY_S = 10.0         # off a terminal, a progress line at most this often
 SPLIT_RULE = ("near-duplicate documents dropped (see near_duplicates); every document, EOT first, cut into "
               f"chunks of at most {CHUNK_TOKENS} tokens; per source, chunks in a random order seeded by the "
               "source's name join val while it holds less than val_frac of the source's tokens; each split "
@@ -187,7 +188,9 @@ def _read_and_encode(sources: list[Source], max_tokens: int | None, workers: int
     columns = (TextColumn("[bold]tokenizing"), BarColumn(), TaskProgressColumn(),
                TextColumn("{task.fields[tokens]:,} tokens"), TimeElapsedColumn(), TimeRemainingColumn())
     batches = _batches(sources, quotas, BATCH_CHARS_PER_WORKER * workers)
-    with Progress(*columns, console=console, disable=not progress) as bar, ThreadPoolExecutor(workers) as pool, \
+    # off a terminal (a pipe, a log) the bar shows nothing until the end: a plain line now and then instead
+    plain, said = progress and not console.is_terminal, time.monotonic()
+    with Progress(*columns, console=console, disable=not progress or plain) as bar, ThreadPoolExecutor(workers) as pool, \
             _no_tokenizers_parallelism(), ExitStack() as stack:
         task = bar.add_task("", total=sum(sizes), tokens=0)
         for batch, pos in stack.enter_context(closing(_prefetch(batches))):   # closed (reader stopped) on errors too
@@ -201,6 +204,10 @@ def _read_and_encode(sources: list[Source], max_tokens: int | None, workers: int
                 shingles[si].append(sampled_shingles(words(doc)))
                 have[si] += len(ids) + 1                       # with the EOT it gets in the split
             bar.update(task, completed=pos, tokens=sum(have))
+            if plain and time.monotonic() - said >= PLAIN_EVERY_S:
+                console.print(f"tokenizing: {pos / max(sum(sizes), 1):.0%} of the input read, {sum(have):,} tokens",
+                              highlight=False)
+                said = time.monotonic()
         bar.update(task, completed=sum(sizes))
     return docs, shingles
 

@@ -7,13 +7,14 @@ change, when its variant name matches (with a warning).
 """
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from moebench import paper
-from moebench.ablations import Spec, get_spec, load_sweeps
+from moebench.ablations import load_sweeps
 from moebench.errors import UserError
 from moebench.fmt import human
 from moebench.presets import EMA_RULE, rule_of
@@ -22,7 +23,8 @@ from moebench.report.compare import (VariantResult, compute_paired, compute_spee
                                       read_curve, speedup_cell)
 from moebench.report.figures import ablation_figures
 from moebench.report.stats import fmt_ms, fmt_paired, mean_std
-from moebench.results import load_records
+from moebench.results import CKPT_INFO, load_records
+from moebench.specs import Spec, get_spec
 
 PROVENANCE_KEYS = {  # what a report states and warns about when its rows differ
     "device": lambda r: (r.get("env") or {}).get("device_name"),
@@ -128,7 +130,31 @@ def collect(spec: Spec, preset: str, rows: list[dict], results_dir: Path,
             warnings.append(f"no curve.csv for {v} seed {seed} (run {r.get('run_id')}): no speedup or curve plot")
     failed = [f for f in failed if not any((f.get("ablation_variant") or f.get("variant")) == v and f.get("seed") == s
                                            for (v, s) in latest)]
+    failed_ids = {f.get("run_id") for f in failed}    # a failed run keeps its last good checkpoint too
+    for info in interrupted_runs(results_dir, preset, lr_source):
+        if info.get("run_id") in failed_ids:
+            continue
+        for v in by_hash.get(info.get("variant_hash"), []):
+            if (v, info.get("seed", 0)) not in latest:
+                out[v].interrupted.append(info)
     return out, warnings, failed
+
+
+def interrupted_runs(results_dir: Path, preset: str, lr_source: str | None = None) -> list[dict]:
+    """The checkpoint.json of every run at `preset` under results_dir/runs: a run that has one and no
+    finished row stopped (Ctrl-C, a kill, a crash) before its end; `--resume` continues it."""
+    found = []
+    for path in sorted((results_dir / "runs").glob(f"*/{CKPT_INFO}")):
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(info, dict) or info.get("preset") != preset:
+            continue
+        if lr_source and (info.get("train") or {}).get("lr_source") != lr_source:
+            continue
+        found.append(info)
+    return found
 
 
 # --- the report --------------------------------------------------------------------------------
@@ -220,7 +246,11 @@ def _markdown(spec, preset, res, baseline, prows, provenance, warnings, failed, 
             (f"{pr.loss:.2f}" if pr.loss is not None else f"rank {pr.rank}" if pr.rank else "—") if pr else "—",
             (pr.speedup_text or "—") if pr else "—"]
         if not v.rows:
-            lines.append("| " + " | ".join([v.name, "—", "—", "not run", "—", "—", "—", "0", "—", "—"] + paper_cols) + " |")
+            state = "not run"
+            if v.interrupted:
+                state = "interrupted at " + ", ".join(f"step {i['step']}/{i['steps']} (seed {i.get('seed', 0)})"
+                                                      for i in sorted(v.interrupted, key=lambda i: i.get("seed", 0)))
+            lines.append("| " + " | ".join([v.name, "—", "—", state, "—", "—", "—", "0", "—", "—"] + paper_cols) + " |")
             continue
         r0 = v.rows[0]
         ppl = mean_std([math.exp(x) for x in v.metric("val_loss")])

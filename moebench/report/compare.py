@@ -26,6 +26,7 @@ class VariantResult:
     speedup_reason: str = ""
     speedup_of_means: float | None = None         # speedup of the seed-mean curves
     paired: Paired | None = None                  # final loss minus the baseline's, over common seeds
+    interrupted: list[dict] = field(default_factory=list)   # checkpoint.json of seeds stopped before the end
 
     def metric(self, key: str) -> list[float]:
         return [r["metrics"].get(key) for r in self.rows if r["metrics"].get(key) is not None]
