@@ -142,7 +142,7 @@ class TrainConfig:
     seed: int = 0
     dtype: Literal["auto", "bf16", "fp32"] = "auto"   # auto = bf16 autocast on CUDA, fp32 on CPU
     impl: str = "auto"                           # a request of moebench/impl.py: auto | fast | ref | key=value,...
-    compile: bool | None = None                  # torch.compile the training step; None = on CUDA, not on a CPU
+    compile: bool | None = None                  # torch.compile the training step; None = train.compiled_on's default
     ema_alpha: float = 0.001                     # smoothing of the training log-perplexity (paper 4.1)
     eval_every_tokens: int = 0                   # 0 = about 10 evaluations per run
     eval_batches: int = 8

@@ -54,7 +54,7 @@ def test_sequential_matches_naive_recurrence():
     torch.testing.assert_close(h, h_n, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-11)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-11)], ids=["fp32", "fp64"])  # fp32: sums of ~200 terms
 @pytest.mark.parametrize("L,chunk", [(1, 8), (7, 8), (32, 8), (37, 16), (100, 64), (64, 1)])
 def test_chunked_matches_sequential_fwd_bwd(dtype, tol, L, chunk):
     t = {k: v.requires_grad_() for k, v in ssd_inputs(L=L, dtype=dtype, seed=L).items()}

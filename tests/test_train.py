@@ -143,8 +143,10 @@ def test_finished_run_writes_one_row_with_the_schema(finished_run):
         assert col in frame.columns, col
 
 
-def test_compiled_by_default_on_cuda_only(tiny_tcfg):
+def test_compile_as_asked_else_the_devices_default(tiny_tcfg, monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert not compiled_on(tiny_tcfg(), cuda) and not compiled_on(tiny_tcfg(), cpu)    # eager until fixed
+    monkeypatch.setattr(train_module, "COMPILE_BY_DEFAULT_ON_CUDA", True)
     assert compiled_on(tiny_tcfg(), cuda) and not compiled_on(tiny_tcfg(), cpu)
     assert not compiled_on(replace(tiny_tcfg(), compile=False), cuda)
     assert compiled_on(replace(tiny_tcfg(), compile=True), cpu)

@@ -67,7 +67,7 @@ def run_cmd(
     data: Annotated[Optional[str], typer.Option(help="a prepared data folder instead of the preset's corpus (e.g. C4)")] = None,
     tokens: Annotated[Optional[str], typer.Option(help="override the preset's tokens per run: 200k, 20M")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step "
-                                                    "(default: on CUDA, not on a CPU)")] = None,
+                                                    "(default: eager; a compiled step did not learn on an H100, see README)")] = None,
     ckpt_every: CkptEveryOpt = CKPT_EVERY,
 ):
     """Run an ablation's variants at a preset: prepares the data if missing, skips runs already done.
@@ -217,7 +217,7 @@ def sweep_lr_cmd(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     data: Annotated[Optional[str], typer.Option(help="a prepared data folder instead of the preset's corpus")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step "
-                                                    "(default: on CUDA, not on a CPU)")] = None,
+                                                    "(default: eager; a compiled step did not learn on an H100, see README)")] = None,
     ckpt_every: CkptEveryOpt = CKPT_EVERY,
 ):
     """Short runs at each rate of a log grid (extended past an edge while the best rate sits on it);

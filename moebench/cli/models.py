@@ -112,7 +112,7 @@ def train_cmd(
     ema_alpha: Annotated[Optional[float], typer.Option(help="smoothing of the training loss per step (default: as "
                                                             "`run`, clamp(50 / steps, 0.001, 0.5))")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step "
-                                                    "(default: on CUDA, not on a CPU)")] = None,
+                                                    "(default: eager; a compiled step did not learn on an H100, see README)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run from its checkpoint")] = False,
     ckpt_every: CkptEveryOpt = CKPT_EVERY,
     out_dir: Annotated[str, typer.Option("--out", help="results folder (runs.jsonl and runs/)")] = "results",
