@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU of the reproduction (issues 16-17): the steps named, in order, until SECONDS
-# after the start, then what results/ gained (never a checkpoint) is copied to $OUT/results for
-# `cp -r FILES_AT/results .` here. Every step resumes where an earlier call stopped, so a later call
+# after the start, then what results/ gained (never a checkpoint) is packed into $OUT/results.tgz for
+# `tar xzf FILES_AT/results.tgz` here. Every step resumes where an earlier call stopped, so a later call
 # with the same steps goes on. Carry .whl (scripts/device_env.sh) and .carry/data (the corpus's xz).
 #   bash scripts/device_call.sh 560 gputests compile sweep:architectures run:architectures
 # steps: gputests | compile (eager vs compiled curves) | sweep:ABLATION | run:ABLATION[:VARIANT,...]
@@ -37,5 +37,6 @@ for step in "$@"; do
   esac
 done
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
-find results -type f -newer "$stamp" ! -name 'ckpt.pt*' ! -name '*.lock' -exec cp --parents {} "$OUT/" \;
-echo "copied: $(find "$OUT/results" -type f | wc -l) files"
+# one archive: $OUT keeps no folders as deep as results/sweeps/runs/RUN/curve.csv
+find results -type f -newer "$stamp" ! -name 'ckpt.pt*' ! -name '*.lock' > "$stamp.list"
+tar czf "$OUT/results.tgz" -T "$stamp.list" && echo "results.tgz: $(wc -l < "$stamp.list") files (tar xzf FILES_AT/results.tgz here)"
