@@ -19,10 +19,10 @@ from typing import Callable
 
 from moebench import env
 from moebench.config import ModelConfig, TrainConfig, default_lr, stable_hash
-from moebench.data import default_data_dir, effective_corpus, prepare
+from moebench.data import VOCAB_SIZE, default_data_dir, effective_corpus, prepare
 from moebench.errors import RunBusy, UserError
 from moebench.presets import DEFAULT_PRESET, EMA_RULE, ema_alpha_for, eval_every, rule_of
-from moebench.registry import SWEEP_VARIANTS, get
+from moebench.registry import SWEEP_VARIANTS, fit_vocab, get
 from moebench.results import SCHEMA, append_record, load_records
 # the specs' loading lives in moebench.specs (no torch); its names stay importable from here
 from moebench.specs import REPO_ROOT, Spec, get_ablation, get_spec, load_specs, resolve_variants  # noqa: F401
@@ -84,6 +84,14 @@ def run_key(cfg: ModelConfig, tcfg: TrainConfig, preset: str, data_id: str) -> s
     return f"{cfg.config_hash()}-{stable_hash({'train': train, 'preset': preset, 'data': data_id})[:10]}"
 
 
+def data_vocab(data_dir: Path, vocab: int | None = None) -> int:
+    """The tokenizer's size of a prepared folder (its manifest), else `vocab` (to be learned), else GPT-2's."""
+    try:
+        return json.loads((Path(data_dir) / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return vocab or VOCAB_SIZE
+
+
 def make_plan(name: str, preset: str = DEFAULT_PRESET, *, only: list[str] | None = None,
               seeds: int | None = None, lr_source: str | None = None, out: str | Path = "results",
               data_dir: str | Path | None = None, tokens: int | None = None,
@@ -108,8 +116,9 @@ def make_plan(name: str, preset: str = DEFAULT_PRESET, *, only: list[str] | None
                             f"first: moebench data prepare --input YOUR_TEXT_FOLDER --out {data_dir}")
     else:
         corpus = effective_corpus(rule.corpus)
-        data_dir = default_data_dir(rule.corpus)
+        data_dir = default_data_dir(rule.corpus, rule.vocab)
     data_id, n_train = data_identity(data_dir, corpus or data_dir.name)
+    vocab = data_vocab(data_dir, rule.vocab)
     budget = tokens or p.tokens
     steps = budget // (p.batch * p.ctx)
     if steps < 1:
@@ -118,7 +127,7 @@ def make_plan(name: str, preset: str = DEFAULT_PRESET, *, only: list[str] | None
     runs, missing = [], []
     for v in resolve_variants(spec, preset, only):
         base = get(v)
-        cfg = get(v + "@tiny") if p.scale == "tiny" else base
+        cfg = fit_vocab(get(v + "@tiny") if p.scale == "tiny" else base, vocab)
         if lr_source == "sweep":
             own = swept.get((cfg.config_hash(), preset, p.batch, p.ctx, data_id))
             best = own or swept.get((("family", cfg.family), preset, p.batch, p.ctx, data_id))
@@ -182,7 +191,7 @@ def load_sweeps(out: str | Path) -> dict[tuple, dict]:
 def ensure_data(plan: Plan) -> Plan:
     """Prepare the preset's corpus if missing, then refuse a budget that repeats it too often."""
     if plan.corpus:
-        prepare(corpus=rule_of(plan.preset).corpus, out=plan.data_dir)
+        prepare(corpus=rule_of(plan.preset).corpus, out=plan.data_dir, vocab=rule_of(plan.preset).vocab)
     data_id, n_train = data_identity(plan.data_dir, plan.corpus)
     plan.data_id, plan.n_train_tokens = data_id, n_train
     for run in plan.runs:

@@ -19,6 +19,7 @@ and a capacity of int(1.0 · 64 / 32) = 2 per expert would drop most of them.
 from __future__ import annotations
 
 import functools
+import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -360,4 +361,16 @@ def load_for_generation(path: str, device: str = "auto"):
     model.eval()
     if dev.type == "cuda":    # bf16 weights: no per-step autocast copies of every expert; graph friendly
         model = cast_for_inference(model, torch.bfloat16)
-    return model, get_tokenizer(), dev
+    return model, tokenizer_of(state, path), dev
+
+
+def tokenizer_of(state: dict, path: str):
+    """GPT-2's tokenizer, or the learned one of the data the checkpoint was trained on (its manifest)."""
+    data_dir = (state.get("train_config") or {}).get("data_dir") or ""
+    manifest = Path(data_dir) / "manifest.json" if data_dir else None
+    if manifest is None or not manifest.is_file():
+        return get_tokenizer()
+    file = json.loads(manifest.read_text())["tokenizer"].get("file")
+    if file is None:
+        return get_tokenizer()
+    return get_tokenizer(str(Path(data_dir) / file))

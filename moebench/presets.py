@@ -26,6 +26,7 @@ class PresetRule:
     # learning rates of `moebench run` without --lr-source: "sweep" (the family sweeps) where the
     # budget is far from the paper's, "default" (the paper's, tuned for its budget) elsewhere
     lr_source: str = "default"
+    vocab: int | None = None        # a BPE of this many tokens learned from the corpus (None: GPT-2's)
 
 
 # cpu-tiny budget. The twins' 50304-way head is most of their FLOPs (20M per token), so a CPU

@@ -33,6 +33,12 @@ def get(name: str) -> ModelConfig:
     return tiny(cfg) if name.endswith(TINY_SUFFIX) else cfg
 
 
+def fit_vocab(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
+    """The variant with an embedding and head for a tokenizer of `vocab_size` tokens, padded to a
+    multiple of 64 (GPT-2's 50257 gives the registry's 50304, the variant itself)."""
+    return replace(cfg, vocab_size=64 * math.ceil(vocab_size / 64))
+
+
 def _shrink(width: int, factor: int) -> int:
     return max(16, 8 * math.ceil(width / factor / 8))
 

@@ -17,12 +17,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from moebench import env
-from moebench.ablations import SWEEPS_FILE, Hooks, Outcome, PlannedRun, data_identity, run_key
+from moebench.ablations import SWEEPS_FILE, Hooks, Outcome, PlannedRun, data_identity, data_vocab, run_key
 from moebench.config import TrainConfig
 from moebench.data import default_data_dir, effective_corpus, prepare
 from moebench.errors import UserError
 from moebench.presets import ema_alpha_for, eval_every, preset_shape, rule_of
-from moebench.registry import SWEEP_VARIANTS, get
+from moebench.registry import SWEEP_VARIANTS, fit_vocab, get
 from moebench.results import SCHEMA, append_record, load_records
 from moebench.train import TrainingFailed, run_id_for, train
 
@@ -41,7 +41,7 @@ def sweep_run(name: str, preset: str, lr: float, data_dir: Path, data_id: str, *
     steps = budget // (p.batch * p.ctx)
     if steps < 1:
         raise UserError(f"--tokens {budget} is less than one step of {p.batch} x {p.ctx}")
-    cfg = get(name + "@tiny") if p.scale == "tiny" else get(name)
+    cfg = fit_vocab(get(name + "@tiny") if p.scale == "tiny" else get(name), data_vocab(data_dir, rule.vocab))
     tcfg = TrainConfig(tokens=budget, batch=p.batch, micro_batch=p.micro_batch, ctx=p.ctx, lr=lr, lr_source="user",
                        seed=seed, ema_alpha=ema_alpha_for(preset, steps),
                        eval_every_tokens=eval_every(rule, steps, p.batch * p.ctx), eval_batches=p.eval_batches,
@@ -59,8 +59,9 @@ def sweep_data(preset: str, data_dir: str | Path | None) -> tuple[Path, str, str
             raise UserError(f"--data {folder}: no prepared data there (no manifest.json); prepare it first: "
                             f"moebench data prepare --input YOUR_TEXT_FOLDER --out {folder}")
     else:
-        corpus, folder = effective_corpus(rule_of(preset).corpus), default_data_dir(rule_of(preset).corpus)
-        prepare(corpus=rule_of(preset).corpus, out=folder)
+        rule = rule_of(preset)
+        corpus, folder = effective_corpus(rule.corpus), default_data_dir(rule.corpus, rule.vocab)
+        prepare(corpus=rule.corpus, out=folder, vocab=rule.vocab)
     return folder, corpus, data_identity(folder, corpus or folder.name)[0]
 
 

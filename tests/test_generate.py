@@ -294,3 +294,15 @@ def test_cli_generates_from_a_mamba2_checkpoint(tmp_path):
                                  "--seed", "0", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert r.stdout.startswith("Hello") and len(r.stdout) > len("Hello")
+
+
+def test_a_learned_vocab_checkpoint_decodes_with_its_own_tokenizer(tmp_path):
+    from moebench.data.tokenizer import learn_bpe
+    from moebench.generate import tokenizer_of
+    data = tmp_path / "prose-bpe300"
+    data.mkdir()
+    learn_bpe(["the cat sat on the mat, and the dog sat on the log. " * 20] * 10, 300).save(str(data / "tokenizer.json"))
+    (data / "manifest.json").write_text('{"tokenizer": {"name": "bpe-300", "file": "tokenizer.json", "vocab_size": 300}}')
+    tok = tokenizer_of({"train_config": {"data_dir": str(data)}}, "ckpt.pt")
+    assert tok.vocab_size <= 300 and tok.eot == 0 and tok.decode(tok.encode("the cat sat")) == "the cat sat"  # small text: fewer merges
+    assert tokenizer_of({"train_config": {"data_dir": ""}}, "ckpt.pt").vocab_size == 50257     # GPT-2's

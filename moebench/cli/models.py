@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -20,7 +21,7 @@ from moebench.config import TrainConfig
 from moebench.errors import UserError
 from moebench.fmt import human, parse_ckpt_every, parse_tokens
 from moebench.presets import ema_alpha_for, fitting_preset, preset_shape
-from moebench.registry import TINY_SUFFIX, VARIANTS, get
+from moebench.registry import TINY_SUFFIX, VARIANTS, fit_vocab, get
 from moebench.specs import get_ablation
 
 app = typer.Typer()
@@ -124,6 +125,9 @@ def train_cmd(
     On several GPUs: torchrun --standalone --nproc_per_node 8 -m moebench train VARIANT ...
     (data-parallel; rank 0 writes the row, the curve and the checkpoints)."""
     cfg = get(variant)
+    if data is not None:                  # the model's vocabulary is the data's (a learned BPE is smaller)
+        from moebench.ablations import data_vocab
+        cfg = fit_vocab(cfg, data_vocab(Path(data).expanduser()))
     budget = parse_tokens(tokens) if tokens is not None else None
     every_steps, every_minutes = parse_ckpt_every(ckpt_every)
     for name, value in (("--batch", batch), ("--ctx", ctx)):
@@ -182,11 +186,13 @@ def data_prepare_cmd(
     out_dir: Annotated[Optional[str], typer.Option("--out", help="output folder (default: data/CORPUS or $MOEBENCH_DATA/CORPUS)")] = None,
     corpus: Annotated[str, typer.Option(help="prose | docs | all (the shared English corpus) when no --input")] = "prose",
     max_tokens: Annotated[Optional[str], typer.Option(help="stop after this many tokens, e.g. 2M")] = None,
+    vocab: Annotated[Optional[int], typer.Option(help="learn a byte-level BPE of this many tokens from the text "
+                                                       "instead of GPT-2's (default folder data/CORPUS-bpeN)")] = None,
 ):
     """Tokenize text into uint16 shards + manifest (idempotent: a second call does nothing)."""
     limit = parse_tokens(max_tokens) if max_tokens else None
     from moebench.data import prepare
-    m = prepare(input, out_dir, corpus=corpus, max_tokens=limit)
+    m = prepare(input, out_dir, corpus=corpus, max_tokens=limit, vocab=vocab)
     out.print(f"data ready in {m['dir']}")
 
 

