@@ -24,18 +24,22 @@ def run(name: str, compiled: bool, impl: str, steps: int = 25) -> str:
     fwd = torch.compile(model) if compiled else model
     g = torch.Generator(device=dev).manual_seed(0)
     idx = torch.randint(0, 50257, (8, 513), device=dev, generator=g)
-    losses, norms = [], []
-    for _ in range(steps):
+    losses, norms, parts = [], [], ""
+    for step in range(steps):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             o = fwd(idx[:, :-1], idx[:, 1:], return_logits=False, loss_chunk=default_loss_chunk(dev))
             (o.loss + o.aux_loss).backward()
+        if step == 0:      # where the gradient is (or is not): the head, the embedding, the first block
+            named = dict(model.named_parameters())
+            parts = ", ".join(f"{k} {named[k].grad.norm().item():.3g}" if named[k].grad is not None else f"{k} none"
+                              for k in ("head.weight", "embed.weight", next(k for k in named if k.startswith("blocks.0."))))
         norms.append(clip_grad_norm(opt, params, 0.5).item())
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(o.loss.item())
     moved = sum((p.detach() - b).float().norm().item() ** 2 for p, b in zip(params, before)) ** 0.5
     return (f"{name:22s} {'compiled' if compiled else 'eager':8s} {impl:22s} loss {losses[0]:.3f} -> {losses[-1]:.3f}  "
-            f"grad norm {norms[0]:.3g}  weights moved {moved:.3g}  impl {model.impl}")
+            f"grad norm {norms[0]:.3g} ({parts})  weights moved {moved:.3g}  impl {model.impl}")
 
 
 if __name__ == "__main__":
