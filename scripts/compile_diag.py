@@ -3,6 +3,7 @@ step (bf16 autocast, chunked loss, clipping, the Impl's AdamW), eager and compil
 swapped for their references, and prints the loss before and after, the first gradient norm and how far
 the weights moved. A compiled step that moves nothing shows as a flat loss.
     python scripts/compile_diag.py [VARIANT ...]        (on a GPU; default Mamba_25M@tiny MoE-Mamba_25M@tiny)"""
+import os
 import sys
 
 import torch
@@ -15,7 +16,7 @@ CASES = [(False, "auto"), (True, "auto"), (True, "adamw=torch"), (True, "mixer=r
 
 
 def run(name: str, compiled: bool, impl: str, steps: int = 25) -> str:
-    dev = torch.device("cuda")
+    dev = torch.device(os.environ.get("DEVICE", "cuda"))      # DEVICE=cpu checks the script itself
     torch.manual_seed(0)
     model = build_model(get(name), impl=impl, device=dev)
     opt = make_optimizer(model, 3e-3)
@@ -26,7 +27,7 @@ def run(name: str, compiled: bool, impl: str, steps: int = 25) -> str:
     idx = torch.randint(0, 50257, (8, 513), device=dev, generator=g)
     losses, norms, parts = [], [], ""
     for step in range(steps):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
             o = fwd(idx[:, :-1], idx[:, 1:], return_logits=False, loss_chunk=default_loss_chunk(dev))
             (o.loss + o.aux_loss).backward()
         if step == 0:      # where the gradient is (or is not): the head, the embedding, the first block
