@@ -13,6 +13,7 @@ from moebench.cli.common import CKPT_EVERY, CkptEveryOpt, err, out, split_list
 from moebench.cli.progress import TrainingProgress
 from moebench.errors import UserError
 from moebench.fmt import duration, human, parse_ckpt_every, parse_tokens
+from moebench.paths import LOCAL_RESULTS
 from moebench.presets import DEFAULT_PRESET, PRESET_RULES, PUBLIC_PRESETS, parse_grid, preset_shape, rule_of
 from moebench.registry import get
 from moebench.specs import get_spec, load_specs, resolve_variants
@@ -58,7 +59,7 @@ def run_cmd(
                                                      "more for the ablation's headline variants)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue interrupted runs from their checkpoints")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and estimates; train nothing")] = False,
-    out_dir: Annotated[str, typer.Option("--out", help="results folder (runs.jsonl, runs/, lr_sweeps.jsonl)")] = "results",
+    out_dir: Annotated[str, typer.Option("--out", help="results folder (runs.jsonl, runs/, lr_sweeps.jsonl)")] = LOCAL_RESULTS,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     allow_repeat: Annotated[bool, typer.Option("--allow-repeat", help="allow budgets that repeat the data more than the preset allows")] = False,
     lr_source: Annotated[Optional[str], typer.Option(help="default (the paper's rates) | sweep (the family sweeps of "
@@ -213,7 +214,7 @@ def sweep_lr_cmd(
     grid: Annotated[Optional[str], typer.Option(help=f"comma-separated peak rates (default: {_grid_help()})")] = None,
     tokens: Annotated[Optional[str], typer.Option(help="tokens per point (default: the preset's sweep budget)")] = None,
     preset: Annotated[str, typer.Option(help="batch, context and model scale of the sweep")] = DEFAULT_PRESET,
-    out_dir: Annotated[str, typer.Option("--out", help="results folder (lr_sweeps.jsonl, sweeps/)")] = "results",
+    out_dir: Annotated[str, typer.Option("--out", help="results folder (lr_sweeps.jsonl, sweeps/)")] = LOCAL_RESULTS,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     data: Annotated[Optional[str], typer.Option(help="a prepared data folder instead of the preset's corpus")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step "

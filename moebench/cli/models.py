@@ -19,6 +19,7 @@ from moebench.cli.progress import TrainingProgress
 from moebench.config import TrainConfig
 from moebench.errors import UserError
 from moebench.fmt import human, parse_ckpt_every, parse_tokens
+from moebench.paths import LOCAL_RESULTS
 from moebench.presets import ema_alpha_for, fitting_preset, preset_shape
 from moebench.registry import TINY_SUFFIX, VARIANTS, get
 from moebench.specs import get_ablation
@@ -115,7 +116,7 @@ def train_cmd(
                                                     "(default: eager; a compiled step did not learn on an H100, see README)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run from its checkpoint")] = False,
     ckpt_every: CkptEveryOpt = CKPT_EVERY,
-    out_dir: Annotated[str, typer.Option("--out", help="results folder (runs.jsonl and runs/)")] = "results",
+    out_dir: Annotated[str, typer.Option("--out", help="results folder (runs.jsonl and runs/)")] = LOCAL_RESULTS,
 ):
     """Train one variant for a token budget; appends one row to OUT/runs.jsonl.
 
