@@ -59,3 +59,35 @@ def test_import_goes_to_the_published_rows_unless_told(tmp_path, monkeypatch, cl
     assert not (tmp_path / LOCAL_RESULTS).exists()
     code, out, err = cli_main(["results", "import", str(src), "--into", "elsewhere"])
     assert code == 0 and json.loads((tmp_path / "elsewhere" / "runs.jsonl").read_text())["run_id"] == "r1"
+
+
+def git(cwd, *args) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def test_quick_start_leaves_the_checkout_clean(tmp_path, monkeypatch, cli_main, text_data):
+    """The README's quick start (`moebench run architectures --preset cpu-tiny && moebench report
+    architectures`), shortened to one variant and two steps, in a repository that holds only this
+    checkout's .gitignore: with the default folders, everything it writes is ignored and lies under
+    results/local/ or reports/local/."""
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    shutil.copy(REPO / ".gitignore", repo / ".gitignore")
+    git(repo, "init", "-q")
+    git(repo, "add", ".gitignore")
+    git(repo, "commit", "-qm", "ignore rules")
+    monkeypatch.chdir(repo)
+    code, out, err = cli_main(["run", "architectures", "--preset", "cpu-tiny", "--only", "Mamba_25M", "--tokens", "2k",
+                               "--data", text_data, "--device", "cpu"])
+    assert code == 0, err
+    code, out, err = cli_main(["report", "architectures"])
+    assert code == 0, err
+    assert len(load_records(repo / LOCAL_RESULTS / "runs.jsonl")) == 1
+    md = (repo / LOCAL_REPORTS / "architectures.md").read_text()
+    assert f"from `{LOCAL_RESULTS}/runs.jsonl` only (1 of its 1 rows" in md
+    written = {p.relative_to(repo).parts[:2] for p in repo.rglob("*") if p.is_file() and ".git" not in p.parts}
+    assert written == {(".gitignore",), tuple(LOCAL_RESULTS.split("/")), tuple(LOCAL_REPORTS.split("/"))}
+    assert git(repo, "status", "--porcelain", "--untracked-files=all") == ""
