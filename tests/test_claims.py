@@ -102,3 +102,8 @@ def test_claims_name_their_rows_and_refuse_two_devices(results, tmp_path):
     assert "experts: 10 at gpu-small on NVIDIA H100 80GB HBM3;" in md
     with pytest.raises(UserError, match="no finished runs of the paper's ablations .* the published rows"):
         build_claims(tmp_path / "empty", tmp_path / "out")
+    # two presets of one ablation: one is chosen, or none
+    rewrite(results, lambda r: {**r, "preset": "gpu-medium"} if r["variant"] == "MoE-Mamba_25M-e1" else r)
+    with pytest.raises(UserError, match=r"mix presets: gpu-small \(\d+ rows\), gpu-medium \(2 rows\)"):
+        build_claims(results, tmp_path / "out", device="H100")
+    assert "experts: 8 at gpu-small" in build_claims(results, tmp_path / "out", "gpu-small", "H100").read_text()

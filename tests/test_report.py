@@ -247,3 +247,20 @@ def test_report_refuses_rows_of_two_devices(tmp_path, cli_main):
     assert "(10 of its 12 rows: the latest finished run" in md and "cpu (x86_64" not in md
     code, out, err = cli_main(["report", "experts", "--results", str(res), "--device", "H200"])
     assert code == 2 and "no rows on a device matching 'H200'" in err
+
+
+def test_report_refuses_rows_of_two_presets_unless_one_is_chosen(tmp_path, cli_main):
+    res = tmp_path / "results"
+    shutil.copytree(FIXTURE, res)
+    rows = [json.loads(x) for x in (res / "runs.jsonl").read_text().splitlines()]
+    for r in rows[9:]:
+        r["preset"] = "gpu-medium"                 # the same shapes, another budget
+    (res / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = cli_main(["report", "experts", "--results", str(res), "--out", str(tmp_path / "rep")])
+    line = " ".join(err.split())
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "mix presets: gpu-small (9 rows), gpu-medium (3 rows)" in line and "--preset gpu-small" in line, line
+    assert not (tmp_path / "rep").exists()
+    rep = build_report("experts", res, tmp_path / "rep", preset="gpu-medium")
+    assert rep.preset == "gpu-medium" and any("also has rows of this ablation at preset(s) gpu-small" in w
+                                              for w in rep.warnings)

@@ -172,7 +172,7 @@ def report_cmd(
     out_dir: Annotated[str, typer.Option("--out", help="folder for ABLATION.md and the PNGs")] = LOCAL_REPORTS,
     results: Annotated[str, typer.Option(help=f"the results folder (or its runs.jsonl / bench.jsonl); the published "
                                               f"rows: {PUBLISHED_RESULTS}")] = LOCAL_RESULTS,
-    preset: Annotated[Optional[str], typer.Option(help="which preset's rows (default: the one with most rows)")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="which preset's rows (needed when the rows have several)")] = None,
     device: Annotated[Optional[str], typer.Option(help="only rows of the device whose name contains this, e.g. cpu, "
                                                        "H100 (rows of several devices are refused)")] = None,
     lr_source: Annotated[Optional[str], typer.Option(help="only rows trained at default | sweep rates (default: the latest row)")] = None,

@@ -4,7 +4,8 @@ next to the paper's, rank agreement) and <ablation>_*.png (drawn by report.figur
 A row belongs to a variant of the ablation when its model config hash matches the variant's at
 the preset's scale (runs are shared between ablations), or, for rows written before a config
 change, when its variant name matches (with a warning). A report is of one preset and one device:
-rows of several devices are refused (report.rows), rows of several versions or budgets warned about.
+rows of several of either are refused unless --preset / --device choose (pick_preset, report.rows),
+rows of several versions or budgets warned about.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from moebench import paper
 from moebench.ablations import SWEEPS_FILE, load_sweeps
+from moebench.errors import UserError
 from moebench.fmt import human
 from moebench.paths import LOCAL_REPORTS, LOCAL_RESULTS
 from moebench.presets import EMA_RULE, rule_of
@@ -63,9 +65,11 @@ class Report:
     tau: float | None
 
 
-def pick_preset(spec: Spec, rows: list[dict], preset: str | None) -> tuple[str, list[str]]:
-    """The preset to report (the one with the most rows of this ablation unless given) and the
-    other presets that also have rows."""
+def pick_preset(spec: Spec, rows: list[dict], preset: str | None, source: Path) -> tuple[str, list[str]]:
+    """The preset to report and the other presets that also have rows of this ablation: `preset`
+    when given, else the one preset with rows ("" for none). Rows at several presets and no choice
+    are a UserError naming them: a budget of 164K tokens on a CPU twin and one of 20M on the paper's
+    shapes are different experiments, and taking one silently would hide the other."""
     counts: dict[str, int] = {}
     for p in spec.ablation.presets:
         by_hash, by_name = _targets(spec, p)
@@ -75,10 +79,11 @@ def pick_preset(spec: Spec, rows: list[dict], preset: str | None) -> tuple[str, 
     if preset is not None:
         spec.preset(preset)                            # a bad name fails with suggestions
         return preset, [p for p in counts if p != preset]
-    if not counts:
-        return "", []
-    best = max(counts, key=lambda p: counts[p])
-    return best, [p for p in counts if p != best]
+    if len(counts) > 1:
+        listed = ", ".join(f"{p} ({n} rows)" for p, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        raise UserError(f"the rows of '{spec.ablation.name}' in {source} mix presets: {listed}; a report is of one "
+                        f"preset, choose it with --preset (e.g. --preset {max(counts, key=lambda p: counts[p])})")
+    return next(iter(counts), ""), []
 
 
 def _targets(spec: Spec, preset: str) -> tuple[dict[str, list[str]], dict[str, str]]:
@@ -163,14 +168,14 @@ def interrupted_runs(results_dir: Path, preset: str, lr_source: str | None = Non
 def build_report(ablation: str, results: str | Path = LOCAL_RESULTS, out: str | Path = LOCAL_REPORTS,
                  preset: str | None = None, lr_source: str | None = None, device: str | None = None) -> Report:
     """Write <out>/<ablation>.md and PNGs from the rows of `results` (a folder or its runs.jsonl) at
-    one preset (by default the one with the most rows) and one device (refused when they are several
+    one preset (refused when they are several and `preset` does not choose) and one device (refused when they are several
     and `device` does not choose); with several rows per (variant, seed), the latest finished one, of
     learning-rate source `lr_source` when given."""
     spec = get_spec(ablation)
     results = rows_file(results, "runs.jsonl")
     all_rows = load_records(results)
     rows = on_device(all_rows, device, results)
-    chosen, others = pick_preset(spec, rows, preset)
+    chosen, others = pick_preset(spec, rows, preset, results)
     if not chosen:
         raise no_rows(f"no results for ablation '{ablation}' in {results}: run `moebench run {ablation}` first", results)
     res, warnings, failed = analyse(spec, chosen, rows, results.parent, lr_source)
@@ -183,7 +188,7 @@ def build_report(ablation: str, results: str | Path = LOCAL_RESULTS, out: str | 
     one_device(done_rows, f"the finished runs of '{ablation}' at preset {chosen}", results)
     if others:
         warnings.append(f"{results} also has rows of this ablation at preset(s) {', '.join(others)}; "
-                        f"this report is preset {chosen} (choose with --preset)")
+                        f"this report is preset {chosen}, as --preset asked")
     baseline = spec.baseline(chosen)
     if not res[baseline].rows:
         warnings.append(f"the baseline {baseline} has no finished run: no speedups")

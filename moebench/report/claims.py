@@ -212,8 +212,8 @@ CLAIMS = [
 def build_claims(results: str | Path = LOCAL_RESULTS, out: str | Path = LOCAL_REPORTS,
                  preset: str | None = None, device: str | None = None) -> Path:
     """Write <out>/claims.md: every claim's verdict from the rows of `results` (a folder or its
-    runs.jsonl; each ablation at `preset`, by default the preset with its most rows, and on one
-    device, `device` when given) and the model cards' from the bench.jsonl beside it; returns the
+    runs.jsonl; each ablation at `preset`, by default its one preset with rows, and on one device,
+    `device` when given) and the model cards' from the bench.jsonl beside it; returns the
     markdown's path."""
     results = rows_file(results, "runs.jsonl")
     all_rows = load_records(results)
@@ -222,7 +222,7 @@ def build_claims(results: str | Path = LOCAL_RESULTS, out: str | Path = LOCAL_RE
     read = []
     for name in dict.fromkeys(c.ablation for c in CLAIMS):
         spec = get_spec(name)
-        chosen, _ = pick_preset(spec, rows, preset if preset in spec.ablation.presets else None)
+        chosen, _ = pick_preset(spec, rows, preset if preset in spec.ablation.presets else None, results)
         res = analyse(spec, chosen, rows, results.parent)[0] if chosen else {}
         done = [r for v in res.values() for r in v.rows]
         on = one_device(done, f"the finished runs of '{name}' at preset {chosen}", results)
