@@ -210,7 +210,7 @@ def generate_cmd(
 ):
     """Sample a continuation of PROMPT from a trained checkpoint.
 
-    Example: moebench generate results/runs/<run_id>/ckpt.pt --prompt "Once upon a time" --top-k 50 --seed 0
+    Example: moebench generate results/local/runs/<run_id>/ckpt.pt --prompt "Once upon a time" --top-k 50 --seed 0
     """
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
