@@ -168,9 +168,9 @@ def interrupted_runs(results_dir: Path, preset: str, lr_source: str | None = Non
 def build_report(ablation: str, results: str | Path = LOCAL_RESULTS, out: str | Path = LOCAL_REPORTS,
                  preset: str | None = None, lr_source: str | None = None, device: str | None = None) -> Report:
     """Write <out>/<ablation>.md and PNGs from the rows of `results` (a folder or its runs.jsonl) at
-    one preset (refused when they are several and `preset` does not choose) and one device (refused when they are several
-    and `device` does not choose); with several rows per (variant, seed), the latest finished one, of
-    learning-rate source `lr_source` when given."""
+    one preset and on one device (rows of several are refused unless `preset` and `device` choose);
+    with several rows per (variant, seed), the latest finished one, of learning-rate source
+    `lr_source` when given."""
     spec = get_spec(ablation)
     results = rows_file(results, "runs.jsonl")
     all_rows = load_records(results)
