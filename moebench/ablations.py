@@ -21,6 +21,7 @@ from moebench import env
 from moebench.config import ModelConfig, TrainConfig, default_lr, stable_hash
 from moebench.data import VOCAB_SIZE, default_data_dir, effective_corpus, prepare
 from moebench.errors import RunBusy, UserError
+from moebench.paths import LOCAL_RESULTS
 from moebench.presets import DEFAULT_PRESET, EMA_RULE, ema_alpha_for, eval_every, rule_of
 from moebench.registry import SWEEP_VARIANTS, fit_vocab, get
 from moebench.results import SCHEMA, append_record, load_records
@@ -93,7 +94,7 @@ def data_vocab(data_dir: Path, vocab: int | None = None) -> int:
 
 
 def make_plan(name: str, preset: str = DEFAULT_PRESET, *, only: list[str] | None = None,
-              seeds: int | None = None, lr_source: str | None = None, out: str | Path = "results",
+              seeds: int | None = None, lr_source: str | None = None, out: str | Path = LOCAL_RESULTS,
               data_dir: str | Path | None = None, tokens: int | None = None,
               allow_repeat: bool = False, compile: bool | None = None) -> Plan:
     """Which runs `moebench run NAME --preset PRESET` would do, and their status in `out`. Learning

@@ -1,4 +1,5 @@
-"""Every record of results/: one JSON line per row, appended atomically, never rewritten.
+"""Every record of a results folder (the user's results/local/, the published results/published/;
+moebench.paths): one JSON line per row, appended atomically, never rewritten.
 
     runs.jsonl            kind "train": one row per training run (moebench.train)
     lr_sweeps.jsonl       kind "lr_sweep": one row per swept variant (moebench.sweep)
@@ -34,6 +35,7 @@ from pathlib import Path
 import pandas as pd
 
 from moebench.errors import RunBusy, UserError
+from moebench.paths import PUBLISHED_RESULTS
 
 SCHEMA = 2
 CKPT_INFO = "checkpoint.json"    # beside a run's ckpt.pt: its step and the run's identity, readable without torch
@@ -226,10 +228,10 @@ def _results_dir(results: str | Path) -> Path:
     return root
 
 
-def migrate_legacy(legacy_dir: str | Path = "results/bench", results: str | Path = "results") -> dict:
+def migrate_legacy(legacy_dir: str | Path = "results/bench", results: str | Path = PUBLISHED_RESULTS) -> dict:
     """Every point of the schema-1 records legacy_dir/*.json as a row: the latest of each point
-    configuration goes to results/bench.jsonl (unless a later row is there already), the points it
-    supersedes to results/archive/bench.jsonl. Rows already in either file are skipped, so a second
+    configuration goes to RESULTS/bench.jsonl (unless a later row is there already), the points it
+    supersedes to RESULTS/archive/bench.jsonl (RESULTS: the published rows unless given). Rows already in either file are skipped, so a second
     run adds nothing. The legacy files are left in place. Returns counts per destination."""
     src, root = Path(legacy_dir), _results_dir(results)
     if not src.is_dir():
@@ -293,9 +295,10 @@ def read_rows(path: str | Path) -> list[dict]:
     return rows
 
 
-def import_rows(paths: list[str | Path], results: str | Path = "results") -> dict[str, int]:
-    """Append the rows of `paths` to the file of results/ their kind belongs in (train -> runs.jsonl,
-    lr_sweep -> lr_sweeps.jsonl, bench-* -> bench.jsonl), skipping rows already there or in the
+def import_rows(paths: list[str | Path], results: str | Path = PUBLISHED_RESULTS) -> dict[str, int]:
+    """Append the rows of `paths` to the file of `results` their kind belongs in (train -> runs.jsonl,
+    lr_sweep -> lr_sweeps.jsonl, bench-* -> bench.jsonl): by default the published rows, since rows
+    from the lent GPU machines come home this way. Skips rows already there or in the
     archive (identical JSON). Every file is read and checked before anything is written.
     Returns the rows appended per file name, and "skipped"."""
     root = _results_dir(results)

@@ -21,6 +21,7 @@ from moebench.ablations import SWEEPS_FILE, Hooks, Outcome, PlannedRun, data_ide
 from moebench.config import TrainConfig
 from moebench.data import default_data_dir, effective_corpus, prepare
 from moebench.errors import UserError
+from moebench.paths import LOCAL_RESULTS
 from moebench.presets import ema_alpha_for, eval_every, preset_shape, rule_of
 from moebench.registry import SWEEP_VARIANTS, fit_vocab, get
 from moebench.results import SCHEMA, append_record, load_records
@@ -76,7 +77,7 @@ def sweep_families(variants: list[str], preset: str, grid: list[float] | None = 
 
 
 def sweep_lr(variants: list[str], preset: str, grid: list[float] | None = None, *, tokens: int | None = None,
-             out: str | Path = "results", data_dir: str | Path | None = None, device: str = "auto",
+             out: str | Path = LOCAL_RESULTS, data_dir: str | Path | None = None, device: str = "auto",
              seed: int = 0, hooks: Hooks | None = None, compile: bool | None = None, ckpt_every_steps: int = 0,
              ckpt_minutes: float | None = None) -> list[dict]:
     """Sweep each variant: train every rate of the grid not trained yet (default: the preset's,

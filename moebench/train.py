@@ -29,6 +29,7 @@ from moebench.errors import UserError
 from moebench.metrics import EMA
 from moebench.models.lm import build_model, default_loss_chunk, flops_per_token
 from moebench.optim import clip_grad_norm, lr_at, make_optimizer
+from moebench.paths import LOCAL_RESULTS
 from moebench.results import CKPT_INFO, SCHEMA, append_record, run_lock
 
 
@@ -116,7 +117,7 @@ def compiled_on(tcfg: TrainConfig, dev: torch.device) -> bool:
     return COMPILE_BY_DEFAULT_ON_CUDA and dev.type == "cuda"
 
 
-def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = "results", *, resume: bool = False,
+def train(cfg: ModelConfig, tcfg: TrainConfig, out: str | Path = LOCAL_RESULTS, *, resume: bool = False,
           device: str = "auto", run_tag: str = "", extra: dict | None = None,
           on_progress: Callable[[Progress], None] | None = None, ckpt_every_steps: int = 0,
           ckpt_minutes: float | None = None) -> dict:

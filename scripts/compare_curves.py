@@ -2,7 +2,7 @@
 differ only in compile): the largest gap of the training loss, the smoothed loss and the validation
 loss at the same steps, and each one's tokens/s. bf16 rounding differs between the two, so the curves
 drift apart by noise; anything systematic shows as a gap that grows.
-    python scripts/compare_curves.py results/compile_check"""
+    python scripts/compare_curves.py results/published/compile_check"""
 import csv
 import sys
 from pathlib import Path
@@ -34,4 +34,4 @@ def main(folder: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "results/compile_check")
+    main(sys.argv[1] if len(sys.argv) > 1 else "results/published/compile_check")

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One call on the lent GPU of the reproduction (issues 16-17): the steps named, in order, until SECONDS
-# after the start, then what results/ gained (never a checkpoint) is packed into $OUT/results.tgz for
+# after the start, then what results/published/ gained (never a checkpoint) is packed into $OUT/results.tgz for
 # `tar xzf FILES_AT/results.tgz` here. Every step resumes where an earlier call stopped, so a later call
 # with the same steps goes on. Carry .whl (scripts/device_env.sh) and .carry/data (the corpus's xz).
+# Runs on a lent GPU are the published rows, so every step writes to results/published/ (not the
+# user's default, results/local/), and unpacking the archive here puts them where they belong.
 #   bash scripts/device_call.sh 560 gputests compile sweep:architectures run:architectures
 # steps: gputests | compile (eager vs compiled curves) | sweep:ABLATION | run:ABLATION[:VARIANT,...]
 #        | medium:VARIANT,...  (gpu-medium runs of the trend)
@@ -11,6 +13,7 @@ end=$(( $(date +%s) + $1 )); shift
 . scripts/device_env.sh || exit 1
 export MOEBENCH_SHARED_DATA=$PWD/.carry/data MOEBENCH_DATA=/tmp/moebench-data
 stamp=$(mktemp); touch "$stamp"
+PUB=results/published; mkdir -p $PUB
 left() { echo $(( end - $(date +%s) )); }
 for step in "$@"; do
   t=$(left)
@@ -23,20 +26,20 @@ for step in "$@"; do
       python3 -m moebench data prepare --corpus small 2>&1 | tail -1
       for flag in --no-compile --compile; do
         timeout $(( $(left) / 2 )) python3 -m moebench train MoE-Mamba_25M --tokens 6M --batch 32 --ctx 1024 \
-          --lr 1e-3 --ema-alpha 0.05 $flag --data "$MOEBENCH_DATA/small" --out results/compile_check 2>&1 | tail -2
+          --lr 1e-3 --ema-alpha 0.05 $flag --data "$MOEBENCH_DATA/small" --out $PUB/compile_check 2>&1 | tail -2
       done
-      python3 scripts/compare_curves.py results/compile_check ;;
+      python3 scripts/compare_curves.py $PUB/compile_check ;;
     sweep:*)
-      timeout $t python3 -m moebench sweep lr --ablation "${step#sweep:}" --preset gpu-small 2>&1 | tail -25 ;;
+      timeout $t python3 -m moebench sweep lr --ablation "${step#sweep:}" --preset gpu-small --out $PUB 2>&1 | tail -25 ;;
     run:*)
       a=${step#run:}; only=""; [ "$a" != "${a%%:*}" ] && only="--only ${a#*:}"
-      timeout $t python3 -m moebench run "${a%%:*}" --preset gpu-small $only --resume 2>&1 | tail -25 ;;
+      timeout $t python3 -m moebench run "${a%%:*}" --preset gpu-small $only --resume --out $PUB 2>&1 | tail -25 ;;
     medium:*)
-      timeout $t python3 -m moebench run architectures --preset gpu-medium --only "${step#medium:}" --resume 2>&1 | tail -25 ;;
+      timeout $t python3 -m moebench run architectures --preset gpu-medium --only "${step#medium:}" --resume --out $PUB 2>&1 | tail -25 ;;
     *) echo "unknown step $step" ;;
   esac
 done
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
-# one archive: $OUT keeps no folders as deep as results/sweeps/runs/RUN/curve.csv
-find results -type f -newer "$stamp" ! -name 'ckpt.pt*' ! -name '*.lock' > "$stamp.list"
+# one archive: $OUT keeps no folders as deep as results/published/sweeps/runs/RUN/curve.csv
+find $PUB -type f -newer "$stamp" ! -name 'ckpt.pt*' ! -name '*.lock' > "$stamp.list"
 tar czf "$OUT/results.tgz" -T "$stamp.list" && echo "results.tgz: $(wc -l < "$stamp.list") files (tar xzf FILES_AT/results.tgz here)"

@@ -5,7 +5,7 @@
 #
 #   usage (repo root, device machine):   bash scripts/gpu_bench.sh
 #   check it on a CPU first (1-2 minutes, CPU twins):  SMOKE=1 OUT=/tmp/smoke bash scripts/gpu_bench.sh
-#   then, locally:  moebench results import <files_at>/bench.jsonl && moebench report bench
+#   then, locally:  moebench results import <files_at>/bench.jsonl && moebench report bench --results results/published --out reports
 #
 # Sections run in order of importance, each under its own time limit and a 7.5-minute overall
 # deadline. Every point is appended to bench.jsonl as soon as it is measured, so a section that is

@@ -196,16 +196,26 @@ def test_report_names_figures_by_content_and_links_every_png(tmp_path):
     rep.mkdir()
     (rep / "bench_train_2.png").write_bytes(b"an old figure")                     # a counter: removed
     (rep / "experts_loss.png").write_bytes(b"the ablation report's")               # not ours: kept
-    md = render_bench_report(res, rep).read_text()
+    # an H100 and a CPU in one file: one report would read as one machine's numbers, so it is refused
+    with pytest.raises(UserError, match=r"mix devices: NVIDIA H100 80GB HBM3 \(3 rows\), cpu \(1 row\); .*--device"):
+        render_bench_report(res, rep)
+    assert not (rep / "bench.md").exists() and (rep / "bench_train_2.png").exists()
+    md = render_bench_report(res, rep, device="h100").read_text()
     pngs = sorted(p.name for p in rep.glob("*.png"))
-    # the H100 tables differ in compile and optimizer, so both are named; the CPU one needs neither
-    assert pngs == ["bench_train_compiled_32x1024_fused-adamw_h100.png", "bench_train_eager_32x1024_cpu.png",
-                    "bench_train_eager_32x1024_fused-adamw_h100.png", "bench_train_eager_32x1024_triton-adamw_h100.png",
-                    "experts_loss.png"]
+    # the H100 tables differ in compile and optimizer, so both are named
+    assert pngs == ["bench_train_compiled_32x1024_fused-adamw_h100.png", "bench_train_eager_32x1024_fused-adamw_h100.png",
+                    "bench_train_eager_32x1024_triton-adamw_h100.png", "experts_loss.png"]
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert sorted(linked) == [p for p in pngs if p.startswith("bench_")]
-    assert md.count("## training steps") == 4 and "session 20260102T000000Z-bbbbbb" in md
-    with pytest.raises(UserError, match="no results"):
+    assert md.count("## training steps") == 3 and "session 20260102T000000Z-bbbbbb" in md
+    assert f"from 3 row(s) (those on a device matching 'h100', of 4) of 3 session(s) in `{res / 'bench.jsonl'}`" in md
+    # the CPU's table needs neither compile nor optimizer in its name; the H100 figures are stale there
+    md = render_bench_report(res, rep, device="cpu").read_text()
+    assert sorted(p.name for p in rep.glob("bench_*.png")) == ["bench_train_eager_32x1024_cpu.png"]
+    assert md.count("## training steps") == 1
+    with pytest.raises(UserError, match="no rows on a device matching 'H200' .* \\(devices there: NVIDIA H100 80GB HBM3, cpu\\)"):
+        render_bench_report(res, rep, device="H200")
+    with pytest.raises(UserError, match="no benchmark rows in .*missing/bench.jsonl: run `moebench bench"):
         render_bench_report(tmp_path / "missing", rep)
 
 

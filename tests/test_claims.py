@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from moebench.errors import UserError
 from moebench.report.claims import (CONTRADICTED, NOT_AT_BUDGET, NOT_RUN, REPRODUCED, Paired, _below, _within,
                                     build_claims)
 
@@ -80,3 +81,29 @@ def test_interval_rules():
     assert _within(Paired(0.0, -0.01, 0.015, 3)) == REPRODUCED
     assert _within(Paired(0.05, 0.03, 0.07, 3)) == CONTRADICTED
     assert _within(Paired(0.01, -0.01, 0.03, 3)) == NOT_AT_BUDGET
+
+
+def test_claims_name_their_rows_and_refuse_two_devices(results, tmp_path):
+    md = build_claims(results, tmp_path / "out").read_text()
+    assert f"from `{results / 'runs.jsonl'}` only" in md
+    # runs are shared (Mamba_25M is in every ablation), so each ablation states its own
+    assert "of the 12 rows in the file): architectures: 2 at gpu-small on NVIDIA H100 80GB HBM3;" in md
+    assert "experts: 11 at gpu-small on NVIDIA H100 80GB HBM3;" in md
+
+    def one_on_a_cpu(r):
+        if r["variant"] == "MoE-Mamba_25M-e8" and r["seed"] == 1:
+            r["env"]["device_name"] = "cpu (x86_64, 2 threads)"
+        return r
+    rewrite(results, one_on_a_cpu)
+    with pytest.raises(UserError, match=r"'\w+' at preset gpu-small .* mix devices: NVIDIA H100 80GB HBM3 "
+                                        r"\(10 rows\), cpu \(1 row\)"):
+        build_claims(results, tmp_path / "out")
+    md = build_claims(results, tmp_path / "out", device="H100").read_text()
+    assert "experts: 10 at gpu-small on NVIDIA H100 80GB HBM3;" in md
+    with pytest.raises(UserError, match="no finished runs of the paper's ablations .* the published rows"):
+        build_claims(tmp_path / "empty", tmp_path / "out")
+    # two presets of one ablation: one is chosen, or none
+    rewrite(results, lambda r: {**r, "preset": "gpu-medium"} if r["variant"] == "MoE-Mamba_25M-e1" else r)
+    with pytest.raises(UserError, match=r"mix presets: gpu-small \(\d+ rows\), gpu-medium \(2 rows\)"):
+        build_claims(results, tmp_path / "out", device="H100")
+    assert "experts: 8 at gpu-small" in build_claims(results, tmp_path / "out", "gpu-small", "H100").read_text()

@@ -217,4 +217,4 @@ def _median_ms(fn, warmup=5, repeats=20) -> float:
     return statistics.median(times)
 
 # Speed is a benchmark, not a test: `moebench bench moe` and `moebench bench train` measure the
-# MoE against its dense equivalent and the per-expert loop (results/bench.jsonl, reports/bench.md).
+# MoE against its dense equivalent and the per-expert loop (results/published/bench.jsonl, reports/bench.md).

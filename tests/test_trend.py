@@ -14,7 +14,7 @@ from moebench.report.trend import build_trend, collect_budgets
 from moebench.results import append_record, load_records
 
 
-def write_run(res, name, tokens, seed, final, preset="gpu-small"):
+def write_run(res, name, tokens, seed, final, preset="gpu-small", device=None):
     """A finished row and a curve L(t) = final + (t / T)^-0.5 - 1 that ends at `final`."""
     cfg = get(name)
     run_id = f"{name}_{tokens}_s{seed}"
@@ -26,7 +26,8 @@ def write_run(res, name, tokens, seed, final, preset="gpu-small"):
         "variant_hash": cfg.config_hash(), "seed": seed, "preset": preset, "data_id": "small:1+1",
         "train": {"batch": 32, "ctx": 1024, "lr_source": "sweep"},
         "metrics": {"tokens": tokens, "final_smoothed_loss": final},
-        "curve": f"runs/{run_id}/curve.csv", "finished": f"2026-01-0{seed + 1}"})
+        "curve": f"runs/{run_id}/curve.csv", "finished": f"2026-01-0{seed + 1}",
+        **({"env": {"device_name": device}} if device else {})})
 
 
 def test_trend_gives_paired_differences_and_speedups_per_budget(tmp_path):
@@ -55,3 +56,23 @@ def test_trend_gives_paired_differences_and_speedups_per_budget(tmp_path):
     assert r.exit_code == 0 and (tmp_path / "cli" / "trend.md").exists()
     with pytest.raises(UserError, match="no budget"):
         build_trend(res, tmp_path / "rep", ("Transformer-MoE_25M", "Transformer_25M"))
+
+
+def test_trend_refuses_a_budget_whose_pair_ran_on_two_devices(tmp_path, cli_main):
+    """Across budgets the device is a column (cpu-tiny runs on a CPU, gpu-small on a GPU); within one
+    budget the paired difference would measure the devices too, so it is refused."""
+    res, h100, h200 = tmp_path / "results", "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    for seed in (0, 1):
+        write_run(res, "Mamba_25M", 20_000_000, seed, 4.0, device=h100)
+        write_run(res, "MoE-Mamba_25M", 20_000_000, seed, 3.9, device=h100)
+        write_run(res, "Mamba_25M", 96_000_000, seed, 3.6, preset="gpu-medium", device=h200)
+        write_run(res, "MoE-Mamba_25M", 96_000_000, seed, 3.5, preset="gpu-medium", device=h100)
+    code, out, err = cli_main(["report", "trend", "--results", str(res), "--out", str(tmp_path / "rep")])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    line = " ".join(err.split())
+    assert "the rows of MoE-Mamba_25M and Mamba_25M at 96M tokens (gpu-medium)" in line
+    assert f"mix devices: {h100} (2 rows), {h200} (2 rows)" in line and "--device" in line
+    md = build_trend(res, tmp_path / "rep", device="H100").read_text()
+    assert f"| 20M | gpu-small | 32 × 1024 | small:1+1 | sweep | 2 | " in md and md.rstrip().count("\n| 96M") == 0
+    assert md.count(f"| {h100} |") == 1
+    assert f"from `{res / 'runs.jsonl'}` only (4 of its 8 rows: " in md

@@ -1,6 +1,6 @@
 """Speed and memory benchmarks. No CLI, no plots: each benchmark measures point after point and
-turns each into one self-describing row of results/bench.jsonl (moebench.results), written as soon as
-the point is measured; moebench.cli.bench prints them and moebench.report.bench renders them.
+turns each into one self-describing row of a results folder's bench.jsonl (moebench.results),
+written as soon as the point is measured; moebench.cli.bench prints them and moebench.report.bench renders them.
 
   common.py      timing, memory, autocast, the out-of-memory guard, sessions (rows), model building
   train_step.py  bench_train: whole training steps per variant, with each MoE variant's

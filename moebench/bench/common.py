@@ -33,8 +33,8 @@ OnPoint = Callable[[dict], None] | None
 
 class Session:
     """One invocation of a benchmark. `add(result)` turns a measured point into a row, appends it to
-    results/bench.jsonl at once (so an interrupted benchmark keeps what it measured) and hands it to
-    on_point (the CLI's progress line)."""
+    the results folder's bench.jsonl at once (so an interrupted benchmark keeps what it measured) and
+    hands it to on_point (the CLI's progress line)."""
 
     def __init__(self, kind: str, config: dict, device: torch.device, results: str | Path | None = None,
                  on_point: OnPoint = None):

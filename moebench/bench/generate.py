@@ -42,7 +42,7 @@ def kv_bytes_per_step(model, batch: int, ctx: float, elt: int) -> float:
 def bench_generate(cfgs: list[ModelConfig], *, prompt_lens: list[int], gen_len: int = 128, batch: int = 64,
                    cuda_graph: bool = False, dtype: str = "bf16", device: str = "auto", impl: str = "auto",
                    moe_impl: str = "auto", results: str | Path | None = None, on_point: OnPoint = None) -> list[dict]:
-    """One row per (variant, prompt length), appended to results/bench.jsonl when `results` is given.
+    """One row per (variant, prompt length), appended to `results`/bench.jsonl when it is given.
     Every row carries the bandwidth its KV bound divides by (measured once per session)."""
     dev = resolve_device(device)
     impl = mixer_request(impl, dev)

@@ -36,7 +36,7 @@ def bench_memory(cfgs: list[ModelConfig], *, lengths: list[int], batch: int = 1,
                  device: str = "auto", impl: str = "auto", moe_impl: str = "auto", repeats: int = 2,
                  warmup: int = 1, loss_chunk: int | None = None, modes: tuple[str, ...] = ("train", "prefill"),
                  results: str | Path | None = None, on_point: OnPoint = None) -> list[dict]:
-    """One row per (variant, mode, length), appended to results/bench.jsonl when `results` is given."""
+    """One row per (variant, mode, length), appended to `results`/bench.jsonl when it is given."""
     dev = resolve_device(device)
     impl = mixer_request(impl, dev)
     loss_chunk = default_loss_chunk(dev) if loss_chunk is None else loss_chunk

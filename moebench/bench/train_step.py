@@ -82,7 +82,7 @@ def bench_train(cfgs: list[ModelConfig], *, batch: int = 32, ctx: int = 1024, dt
                 impl: str = "auto", moe_impl: str = "auto", loss_chunk: int | None = None,
                 baselines: bool = True, results: str | Path | None = None, on_point: OnPoint = None) -> list[dict]:
     """Every variant, each MoE variant followed by its `dense-equivalent` and `loop` baselines. One row
-    per result, appended to results/bench.jsonl when `results` is given; returns the session's rows."""
+    per result, appended to `results`/bench.jsonl when it is given; returns the session's rows."""
     dev = resolve_device(device)
     impl = mixer_request(impl, dev)
     loss_chunk = default_loss_chunk(dev) if loss_chunk is None else loss_chunk

@@ -13,6 +13,7 @@ from moebench.cli.common import CKPT_EVERY, CkptEveryOpt, err, out, split_list
 from moebench.cli.progress import TrainingProgress
 from moebench.errors import UserError
 from moebench.fmt import duration, human, parse_ckpt_every, parse_tokens
+from moebench.paths import LOCAL_REPORTS, LOCAL_RESULTS, PUBLISHED_RESULTS
 from moebench.presets import DEFAULT_PRESET, PRESET_RULES, PUBLIC_PRESETS, parse_grid, preset_shape, rule_of
 from moebench.registry import get
 from moebench.specs import get_spec, load_specs, resolve_variants
@@ -58,7 +59,7 @@ def run_cmd(
                                                      "more for the ablation's headline variants)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue interrupted runs from their checkpoints")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and estimates; train nothing")] = False,
-    out_dir: Annotated[str, typer.Option("--out", help="results folder (runs.jsonl, runs/, lr_sweeps.jsonl)")] = "results",
+    out_dir: Annotated[str, typer.Option("--out", help="results folder (runs.jsonl, runs/, lr_sweeps.jsonl)")] = LOCAL_RESULTS,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     allow_repeat: Annotated[bool, typer.Option("--allow-repeat", help="allow budgets that repeat the data more than the preset allows")] = False,
     lr_source: Annotated[Optional[str], typer.Option(help="default (the paper's rates) | sweep (the family sweeps of "
@@ -168,37 +169,39 @@ def print_plan(plan, device: str) -> None:
 def report_cmd(
     ablation: Annotated[str, typer.Argument(help="architectures | experts | ratios | inner | parallel | bench | trend | "
                                                  "claims")],
-    out_dir: Annotated[str, typer.Option("--out", help="folder for ABLATION.md and the PNGs")] = "reports",
-    results: Annotated[str, typer.Option(help="the results file (or its folder)")] = "results/runs.jsonl",
-    preset: Annotated[Optional[str], typer.Option(help="which preset's rows (default: the one with most rows)")] = None,
+    out_dir: Annotated[str, typer.Option("--out", help="folder for ABLATION.md and the PNGs")] = LOCAL_REPORTS,
+    results: Annotated[str, typer.Option(help=f"the results folder (or its runs.jsonl / bench.jsonl); the published "
+                                              f"rows: {PUBLISHED_RESULTS}")] = LOCAL_RESULTS,
+    preset: Annotated[Optional[str], typer.Option(help="which preset's rows (needed when the rows have several)")] = None,
+    device: Annotated[Optional[str], typer.Option(help="only rows of the device whose name contains this, e.g. cpu, "
+                                                       "H100 (rows of several devices are refused)")] = None,
     lr_source: Annotated[Optional[str], typer.Option(help="only rows trained at default | sweep rates (default: the latest row)")] = None,
     pair: Annotated[Optional[str], typer.Option(help="report trend: VARIANT,BASELINE (default: MoE-Mamba_25M,Mamba_25M)")] = None,
 ):
-    """Write reports/ABLATION.md and PNGs from the results file only; `report bench` the benchmarks,
-    `report trend` a pair's gap against the training budget (every budget it ran at), `report claims`
-    a verdict on each of the paper's claims.
+    """Write OUT/ABLATION.md and PNGs from the rows of RESULTS only (by default your own, into an
+    ignored folder); `report bench` the benchmarks, `report trend` a pair's gap against the training
+    budget (every budget it ran at), `report claims` a verdict on each of the paper's claims.
 
-    Example: moebench report experts --preset gpu-small --lr-source sweep
+    Example: moebench report experts --results results/published --preset gpu-small --lr-source sweep
     """
     if ablation == "claims":
         from moebench.report.claims import build_claims
-        out.print(str(build_claims(results, out_dir, preset)), highlight=False)
+        out.print(str(build_claims(results, out_dir, preset, device)), highlight=False)
         return
     if ablation == "trend":
         from moebench.report.trend import DEFAULT_PAIR, build_trend
         names = split_list(pair) if pair is not None else list(DEFAULT_PAIR)
         if not names or len(names) != 2:
             raise UserError(f"--pair takes two variants, VARIANT,BASELINE; got '{pair}'")
-        out.print(str(build_trend(results, out_dir, (names[0], names[1]))), highlight=False)
+        out.print(str(build_trend(results, out_dir, (names[0], names[1]), device)), highlight=False)
         return
     if ablation == "bench":       # the benchmark rows (RESULTS/bench.jsonl), not an ablation
         from moebench.report.bench import render_bench_report
-        folder = "results" if results == "results/runs.jsonl" else results
-        out.print(str(render_bench_report(folder, out_dir)), highlight=False)
+        out.print(str(render_bench_report(results, out_dir, device=device)), highlight=False)
         return
     get_spec(ablation)
     from moebench.report.ablation import build_report
-    rep = build_report(ablation, results=results, out=out_dir, preset=preset, lr_source=lr_source)
+    rep = build_report(ablation, results=results, out=out_dir, preset=preset, lr_source=lr_source, device=device)
     for w in rep.warnings:
         err.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
     tau = f"Kendall tau vs the paper {rep.tau:.3f}" if rep.tau is not None else "no rank comparison"
@@ -213,7 +216,7 @@ def sweep_lr_cmd(
     grid: Annotated[Optional[str], typer.Option(help=f"comma-separated peak rates (default: {_grid_help()})")] = None,
     tokens: Annotated[Optional[str], typer.Option(help="tokens per point (default: the preset's sweep budget)")] = None,
     preset: Annotated[str, typer.Option(help="batch, context and model scale of the sweep")] = DEFAULT_PRESET,
-    out_dir: Annotated[str, typer.Option("--out", help="results folder (lr_sweeps.jsonl, sweeps/)")] = "results",
+    out_dir: Annotated[str, typer.Option("--out", help="results folder (lr_sweeps.jsonl, sweeps/)")] = LOCAL_RESULTS,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     data: Annotated[Optional[str], typer.Option(help="a prepared data folder instead of the preset's corpus")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step "

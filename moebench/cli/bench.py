@@ -14,11 +14,12 @@ from rich.text import Text
 
 from moebench.cli.common import err, out
 from moebench.errors import UserError
+from moebench.paths import LOCAL_RESULTS
 from moebench.registry import get
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Throughput, memory and decoding benchmarks; one row per measured point in "
-                       "results/bench.jsonl.")
+                       f"{LOCAL_RESULTS}/bench.jsonl (--out).")
 
 DEFAULT_FAMILY = "Mamba_25M,MoE-Mamba_25M,Transformer_25M,Transformer-MoE_25M"
 FormatOpt = Annotated[str, typer.Option("--format", help="table | json (the session's rows on stdout)")]
@@ -114,7 +115,7 @@ def train_cmd(
     loss_chunk: Annotated[Optional[int], typer.Option(help="tokens per head+loss chunk (default: as train, 8192 on CUDA)")] = None,
     baselines: Annotated[bool, typer.Option(help="also time each MoE variant's dense-equivalent and loop baselines")] = True,
     fmt: FormatOpt = "table",
-    results: OutOpt = "results",
+    results: OutOpt = LOCAL_RESULTS,
 ):
     """Whole training steps (forward + backward + fused AdamW): tokens/s, TFLOP/s, MFU, peak memory.
 
@@ -144,7 +145,7 @@ def moe_cmd(
     loop: Annotated[bool, typer.Option(help="also time the per-expert loop")] = True,
     device: DeviceOpt = "auto",
     fmt: FormatOpt = "table",
-    results: OutOpt = "results",
+    results: OutOpt = LOCAL_RESULTS,
 ):
     """One MoE layer (grouped, loop, the grouped GEMMs alone) against one dense FFN, fwd and fwd+bwd.
 
@@ -174,7 +175,7 @@ def memory_cmd(
     moe_impl: MoeImplOpt = "auto",
     plots: Annotated[Optional[str], typer.Option(help="also write the PNG plot into this folder")] = None,
     fmt: FormatOpt = "table",
-    results: OutOpt = "results",
+    results: OutOpt = LOCAL_RESULTS,
 ):
     """Peak memory and time of training (fwd+bwd) and prefill (no grad, last-position logits)
     against sequence length; out-of-memory is recorded as a result.
@@ -210,7 +211,7 @@ def generate_bench_cmd(
     impl: ImplOpt = "auto",
     moe_impl: MoeImplOpt = "auto",
     fmt: FormatOpt = "table",
-    results: OutOpt = "results",
+    results: OutOpt = LOCAL_RESULTS,
 ):
     """Prefill + step decoding against context length: decode tokens/s, memory, the KV-cache
     bandwidth bound of attention models and the (constant) state of Mamba models.

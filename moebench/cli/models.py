@@ -20,6 +20,7 @@ from moebench.cli.progress import TrainingProgress
 from moebench.config import TrainConfig
 from moebench.errors import UserError
 from moebench.fmt import human, parse_ckpt_every, parse_tokens
+from moebench.paths import LOCAL_RESULTS
 from moebench.presets import ema_alpha_for, fitting_preset, preset_shape
 from moebench.registry import TINY_SUFFIX, VARIANTS, fit_vocab, get
 from moebench.specs import get_ablation
@@ -116,7 +117,7 @@ def train_cmd(
                                                     "(default: eager; a compiled step did not learn on an H100, see README)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run from its checkpoint")] = False,
     ckpt_every: CkptEveryOpt = CKPT_EVERY,
-    out_dir: Annotated[str, typer.Option("--out", help="results folder (runs.jsonl and runs/)")] = "results",
+    out_dir: Annotated[str, typer.Option("--out", help="results folder (runs.jsonl and runs/)")] = LOCAL_RESULTS,
 ):
     """Train one variant for a token budget; appends one row to OUT/runs.jsonl.
 
@@ -215,7 +216,7 @@ def generate_cmd(
 ):
     """Sample a continuation of PROMPT from a trained checkpoint.
 
-    Example: moebench generate results/runs/<run_id>/ckpt.pt --prompt "Once upon a time" --top-k 50 --seed 0
+    Example: moebench generate results/local/runs/<run_id>/ckpt.pt --prompt "Once upon a time" --top-k 50 --seed 0
     """
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")

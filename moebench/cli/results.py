@@ -1,5 +1,7 @@
-"""`moebench results migrate|import`: bring rows into results/, from the old benchmark records or
-from another machine (e.g. a GPU machine's bench.jsonl or runs.jsonl)."""
+"""`moebench results migrate|import`: bring rows into the published results, from the old benchmark
+records or from another machine (a lent GPU machine's bench.jsonl or runs.jsonl). Rows that come
+home this way are the published ones, so both write to results/published/ unless told otherwise;
+the user's own runs never pass through here."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,19 +10,21 @@ from typing import Annotated
 import typer
 
 from moebench.cli.common import out
+from moebench.paths import PUBLISHED_RESULTS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Bring rows into results/: old benchmark records, rows from another machine.")
+                  help=f"Bring rows into {PUBLISHED_RESULTS}/: old benchmark records, rows from another machine.")
+IntoOpt = Annotated[str, typer.Option("--into", "--out", help="results folder the rows go to")]
 
 
 @app.command("migrate")
 def migrate_cmd(
     folder: Annotated[str, typer.Argument(help="folder of the old records (*.json, one per invocation)")] = "results/bench",
-    results: Annotated[str, typer.Option("--out", help="results folder (bench.jsonl, archive/bench.jsonl)")] = "results",
+    results: IntoOpt = PUBLISHED_RESULTS,
 ):
     """Old benchmark records (FOLDER/*.json) -> one row per point: the latest of each point in
-    OUT/bench.jsonl, the points it supersedes in OUT/archive/bench.jsonl. Rows already in either file
-    are skipped; the old files are left in place.
+    INTO/bench.jsonl, the points it supersedes in INTO/archive/bench.jsonl. Rows already in either
+    file are skipped; the old files are left in place.
 
     Example: moebench results migrate results/bench && git rm results/bench/*.json
     """
@@ -34,12 +38,12 @@ def migrate_cmd(
 @app.command("import")
 def import_cmd(
     files: Annotated[list[str], typer.Argument(help="files of rows (JSON lines), e.g. a GPU machine's bench.jsonl")],
-    results: Annotated[str, typer.Option("--out", help="results folder")] = "results",
+    results: IntoOpt = PUBLISHED_RESULTS,
 ):
-    """Append rows to the file of OUT their kind belongs in (train -> runs.jsonl, lr_sweep ->
+    """Append rows to the file of INTO their kind belongs in (train -> runs.jsonl, lr_sweep ->
     lr_sweeps.jsonl, bench-* -> bench.jsonl), skipping rows already there (identical JSON).
 
-    Example: moebench results import /tmp/gpu-out/bench.jsonl && moebench report bench
+    Example: moebench results import /tmp/gpu-out/bench.jsonl && moebench report bench --results results/published
     """
     from moebench.results import import_rows
     n = import_rows(files, results)

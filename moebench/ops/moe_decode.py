@@ -53,7 +53,7 @@ MAX_DECODE_T = 256      # every program holds all T expert ids in registers (pad
 _ACT_IDS = {"relu": 0, "gelu": 1}
 # The fused expert kernel's static config (no autotune: CUDA-graph capture); blocks are caps, cut to
 # the widths' powers of 2. The fastest on an H100 of the configurations scripts/bench_moe_decode.py
-# times (the measurements: results/profiles/, git history).
+# times (the measurements: results/published/profiles/, git history).
 EXPERT_CONFIG = dict(BLOCK_F=128, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3)
 
 

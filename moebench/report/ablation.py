@@ -3,7 +3,9 @@ next to the paper's, rank agreement) and <ablation>_*.png (drawn by report.figur
 
 A row belongs to a variant of the ablation when its model config hash matches the variant's at
 the preset's scale (runs are shared between ablations), or, for rows written before a config
-change, when its variant name matches (with a warning).
+change, when its variant name matches (with a warning). A report is of one preset and one device:
+rows of several of either are refused unless --preset / --device choose (pick_preset, report.rows),
+rows of several versions or budgets warned about.
 """
 from __future__ import annotations
 
@@ -14,19 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moebench import paper
-from moebench.ablations import load_sweeps
+from moebench.ablations import SWEEPS_FILE, load_sweeps
 from moebench.errors import UserError
 from moebench.fmt import human
+from moebench.paths import LOCAL_REPORTS, LOCAL_RESULTS
 from moebench.presets import EMA_RULE, rule_of
 from moebench.registry import get
 from moebench.report.compare import (VariantResult, compute_paired, compute_speedups, rank_agreement, ranking_scores,
                                       read_curve, speedup_cell)
 from moebench.report.figures import ablation_figures
+from moebench.report.rows import no_rows, on_device, one_device, rows_file
 from moebench.report.stats import fmt_ms, fmt_paired, mean_std
 from moebench.results import CKPT_INFO, load_records
 from moebench.specs import Spec, get_spec
 
-PROVENANCE_KEYS = {  # what a report states and warns about when its rows differ
+PROVENANCE_KEYS = {  # what a report states; it warns when rows differ in MUST_MATCH (and refuses two devices)
     "device": lambda r: (r.get("env") or {}).get("device_name"),
     "torch": lambda r: (r.get("env") or {}).get("torch"),
     "cuda": lambda r: (r.get("env") or {}).get("cuda"),
@@ -40,7 +44,7 @@ PROVENANCE_KEYS = {  # what a report states and warns about when its rows differ
     "EMA alpha": lambda r: (r.get("train") or {}).get("ema_alpha"),
     "lr source": lambda r: (r.get("train") or {}).get("lr_source"),
 }
-MUST_MATCH = ("device", "torch", "cuda", "mamba_ssm", "data", "tokens", "batch x ctx", "lr source")
+MUST_MATCH = ("torch", "cuda", "mamba_ssm", "data", "tokens", "batch x ctx", "lr source")
 
 
 def _git(r: dict) -> str | None:
@@ -61,9 +65,11 @@ class Report:
     tau: float | None
 
 
-def pick_preset(spec: Spec, rows: list[dict], preset: str | None) -> tuple[str, list[str]]:
-    """The preset to report (the one with the most rows of this ablation unless given) and the
-    other presets that also have rows."""
+def pick_preset(spec: Spec, rows: list[dict], preset: str | None, source: Path) -> tuple[str, list[str]]:
+    """The preset to report and the other presets that also have rows of this ablation: `preset`
+    when given, else the one preset with rows ("" for none). Rows at several presets and no choice
+    are a UserError naming them: a budget of 164K tokens on a CPU twin and one of 20M on the paper's
+    shapes are different experiments, and taking one silently would hide the other."""
     counts: dict[str, int] = {}
     for p in spec.ablation.presets:
         by_hash, by_name = _targets(spec, p)
@@ -73,10 +79,11 @@ def pick_preset(spec: Spec, rows: list[dict], preset: str | None) -> tuple[str, 
     if preset is not None:
         spec.preset(preset)                            # a bad name fails with suggestions
         return preset, [p for p in counts if p != preset]
-    if not counts:
-        return "", []
-    best = max(counts, key=lambda p: counts[p])
-    return best, [p for p in counts if p != best]
+    if len(counts) > 1:
+        listed = ", ".join(f"{p} ({n} rows)" for p, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        raise UserError(f"the rows of '{spec.ablation.name}' in {source} mix presets: {listed}; a report is of one "
+                        f"preset, choose it with --preset (e.g. --preset {max(counts, key=lambda p: counts[p])})")
+    return next(iter(counts), ""), []
 
 
 def _targets(spec: Spec, preset: str) -> tuple[dict[str, list[str]], dict[str, str]]:
@@ -158,28 +165,30 @@ def interrupted_runs(results_dir: Path, preset: str, lr_source: str | None = Non
 
 
 # --- the report --------------------------------------------------------------------------------
-def build_report(ablation: str, results: str | Path = "results/runs.jsonl", out: str | Path = "reports",
-                 preset: str | None = None, lr_source: str | None = None) -> Report:
-    """Write <out>/<ablation>.md and PNGs from the rows of `results` at one preset (by default the
-    one with the most rows); with several rows per (variant, seed), the latest finished one, of
-    learning-rate source `lr_source` when given."""
+def build_report(ablation: str, results: str | Path = LOCAL_RESULTS, out: str | Path = LOCAL_REPORTS,
+                 preset: str | None = None, lr_source: str | None = None, device: str | None = None) -> Report:
+    """Write <out>/<ablation>.md and PNGs from the rows of `results` (a folder or its runs.jsonl) at
+    one preset and on one device (rows of several are refused unless `preset` and `device` choose);
+    with several rows per (variant, seed), the latest finished one, of learning-rate source
+    `lr_source` when given."""
     spec = get_spec(ablation)
-    results = Path(results)
-    if results.is_dir():
-        results = results / "runs.jsonl"
-    rows = load_records(results)
-    chosen, others = pick_preset(spec, rows, preset)
+    results = rows_file(results, "runs.jsonl")
+    all_rows = load_records(results)
+    rows = on_device(all_rows, device, results)
+    chosen, others = pick_preset(spec, rows, preset, results)
     if not chosen:
-        raise UserError(f"no results for ablation '{ablation}' in {results}: run `moebench run {ablation}` first")
+        raise no_rows(f"no results for ablation '{ablation}' in {results}: run `moebench run {ablation}` first", results)
     res, warnings, failed = analyse(spec, chosen, rows, results.parent, lr_source)
     done_rows = [r for v in res.values() for r in v.rows]
     if not done_rows:
-        raise UserError(f"no finished runs of ablation '{ablation}' at preset {chosen}"
-                        + (f" with --lr-source {lr_source}" if lr_source else "") + f" in {results}"
-                        + (f" ({len(failed)} failed)" if failed else "") + f": run `moebench run {ablation} --preset {chosen}`")
+        raise no_rows(f"no finished runs of ablation '{ablation}' at preset {chosen}"
+                      + (f" with --lr-source {lr_source}" if lr_source else "") + f" in {results}"
+                      + (f" ({len(failed)} failed)" if failed else "") + f": run `moebench run {ablation} --preset {chosen}`",
+                      results)
+    one_device(done_rows, f"the finished runs of '{ablation}' at preset {chosen}", results)
     if others:
         warnings.append(f"{results} also has rows of this ablation at preset(s) {', '.join(others)}; "
-                        f"this report is preset {chosen} (choose with --preset)")
+                        f"this report is preset {chosen}, as --preset asked")
     baseline = spec.baseline(chosen)
     if not res[baseline].rows:
         warnings.append(f"the baseline {baseline} has no finished run: no speedups")
@@ -194,8 +203,9 @@ def build_report(ablation: str, results: str | Path = "results/runs.jsonl", out:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pngs = ablation_figures(spec, chosen, res, baseline, prows, out)
+    read = f"{len(done_rows)} of its {len(all_rows)} rows: the latest finished run of each variant and seed"
     md = _markdown(spec, chosen, res, baseline, prows, provenance, warnings, failed, tau, seed_taus, common,
-                   theirs, pngs, results)
+                   theirs, pngs, results, read)
     path = out / f"{ablation}.md"
     path.write_text(md)
     return Report(ablation, chosen, path, pngs, warnings, tau)
@@ -224,14 +234,14 @@ def _mixed(provenance: dict[str, list[str]]) -> list[str]:
 
 
 def _markdown(spec, preset, res, baseline, prows, provenance, warnings, failed, tau, seed_taus, common, theirs,
-              pngs, results) -> str:
+              pngs, results, read) -> str:
     abl = spec.ablation
     p = abl.presets[preset]
     tiny = p.scale == "tiny"
     lines = [f"# {abl.name}: {abl.table} of MoE-Mamba (Pióro et al. 2024)", "",
              f"**Question.** {abl.question}", "",
              f"Preset **{preset}** ({p.note}); baseline for speedups: **{baseline}**. "
-             f"Generated by `moebench report {abl.name}` from `{results}` only; do not edit.", ""]
+             f"Generated by `moebench report {abl.name}` from `{results}` only ({read}); do not edit.", ""]
     if warnings:
         lines += ["> **Warnings**", ">"] + [f"> - {w}" for w in warnings] + [""]
     lines += ["## Results", ""]
@@ -343,9 +353,9 @@ def _learning_rates(res: dict[str, VariantResult], preset: str, results_dir: Pat
         return []
     swept = load_sweeps(results_dir)
     lines = ["", "## Learning rates", "",
-             "From `moebench sweep lr` at this preset: each rate's final smoothed training loss (validation "
-             "loss), the rate chosen by the first in **bold**; a family's members take its rate unless swept "
-             "themselves.", ""]
+             f"From `moebench sweep lr` at this preset (`{results_dir / SWEEPS_FILE}`): each rate's final smoothed "
+             "training loss (validation loss), the rate chosen by the first in **bold**; a family's members take its "
+             "rate unless swept themselves.", ""]
     shown = set()
     for v in used:
         r0 = v.rows[0]

@@ -1,5 +1,5 @@
 """The model cards' claims, measured: the "model cards" section of reports/claims.md, from the
-benchmark rows of results/bench.jsonl only (`moebench bench generate` and `bench memory`).
+benchmark rows of a results folder's bench.jsonl only (`moebench bench generate` and `bench memory`).
 
 The Mamba card: "5x faster inference" than a Transformer of the same size, "no KV cache: lower
 memory", "constant memory per token" when streaming, "linear scaling with sequence length",

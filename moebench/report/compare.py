@@ -125,7 +125,7 @@ def speedup_cell(v: VariantResult, baseline: str) -> str:
 
 def read_curve(row: dict, results_dir: Path) -> tuple[list[float], list[float]] | None:
     """(tokens, smoothed loss) of a run's curve.csv: where the row says (relative to the results
-    folder), else results/runs/<run_id>/; None when there is none."""
+    folder), else RESULTS/runs/<run_id>/; None when there is none."""
     candidates = []
     if row.get("curve"):
         c = Path(row["curve"])
