@@ -184,6 +184,19 @@ def test_sessions_of_one_configuration_are_rerun_once_per_repeat(monkeypatch):
     assert calls == [("bench-train", 8), ("bench-moe", 1)] * 2
 
 
+def test_the_models_to_rerun_come_from_the_rows():
+    tiny = replace(get("MoE-Mamba_25M@tiny"), vocab_size=256)
+    rows = train_session("b", BASE_TOK)
+    for r in rows:
+        if r["result"]["variant"] != "MoE-Mamba_25M[dense-eq]":
+            r["result"]["model"] = (tiny if "MoE" in r["result"]["variant"] else get("Mamba_25M")).to_dict()
+    assert check._models(rows[::-1], TRAIN["variants"]) == [tiny, get("Mamba_25M")]     # the invocation's order
+    # a session that kept only the loop row: it records its MoE's model
+    assert check._models(rows[2:3], TRAIN["variants"]) == [tiny]
+    # only the dense equivalent: the MoE comes from the registry
+    assert check._models(rows[1:2], TRAIN["variants"]) == [get("MoE-Mamba_25M")]
+
+
 # ---- the rerun, on CPU --------------------------------------------------------------------------
 
 

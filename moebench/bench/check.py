@@ -101,8 +101,11 @@ def _models(rows: list[dict], variants: list[str]) -> list[ModelConfig]:
         name = r.get("of") or r["variant"]
         if name not in found:
             found[name] = ModelConfig.from_dict(r["model"]) if r.get("model") else get(name)
+    for r in (row["result"] for row in rows):         # a dense equivalent without its MoE's row
+        if r.get("baseline") == "dense-equivalent" and r["of"] not in found:
+            found[r["of"]] = get(r["of"])
     order = {v: i for i, v in enumerate(variants)}
-    return sorted(found.values(), key=lambda c: order.get(c.name, len(order)))
+    return [cfg for _, cfg in sorted(found.items(), key=lambda kv: order.get(kv[0], len(order)))]
 
 
 def _rerun_one(kind: str, config: dict, rows: list[dict], device: str, results, on_point) -> list[dict]:
