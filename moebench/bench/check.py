@@ -123,8 +123,9 @@ def _rerun_one(kind: str, config: dict, rows: list[dict], device: str, results, 
                          capacity_factor=c["capacity_factor"], dtype=c["dtype"], steps=c["steps"],
                          warmup=c["warmup"], loop=any(r["result"]["name"] == "loop" for r in rows), **common)
     if kind == "bench-generate":
-        return bench_generate(_models(rows, c["variants"]), prompt_lens=sorted({r["result"]["prompt_len"] for r in rows}),
-                              gen_len=c["gen_len"], batch=c["batch"], cuda_graph=c["cuda_graph"], dtype=c["dtype"],
+        return bench_generate(_models(rows, c["variants"]),
+                              prompt_lens=sorted({r["result"]["prompt_len"] for r in rows}), gen_len=c["gen_len"],
+                              batch=c["batch"], cuda_graph=c["cuda_graph"], dtype=c["dtype"],
                               impl=c.get("impl", "auto"), moe_impl=c.get("moe_impl", "auto"), **common)
     return bench_memory(_models(rows, c["variants"]), lengths=sorted({r["result"]["length"] for r in rows}),
                         batch=c["batch"], dtype=c["dtype"], impl=c.get("impl", "auto"),
@@ -229,8 +230,9 @@ def _per_s(tokens: int, ms: float | None) -> float | None:
 # metric name -> (value of a row, higher is better); a value of None is not measured
 POINT_METRICS: dict[str, dict[str, tuple[Callable[[dict], float | None], bool]]] = {
     "bench-train": {"tokens/s": (lambda row: _value(row, "tokens_per_s"), True)},
-    "bench-moe": {"fwd+bwd tokens/s": (lambda row: _per_s(row["config"]["tokens"], _value(row, "fwd_bwd_ms", "median")), True),
-                  "fwd tokens/s": (lambda row: _per_s(row["config"]["tokens"], _value(row, "fwd_ms", "median")), True)},
+    "bench-moe": {
+        "fwd+bwd tokens/s": (lambda row: _per_s(row["config"]["tokens"], _value(row, "fwd_bwd_ms", "median")), True),
+        "fwd tokens/s": (lambda row: _per_s(row["config"]["tokens"], _value(row, "fwd_ms", "median")), True)},
     "bench-generate": {"decode tokens/s": (lambda row: _value(row, "decode_tokens_per_s"), True),
                        "prefill tokens/s": (lambda row: _value(row, "prefill_tokens_per_s"), True)},
     "bench-memory": {"tokens/s": (lambda row: _value(row, "tokens_per_s"), True),
@@ -243,9 +245,10 @@ MOE_RATIOS = {"loop_over_grouped": True, "grouped_over_dense": False, "grouped_o
 
 
 def metrics(rows: list[dict]) -> dict[tuple, dict]:
-    """{point identity: {"row": a row of it, "values": {metric: ([values], higher is better)}}}: every
-    point's own metrics and the ratios derived within each session (a bench-moe session's ratios form
-    a point of their own, named "ratios"). Points that did not run ok get a "status" instead."""
+    """{point identity: {"row": a row of it, "values": {metric: ([values], higher is better)},
+    "status": [each row's status]}}: every point's own metrics and the ratios derived within each
+    session (a bench-moe session's ratios form a point of their own, named "ratios"); a row that did
+    not run ok adds its status only."""
     sessions = by_session(rows)
     out: dict[tuple, dict] = {}
 
