@@ -68,8 +68,8 @@ def bench_generate(cfgs: list[ModelConfig], *, prompt_lens: list[int], gen_len: 
             # warm-up: kernel selection and Triton compilation happen here, not in the timings
             oom_guard(lambda: decode_point(model, cfg, 16, 4, batch, cuda_graph, dev), dev)
             for L in sorted(prompt_lens):
-                res = {"variant": cfg.name, "family": cfg.family, "mixer": cfg.mixer, "prompt_len": L,
-                       "gen_len": gen_len, "batch": batch, "bandwidth": used,
+                res = {"variant": cfg.name, "family": cfg.family, "mixer": cfg.mixer, "model": cfg.to_dict(),
+                       "prompt_len": L, "gen_len": gen_len, "batch": batch, "bandwidth": used,
                        "impl": {**impl_of(model), "cuda_graph": cuda_graph}}
                 res.update(oom_guard(lambda: decode_point(model, cfg, L, gen_len, batch, cuda_graph, dev), dev))
                 if res["status"] == "ok":

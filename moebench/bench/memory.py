@@ -54,7 +54,8 @@ def bench_memory(cfgs: list[ModelConfig], *, lengths: list[int], batch: int = 1,
         for mode in modes:
             model.train(mode == "train")
             for L in lengths:
-                res = {"variant": cfg.name, "family": cfg.family, "mode": mode, "length": L, "batch": batch,
+                res = {"variant": cfg.name, "family": cfg.family, "model": cfg.to_dict(), "mode": mode, "length": L,
+                       "batch": batch,
                        "tokens": batch * L, "impl": impl_of(model), "static_mem_gib": static}
                 if mode in oom_at:
                     res.update(status="oom", skipped=True, note=f"not run: out of memory at length {oom_at[mode]}")

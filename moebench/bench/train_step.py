@@ -36,8 +36,9 @@ def train_one(cfg: ModelConfig, *, batch: int, ctx: int, dtype: str, compile: bo
     return res
 
 
-def time_train_step(cfg, batch, ctx, dtype, compile, steps, warmup, device, impl, moe_impl, loss_chunk,
-                    moe_override) -> dict:
+def make_train_step(cfg, batch, ctx, dtype, compile, device, impl, moe_impl, loss_chunk, moe_override=None):
+    """(model, step): the model built as `build` does and one whole training step on a fixed random
+    batch (forward, backward, clipping, the optimizer of the model's Impl.adamw), as train.py runs it."""
     torch.manual_seed(0)
     model = build(cfg, impl, moe_impl, device, moe_override)
     model.train()
@@ -57,6 +58,12 @@ def time_train_step(cfg, batch, ctx, dtype, compile, steps, warmup, device, impl
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return model, step
+
+
+def time_train_step(cfg, batch, ctx, dtype, compile, steps, warmup, device, impl, moe_impl, loss_chunk,
+                    moe_override) -> dict:
+    model, step = make_train_step(cfg, batch, ctx, dtype, compile, device, impl, moe_impl, loss_chunk, moe_override)
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()

@@ -1,7 +1,8 @@
 """`moebench bench train|moe|memory|generate`: each command parses its options and calls one benchmark
 of moebench.bench, which appends one row per measured point to RESULTS/bench.jsonl; a progress line
-per point goes to stderr and the session's table to stdout. The benchmarks (and torch) are imported
-inside the commands, once the options check out."""
+per point goes to stderr and the session's table to stdout. `moebench bench check` reruns a
+baseline's points here (moebench.bench.check) and prints how each metric compares. The benchmarks
+(and torch) are imported inside the commands, once the options check out."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,8 @@ from rich.text import Text
 
 from moebench.cli.common import err, out
 from moebench.errors import UserError
-from moebench.paths import LOCAL_RESULTS
+from moebench.fmt import per_s
+from moebench.paths import LOCAL_RESULTS, PUBLISHED_RESULTS
 from moebench.registry import get
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -231,3 +233,60 @@ def generate_bench_cmd(
                           dtype=dtype, device=device, impl=impl, moe_impl=moe_impl, results=results,
                           on_point=_on_point)
     _show(rows, fmt, results)
+
+
+@app.command("check")
+def check_cmd(
+    baseline: Annotated[str, typer.Option(help="baseline rows: a .jsonl file, or session ids (comma-separated) "
+                                               "in RESULTS/bench.jsonl")],
+    repeats: Annotated[int, typer.Option(help="rerun every configuration this many times; the median counts")] = 3,
+    threshold: Annotated[float, typer.Option(help="a metric this much worse than the baseline is a regression")] = 0.10,
+    force: Annotated[bool, typer.Option("--force", help="compare even when the GPU model, torch or mamba-ssm differ")] = False,
+    results: Annotated[str, typer.Option("--results", help="results folder where session ids are looked up")] = PUBLISHED_RESULTS,
+    save: Annotated[Optional[str], typer.Option("--out", help="also append the rerun's rows to OUT/bench.jsonl")] = None,
+):
+    """Rerun every benchmark point of a baseline here and compare tokens/s, decode rates and the
+    ratios between paths; exit 1 with the table when one is more than --threshold worse, or missing.
+
+    Example (on the machine that made the baseline): moebench bench check --baseline results/baselines/h100.jsonl
+    """
+    if not 0 < threshold < 1:
+        raise UserError(f"--threshold is a fraction of the baseline, between 0 and 1, got {threshold}")
+    if repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {repeats}")
+    from moebench.bench.check import check
+    findings, diffs = check(baseline, results=results, repeats=repeats, threshold=threshold, force=force,
+                            out=save, on_point=_on_point)
+    for line in diffs:
+        err.print(f"[yellow]warning:[/yellow] --force: {line}", highlight=False)
+    out.print(_findings_table(f"{baseline}: rerun here ({repeats} time{'s' * (repeats > 1)}), worse = more than "
+                              f"{threshold:.0%} worse than the baseline", findings))
+    bad = [f for f in findings if f.bad]
+    if bad:                  # again on their own: a baseline of every benchmark has hundreds of metrics
+        out.print(_findings_table("regressions", bad))
+    counts = ", ".join(f"{sum(f.verdict == v for f in bad)} {v}" for v in ("worse", "missing", "failed")
+                       if any(f.verdict == v for f in bad))
+    compared = sum(f.baseline is not None for f in findings)
+    out.print(f"{compared} metrics compared: " + (counts if bad else "no regression"), highlight=False)
+    if bad:
+        raise typer.Exit(1)
+
+
+def _findings_table(title: str, findings) -> Table:
+    rich = Table(title=Text(title))
+    for c in ("point", "metric", "baseline", "now", "change", "verdict"):
+        rich.add_column(c, justify="left" if c in ("point", "metric", "verdict") else "right")
+    for f in findings:
+        change = "-" if f.change is None else f"{f.change:+.1%}"
+        style = "red" if f.bad else "green" if f.verdict == "better" else None
+        rich.add_row(Text(f.point), Text(f.metric), _number(f.metric, f.baseline), _number(f.metric, f.current),
+                     change, Text(f.verdict, style=style))
+    return rich
+
+
+def _number(metric: str, x: float | None) -> str:
+    if x is None:
+        return "-"
+    if "tokens/s" in metric:
+        return per_s(x) if x >= 1e4 else f"{x:,.0f}"
+    return f"{x:.3g}"
