@@ -6,7 +6,7 @@
 # Runs on a lent GPU are the published rows, so every step writes to results/published/ (not the
 # user's default, results/local/), and unpacking the archive here puts them where they belong.
 #   bash scripts/device_call.sh 560 gputests compile sweep:architectures run:architectures
-# steps: gputests | compile (eager vs compiled curves) | sweep:ABLATION | run:ABLATION[:VARIANT,...]
+# steps: gputests | diag | compile (eager vs compiled curves) | sweep:ABLATION | run:ABLATION[:VARIANT,...]
 #        | medium:VARIANT,...  (gpu-medium runs of the trend)
 set -u
 end=$(( $(date +%s) + $1 )); shift
@@ -20,8 +20,11 @@ for step in "$@"; do
   if [ "$t" -lt 45 ]; then echo "== $step: not started, $t s left"; continue; fi
   echo "== $step: $t s left, $(date +%T)"
   case $step in
-    gputests)
-      timeout $(( t < 300 ? t : 300 )) python3 -m pytest -q -p no:cacheprovider -m gpu 2>&1 | tail -15 ;;
+    gputests)      # the failures by name even when the time limit cuts the run short
+      timeout $(( t < 300 ? t : 300 )) python3 -m pytest -q -p no:cacheprovider -m gpu -rf --tb=line \
+        --deselect tests/test_distributed.py 2>&1 | tee "$OUT/gputests.log" | grep -E "^FAILED|^E |passed|failed" | tail -20 ;;
+    diag)          # does a compiled step learn, and which fast path breaks it (scripts/compile_diag.py)
+      timeout $(( t < 240 ? t : 240 )) python3 scripts/compile_diag.py 2>&1 | grep -v -i warn | tail -12 ;;
     compile)
       python3 -m moebench data prepare --corpus small 2>&1 | tail -1
       for flag in --no-compile --compile; do
