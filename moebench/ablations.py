@@ -98,14 +98,15 @@ def make_plan(name: str, preset: str = DEFAULT_PRESET, *, only: list[str] | None
               data_dir: str | Path | None = None, tokens: int | None = None,
               allow_repeat: bool = False, compile: bool | None = None) -> Plan:
     """Which runs `moebench run NAME --preset PRESET` would do, and their status in `out`. Learning
-    rates: the paper's (lr_source "default") or the sweeps' ("sweep": a variant's own sweep, else its
-    family's); None takes the preset's choice (sweep at the GPU presets)."""
+    rates: the paper's (lr_source "default"), the sweeps' ("sweep": a variant's own sweep, else its
+    family's) or the preset's one rate ("preset", cpu-tiny); None takes the preset's choice."""
     spec = get_spec(name)
     p = spec.preset(preset)
     rule = rule_of(preset)
     lr_source = lr_source or rule.lr_source
-    if lr_source not in ("default", "sweep"):
-        raise UserError(f"unknown --lr-source '{lr_source}': use default or sweep")
+    if lr_source not in ("default", "sweep", "preset") or (lr_source == "preset" and rule.lr is None):
+        raise UserError(f"unknown --lr-source '{lr_source}': use default or sweep"
+                        + (" or preset" if rule.lr is not None else ""))
     if seeds is not None and seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
     out = Path(out)
@@ -137,6 +138,8 @@ def make_plan(name: str, preset: str = DEFAULT_PRESET, *, only: list[str] | None
                 continue
             lr = best["best_lr"]
             note = f"{'own' if own else cfg.family + ' family'} sweep {best['finished'][:10]}"
+        elif lr_source == "preset":
+            lr, note = rule.lr, "the preset's rate for all"
         else:
             lr, note = default_lr(base), "paper default"
         for seed in range(seeds or spec.ablation.seeds(preset, v)):

@@ -63,8 +63,8 @@ def run_cmd(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     allow_repeat: Annotated[bool, typer.Option("--allow-repeat", help="allow budgets that repeat the data more than the preset allows")] = False,
     lr_source: Annotated[Optional[str], typer.Option(help="default (the paper's rates) | sweep (the family sweeps of "
-                                                           "`moebench sweep lr`); default: sweep at the GPU presets, "
-                                                           "the paper's elsewhere")] = None,
+                                                           "`moebench sweep lr`) | preset (one rate for all, cpu-tiny); "
+                                                           "default: the preset's (sweep at the GPU presets)")] = None,
     data: Annotated[Optional[str], typer.Option(help="a prepared data folder instead of the preset's corpus (e.g. C4)")] = None,
     tokens: Annotated[Optional[str], typer.Option(help="override the preset's tokens per run: 200k, 20M")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step "
