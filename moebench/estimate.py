@@ -11,28 +11,13 @@ from moebench.models.lm import describe
 from moebench.presets import CPU_TINY_CTX, rule_of
 from moebench.results import load_records
 
-# wall-clock tokens/s (training + evaluation) of the @tiny twins at cpu-tiny's shape (8 x 128) on a
-# 2-core x86 CPU (torch 2.13, not shared): the first five from `moebench run architectures --preset
-# cpu-tiny`, the others from 12-step runs' training tokens/s x 0.95 (the evaluations' share)
+# wall-clock tokens/s (training + evaluation) of the @tiny twins at cpu-tiny's shape (8 x 128, over its
+# 4096-token BPE) on an idle 2-core x86 CPU (torch 2.13): the README quick start, 3 seeds each, 2026-12-08
 CPU_TINY_TOK_S: dict[str, float] = {
-    "Mamba_25M@tiny": 2200, "MoE-Mamba_25M@tiny": 2380, "Transformer_25M@tiny": 2670,
-    "Transformer-MoE_25M@tiny": 2600, "Mamba-MLP_25M@tiny": 2500, "MoE-Mamba_25M-e1@tiny": 2240,
-    "MoE-Mamba_25M-e4@tiny": 2220, "MoE-Mamba_25M-e8@tiny": 2180, "MoE-Mamba_25M-e16@tiny": 2250,
-    "MoE-Mamba_25M-e32@tiny": 2240, "InnerMoE_25M-conv-all@tiny": 2030,
-    "InnerMoE_25M-conv-every2@tiny": 2030, "InnerMoE_25M-gate-all@tiny": 2040,
-    "InnerMoE_25M-gate-every2@tiny": 1990, "InnerMoE_25M-out-all@tiny": 1950,
-    "InnerMoE_25M-out-every2@tiny": 1940, "InnerMoE_25M-conv+gate-all@tiny": 1940,
-    "InnerMoE_25M-conv+gate-every2@tiny": 1890, "InnerMoE_25M-conv+out-all@tiny": 1910,
-    "InnerMoE_25M-conv+out-every2@tiny": 1970, "InnerMoE_25M-gate+out-all@tiny": 1890,
-    "InnerMoE_25M-gate+out-every2@tiny": 1910, "InnerMoE_25M-conv+gate+out-all@tiny": 1920,
-    "InnerMoE_25M-conv+gate+out-every2@tiny": 1880, "ParMoE-Mamba_25M-e1@tiny": 2130,
-    "MoE-Mamba_25M-e2@tiny": 2150, "ParMoE-Mamba_25M-e2@tiny": 2180, "ParMoE-Mamba_25M-e4@tiny": 2210,
-    "ParMoE-Mamba_25M-e8@tiny": 2160, "ParMoE-Mamba_25M-e16@tiny": 2160, "ParMoE-Mamba_25M-e32@tiny": 2150,
-    "MoE-Mamba_25M-ratio1to5@tiny": 2370, "MoE-Mamba_25M-ratio2to4@tiny": 2290,
-    "MoE-Mamba_25M-ratio3to3@tiny": 2140, "MoE-Mamba_25M-ratio4to2@tiny": 2100,
-    "MoE-Mamba_25M-ratio5to1@tiny": 2030, "Mamba_25M-8xE4@tiny": 2040,
+    "Mamba_25M@tiny": 6700, "MoE-Mamba_25M@tiny": 9700, "Transformer_25M@tiny": 27900,
+    "Transformer-MoE_25M@tiny": 20300, "Mamba-MLP_25M@tiny": 11300,
 }
-CPU_FLOPS = 37e9                # the slowest twin's FLOPs/token x tokens/s above, for any other twin
+CPU_FLOPS = 16e9                # the slowest twin's FLOPs/token x tokens/s above (Mamba), for any other twin
 ASSUMED_GPU_MFU = 0.10          # for a GPU time estimate when no run of the variant was measured yet
 # training tokens of the named corpora once prepared, for the passes per run before preparing them
 # train tokens of the prepared corpora (data format 2: near-duplicates dropped, 1% held out)

@@ -106,8 +106,8 @@ def test_dry_run_prints_the_plan(tmp_path):
     assert res.exit_code == 0, res.output
     for name in ("Mamba_25M", "MoE-Mamba_25M", "Transformer_25M", "Transformer-MoE_25M", "Mamba-MLP_25M"):
         assert name in res.output
-    assert "est. time" in res.output and "paper default" in res.output
-    assert "5 of 5 runs to do" in res.output
+    assert "est. time" in res.output and "the preset's rate for all" in res.output
+    assert "15 of 15 runs to do" in res.output
     assert not (tmp_path / "runs.jsonl").exists()          # a dry run trains nothing
     res = runner.invoke(app, ["run", "architectures", "--dry-run", "--preset", "paper-100m", "--out", str(tmp_path),
                               "--device", "cpu"], env={"COLUMNS": "200"})
@@ -116,7 +116,7 @@ def test_dry_run_prints_the_plan(tmp_path):
 
 
 def test_seeds_per_preset_and_variant(tmp_path):
-    """GPU presets run two seeds of every variant and three of the headline pair; cpu-tiny one;
+    """GPU presets run two seeds of every variant and three of the headline pair; cpu-tiny three of each;
     --seeds N overrides both. Every variant of a seed reads the same batches (same seed, same data)."""
     def seeds(plan):
         out = {}
@@ -127,7 +127,7 @@ def test_seeds_per_preset_and_variant(tmp_path):
     assert got["Mamba_25M"] == [0, 1, 2] and got["MoE-Mamba_25M"] == [0, 1, 2]
     assert got["Transformer_25M"] == [0, 1] and got["Mamba-MLP_25M"] == [0, 1]
     assert seeds(make_plan("experts", "gpu-medium", out=tmp_path, lr_source="default"))["MoE-Mamba_25M-e32"] == [0, 1, 2]
-    assert set(map(tuple, seeds(make_plan("architectures", "cpu-tiny", out=tmp_path)).values())) == {(0,)}
+    assert set(map(tuple, seeds(make_plan("architectures", "cpu-tiny", out=tmp_path)).values())) == {(0, 1, 2)}
     assert set(map(tuple, seeds(make_plan("architectures", "gpu-small", seeds=1, out=tmp_path, lr_source="default")).values())) == {(0,)}
 
 
@@ -306,7 +306,7 @@ def test_time_estimates(tmp_path):
     assert estimate_seconds(run, "gpu0", True, [measured], 3e8) == (pytest.approx(run.tcfg.tokens / 2e5), "measured here")
     tiny = make_plan("architectures", "cpu-tiny", only=["Mamba_25M"], out=tmp_path).runs[0]
     secs, how = estimate_seconds(tiny, "cpu", False, [], 2e7)
-    assert 60 < secs < 200 and "measured" in how
+    assert 10 < secs < 60 and "measured" in how          # 131k tokens at 6.7k tokens/s
 
 
 def test_ablations_command_lists_the_tables():

@@ -21,7 +21,7 @@ from moebench.errors import UserError
 from moebench.fmt import human
 from moebench.paths import LOCAL_REPORTS, LOCAL_RESULTS
 from moebench.presets import EMA_RULE, rule_of
-from moebench.registry import get
+from moebench.registry import fit_vocab, get
 from moebench.report.compare import (VariantResult, compute_paired, compute_speedups, rank_agreement, ranking_scores,
                                       read_curve, speedup_cell)
 from moebench.report.figures import ablation_figures
@@ -98,6 +98,12 @@ def _targets(spec: Spec, preset: str) -> tuple[dict[str, list[str]], dict[str, s
     return by_hash, by_name
 
 
+def _same_but_vocab(cfg, row: dict) -> bool:
+    """The row's model is the registry's but for the vocabulary (a run over a learned BPE, registry.fit_vocab)."""
+    vocab = (row.get("model") or {}).get("vocab_size")
+    return bool(vocab) and fit_vocab(cfg, vocab).config_hash() == row.get("variant_hash")
+
+
 def collect(spec: Spec, preset: str, rows: list[dict], results_dir: Path,
             lr_source: str | None = None) -> tuple[dict[str, VariantResult], list[str], list[dict]]:
     """(variant -> result, warnings, failed rows) for one preset: the latest finished row per
@@ -115,7 +121,8 @@ def collect(spec: Spec, preset: str, rows: list[dict], results_dir: Path,
         names = by_hash.get(r.get("variant_hash"))
         if names is None and r.get("variant") in by_name:
             names = [by_name[r["variant"]]]
-            stale.add(names[0])
+            if not _same_but_vocab(out[names[0]].cfg, r):
+                stale.add(names[0])
         if not names:
             continue
         if r.get("status") != "done":
