@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from moebench.cli.common import CKPT_EVERY, CkptEveryOpt, err, out, split_list
@@ -104,6 +105,7 @@ def run_cmd(
     busy_part = f"{len(busy)} skipped (another process trains them), " if busy else ""
     reused = sum(o.status == "reused" for o in outcomes)
     reused_part = f"{reused} recorded from the learning-rate sweep (its run at the chosen rate), " if reused else ""
+    print_speeds(ran)
     err.print(f"{len(ran)} trained, {reused_part}{sum(o.status == 'skipped' for o in outcomes) - len(busy)} skipped (done before), "
               f"{busy_part}{len(bad)} not finished; report: moebench report {ablation} --preset {preset} "
               f"--results {plan.out / 'runs.jsonl'}", highlight=False, soft_wrap=True)
@@ -114,6 +116,26 @@ def run_cmd(
         err.print(f"[red]{o.status}:[/red] {o.run.variant} seed {o.run.tcfg.seed}: {o.error}", highlight=False, soft_wrap=True)
     if bad:
         raise typer.Exit(1)
+
+
+def print_speeds(done: list) -> None:
+    """What the runs just trained cost, per variant, on which device: the rows' wall time and tokens/s
+    (every row keeps them, with the device, in its metrics and env)."""
+    by: dict[str, list[dict]] = {}
+    for o in done:
+        if o.row:
+            by.setdefault(o.run.variant, []).append(o.row)
+    if not by:
+        return
+    device = next(iter(by.values()))[0]["env"].get("device_name", "?")
+    table = Table(title=f"time per run on {device}", box=box.SIMPLE)
+    for col in ("variant", "runs", "wall s (each)", "tokens/s"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for v, rows in by.items():
+        walls = [r["metrics"]["wall_s"] for r in rows]
+        rates = sorted(r["metrics"]["tokens_per_s"] or 0 for r in rows)
+        table.add_row(v, str(len(rows)), f"{sum(walls) / len(walls):.1f}", f"{rates[len(rates) // 2]:,.0f}")
+    err.print(table)
 
 
 def _execute_with_progress(plan, todo: list, device: str, resume: bool, every: tuple[int, float]) -> list:
