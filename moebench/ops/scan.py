@@ -37,15 +37,16 @@ except Exception as e:  # noqa: BLE001 (see above)
 HAS_MAMBA_KERNELS: bool = KERNEL_IMPORT_ERROR is None
 
 
-def use_kernels(impl: Impl, x: torch.Tensor) -> bool:
+def use_kernels(impl: Impl, x: torch.Tensor, import_error: str | None = KERNEL_IMPORT_ERROR) -> bool:
     """Whether a call with a resolved impl ('fast' or 'ref', moebench/impl.py) takes the kernels; a
-    'fast' call with a tensor off CUDA gets a clear error instead of a kernel's."""
+    'fast' call with a tensor off CUDA, or kernels that failed to import (import_error: these ops',
+    by default mamba-ssm's and causal-conv1d's), gets a clear error instead of a kernel's."""
     if impl == "ref":
         return False
     if impl != "fast":
         raise ValueError(f"impl must be 'fast' or 'ref' (resolved by moebench.impl), got {impl!r}")
-    if not HAS_MAMBA_KERNELS or x.device.type != "cuda":
-        why = KERNEL_IMPORT_ERROR if not HAS_MAMBA_KERNELS else f"tensor on {x.device}, the kernels need CUDA"
+    if import_error is not None or x.device.type != "cuda":
+        why = import_error if import_error is not None else f"tensor on {x.device}, the kernels need CUDA"
         raise RuntimeError(f"impl='fast' is unavailable ({why}); use impl='ref'")
     return True
 

@@ -20,7 +20,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from moebench.ops.scan import Impl, _compute_dtype
+from moebench.ops.scan import Impl, _compute_dtype, use_kernels
 
 # mamba-ssm's Triton modules can fail at import for reasons other than ImportError (see ops/scan.py)
 ssd_kernels = types.SimpleNamespace(chunk_scan=None, state_update=None, rmsnorm=None)
@@ -34,17 +34,6 @@ try:
 except Exception as e:  # noqa: BLE001
     SSD_IMPORT_ERROR = f"{type(e).__name__}: {e}"
 HAS_SSD_KERNELS: bool = SSD_IMPORT_ERROR is None
-
-
-def _use_kernels(impl: Impl, x: torch.Tensor) -> bool:
-    if impl == "ref":
-        return False
-    if impl != "fast":
-        raise ValueError(f"impl must be 'fast' or 'ref' (resolved by moebench.impl), got {impl!r}")
-    if not HAS_SSD_KERNELS or x.device.type != "cuda":
-        why = SSD_IMPORT_ERROR if not HAS_SSD_KERNELS else f"tensor on {x.device}, the kernels need CUDA"
-        raise RuntimeError(f"impl='fast' is unavailable ({why}); use impl='ref'")
-    return True
 
 
 def _dt(dt, dt_bias_H, dt_softplus, dtype):
@@ -141,7 +130,7 @@ def ssd(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, D_H=None, dt_bias_H=None, dt_softpl
         return_final_state=False, chunk_size: int = 256, impl: Impl = "ref"):
     """'fast': mamba_ssm's mamba_chunk_scan_combined (CUDA, Triton); 'ref': ssd_chunked (its chunk
     length capped at 64: the quadratic part's memory grows with it, the result does not change)."""
-    if _use_kernels(impl, x_BLHP):
+    if use_kernels(impl, x_BLHP, SSD_IMPORT_ERROR):
         out = ssd_kernels.chunk_scan(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D=D_H, dt_bias=dt_bias_H,
                                      dt_softplus=dt_softplus, return_final_states=return_final_state)
         return out
@@ -168,7 +157,7 @@ def ssd_step_ref(state_BHPN, x_BHP, dt_BH, A_H, B_BGN, C_BGN, D_H=None, dt_bias_
 def ssd_step(state_BHPN, x_BHP, dt_BH, A_H, B_BGN, C_BGN, D_H=None, dt_bias_H=None, dt_softplus=True,
              impl: Impl = "ref"):
     """'fast': mamba_ssm's selective_state_update with the head dimension tied (as Mamba2.step)."""
-    if _use_kernels(impl, x_BHP):
+    if use_kernels(impl, x_BHP, SSD_IMPORT_ERROR):
         P, N = x_BHP.shape[-1], state_BHPN.shape[-1]
         H = x_BHP.shape[1]
         A_HPN = A_H.float()[:, None, None].expand(H, P, N)
@@ -194,7 +183,7 @@ def rmsnorm_gated_ref(y_TI, z_TI, weight_I, eps: float = 1e-5, group_size: int |
 
 def rmsnorm_gated(y_TI, z_TI, weight_I, eps: float = 1e-5, group_size: int | None = None, impl: Impl = "ref"):
     """'fast': mamba_ssm's Triton rmsnorm_fn; 'ref': rmsnorm_gated_ref."""
-    if _use_kernels(impl, y_TI):
+    if use_kernels(impl, y_TI, SSD_IMPORT_ERROR):
         return ssd_kernels.rmsnorm(y_TI, weight_I, None, z=z_TI, eps=eps, group_size=group_size,
                                    norm_before_gate=False)
     return rmsnorm_gated_ref(y_TI, z_TI, weight_I, eps, group_size)
