@@ -1,6 +1,7 @@
 """Shared fixtures for the training, results and CLI tests: a small prepared corpus of real English
 (the standard library's docstrings, so no test needs the shared data folder), one finished tiny
-MoE-Mamba run to inspect, and helpers to run moebench in a subprocess.
+MoE-Mamba run to inspect, helpers to run moebench in a subprocess, and the fast-vs-reference error
+checks of the GPU tests.
 
 Nothing here is autouse: the other test files keep their own fixtures."""
 from __future__ import annotations
@@ -188,3 +189,30 @@ def cli_main(monkeypatch, capsys):
         cap = capsys.readouterr()
         return exc.value.code or 0, cap.out, cap.err
     return run
+
+
+# ---- fast path against reference, on a GPU (tests/test_gpu_*.py) --------------------------------------
+
+@pytest.fixture
+def no_tf32():
+    """fp32 means fp32: TF32 matmuls alone would give ~1e-3 relative errors."""
+    import torch
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def rel(a, b) -> float:
+    """‖a − b‖ / ‖b‖, in fp64."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check(label: str, errors: dict[str, float], tol: float):
+    """Prints every relative error (pytest -s) and fails on any not below tol."""
+    worst = max(errors, key=errors.get)
+    print(f"\n[{label}] max rel err {errors[worst]:.2e} ({worst}); " +
+          ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    bad = {k: v for k, v in errors.items() if not v < tol}
+    assert not bad, f"{label}: rel err above {tol:.0e}: {bad}"

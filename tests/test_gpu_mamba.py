@@ -12,7 +12,9 @@ from moebench.ops.conv import causal_conv1d, causal_conv1d_update
 from moebench.impl import resolve_mixer
 from moebench.ops.scan import HAS_MAMBA_KERNELS, KERNEL_IMPORT_ERROR, selective_scan, selective_state_update
 
-pytestmark = pytest.mark.gpu
+from conftest import check, rel
+
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("no_tf32")]
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 if not HAS_MAMBA_KERNELS:
@@ -20,28 +22,6 @@ if not HAS_MAMBA_KERNELS:
 
 CUDA = torch.device("cuda")
 TOL = {"fp32": 1e-4, "bf16": 1e-2}
-
-
-@pytest.fixture(autouse=True)
-def no_tf32():
-    """fp32 means fp32: TF32 matmuls alone would give ~1e-3 relative errors."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def check(label: str, errors: dict[str, float], tol: float):
-    worst = max(errors, key=errors.get)
-    print(f"\n[{label}] max rel err {errors[worst]:.2e} ({worst}); " +
-          ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
-    bad = {k: v for k, v in errors.items() if not v < tol}
-    assert not bad, f"{label}: rel err above {tol:.0e}: {bad}"
 
 
 def test_resolve_impl_on_cuda():

@@ -10,7 +10,9 @@ from moebench.impl import resolve_mixer
 from moebench.models.mamba2 import Mamba2
 from moebench.ops.ssd import HAS_SSD_KERNELS, SSD_IMPORT_ERROR, rmsnorm_gated, ssd, ssd_step
 
-pytestmark = pytest.mark.gpu
+from conftest import check, rel
+
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("no_tf32")]
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 if not HAS_SSD_KERNELS:
@@ -20,25 +22,6 @@ CUDA = torch.device("cuda")
 # the Triton SSD kernels take their fp32 dot products in TF32 (tl.dot's default): ~1.5e-3 relative on an
 # H100 at every length, where the reference is true fp32
 TOL = {"fp32": 5e-3, "bf16": 2e-2}
-
-
-@pytest.fixture(autouse=True)
-def no_tf32():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def check(label: str, errors: dict[str, float], tol: float):
-    print(f"\n[{label}] " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
-    bad = {k: v for k, v in errors.items() if not v < tol}
-    assert not bad, f"{label}: rel err above {tol:.0e}: {bad}"
 
 
 def test_resolve_on_cuda():
