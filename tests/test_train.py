@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -205,17 +206,12 @@ train(get(sys.argv[1]), TrainConfig(**kw), out=sys.argv[3], device="cpu", ckpt_e
 """
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_curve(finished_run, tmp_path, sub_env, curve_reader):
-    ref_row, _, cfg, tcfg, _ = finished_run
-    out = tmp_path / "killed"
-    ckpt = run_dir(out, cfg, tcfg) / "ckpt.pt"
-    log = tmp_path / "killed.log"
-    with open(log, "w") as f:
-        p = subprocess.Popen([sys.executable, "-c", KILL_DRIVER, cfg.name, json.dumps(tcfg.to_dict()), str(out), "10"],
-                             env=sub_env, stdout=f, stderr=subprocess.STDOUT)
+def kill_at_first_checkpoint(p: subprocess.Popen, log: Path, out: Path, saved: Callable[[], bool]) -> None:
+    """SIGKILL the training process `p` as soon as `saved()` sees its first checkpoint (120 s at most);
+    it must not have finished (no row in out/runs.jsonl), else nothing was tested."""
     try:
         t0 = time.monotonic()
-        while not ckpt.exists():
+        while not saved():
             assert p.poll() is None, f"the run ended before its first checkpoint: {log.read_text()[-2000:]}"
             assert time.monotonic() - t0 < 120, "no checkpoint after 120 s"
             time.sleep(0.02)
@@ -224,6 +220,17 @@ def test_sigkill_then_resume_gives_the_uninterrupted_curve(finished_run, tmp_pat
         p.wait()
     assert p.returncode == -signal.SIGKILL
     assert not (out / "runs.jsonl").exists(), "the run finished before it was killed: nothing was tested"
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_curve(finished_run, tmp_path, sub_env, curve_reader):
+    ref_row, _, cfg, tcfg, _ = finished_run
+    out = tmp_path / "killed"
+    ckpt = run_dir(out, cfg, tcfg) / "ckpt.pt"
+    log = tmp_path / "killed.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen([sys.executable, "-c", KILL_DRIVER, cfg.name, json.dumps(tcfg.to_dict()), str(out), "10"],
+                             env=sub_env, stdout=f, stderr=subprocess.STDOUT)
+    kill_at_first_checkpoint(p, log, out, ckpt.exists)
     saved = checkpoint.load(ckpt)["step"]
     assert 10 <= saved < 30 and saved % 10 == 0
 
@@ -250,17 +257,7 @@ def test_cli_ckpt_every_sigkill_then_resume_gives_the_uninterrupted_curve(text_d
         p = subprocess.Popen([sys.executable, "-m", "moebench", *args, "--out", str(out), "--ckpt-every", "10"],
                              cwd=Path(train_module.__file__).parents[1], env=sub_env, stdout=f,
                              stderr=subprocess.STDOUT)
-    try:
-        t0 = time.monotonic()
-        while not list(out.glob("runs/*/ckpt.pt")):
-            assert p.poll() is None, f"the run ended before its first checkpoint: {log.read_text()[-2000:]}"
-            assert time.monotonic() - t0 < 120, "no checkpoint after 120 s"
-            time.sleep(0.02)
-    finally:
-        p.kill()
-        p.wait()
-    assert p.returncode == -signal.SIGKILL
-    assert not (out / "runs.jsonl").exists(), "the run finished before it was killed: nothing was tested"
+    kill_at_first_checkpoint(p, log, out, lambda: bool(list(out.glob("runs/*/ckpt.pt"))))
     (ckpt,) = out.glob("runs/*/ckpt.pt")
     saved = checkpoint.load(ckpt)["step"]
     assert saved in (10, 20, 30), saved
